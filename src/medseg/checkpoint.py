@@ -1,0 +1,68 @@
+"""Checkpoints written atomically, and a trained run loaded back as (model, config, metadata)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medseg.config import TrainConfig
+from medseg.errors import MedsegError
+from medseg.models import create_model
+
+
+@dataclass
+class TrainedModel:
+    model: torch.nn.Module
+    config: TrainConfig
+    class_names: list[str]
+    in_channels: int
+    run: Path
+    device: torch.device
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    os.close(handle)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MedsegError(f"--device {name}: not a device name (use auto, cpu, cuda, cuda:0 or mps)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MedsegError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def load_run(run: str | Path, which: str = "best", device: str = "auto") -> TrainedModel:
+    """Load RUN/best.pt (or last.pt, or a checkpoint file given directly) into an eval-mode model."""
+    run = Path(run)
+    path = run if run.is_file() else run / f"{which}.pt"
+    if not path.exists():
+        raise MedsegError(f"{run}: no checkpoint {path.name} found; train first with 'medseg train DATA --out {run}'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise MedsegError(f"{path}: checkpoint cannot be read ({type(exc).__name__}); retrain or restore it") from exc
+    target = resolve_device(device)
+    model = create_model(state["model_name"], **state["model_args"])
+    model.load_state_dict(state["model"])
+    model.to(target).eval()
+    return TrainedModel(model, TrainConfig(**state["config"]), state["class_names"],
+                        state["model_args"]["in_channels"], path.parent, target)

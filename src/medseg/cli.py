@@ -1,0 +1,162 @@
+"""The `medseg` command: a thin shell over the Python API. User errors print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from medseg.config import FITS, LOSSES, SCHEDULES, TrainConfig
+from medseg.errors import MedsegError
+
+# Training options: (flag, type, help). Each maps onto the TrainConfig field of the same name.
+TRAIN_OPTIONS = [
+    ("--images", str, "image folder inside DATA (overrides detection)"),
+    ("--masks", str, "mask folder inside DATA (overrides detection)"),
+    ("--binary-masks", bool, "treat every non-zero mask value as foreground (instance masks)"),
+    ("--color", str, "keep RGB channels (keep) or convert to luminance (gray)"),
+    ("--class-names", "list", "comma-separated class names, background first"),
+    ("--axis", int, "volumes are cut into 2D slices along this axis (default: last)"),
+    ("--size", int, "slice size for training (default 128)"),
+    ("--fit", str, f"how slices reach that size: {' or '.join(FITS)}"),
+    ("--base-channels", int, "width of the first level (seed: 64)"),
+    ("--depth", int, "number of poolings (seed: 4)"),
+    ("--dropout", float, "dropout in the bottleneck"),
+    ("--loss", str, f"one of {', '.join(LOSSES)}"),
+    ("--lr", float, "Adam learning rate (seed: 1e-4)"),
+    ("--lr-schedule", str, f"one of {', '.join(SCHEDULES)}"),
+    ("--weight-decay", float, "Adam weight decay"),
+    ("--batch-size", int, "batch size (seed: 16)"),
+    ("--epochs", int, "maximum epochs (seed: 20)"),
+    ("--steps-per-epoch", int, "batches per epoch (default: one pass, at least 50)"),
+    ("--patience", int, "early stopping patience in epochs; 0 = off"),
+    ("--no-augment", bool, "switch augmentation off"),
+    ("--val-fraction", float, "share of cases for validation (default 0.2)"),
+    ("--folds", int, "k-fold cross-validation: number of folds"),
+    ("--fold", int, "k-fold cross-validation: which fold validates"),
+    ("--seed", int, "random seed"),
+    ("--time-budget", float, "minutes; training ends cleanly when they are spent"),
+    ("--device", str, "auto, cpu, cuda, cuda:N or mps"),
+    ("--threads", int, "CPU threads for PyTorch"),
+]
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    for flag, kind, text in TRAIN_OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=dest, type=str if kind == "list" else kind, default=None, help=text)
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    if args.data:
+        cfg.data = args.data
+    if args.out:
+        cfg.out = args.out
+    if not cfg.data:
+        raise MedsegError("no dataset given; use 'medseg train DATA --out RUN' or --config RUN/config.json")
+    names = {f.name for f in fields(TrainConfig)}
+    for key, value in vars(args).items():
+        if value is None:
+            continue
+        if key == "no_augment":
+            cfg.augment = False
+        elif key == "class_names":
+            cfg.class_names = [n.strip() for n in value.split(",")]
+        elif key in names and key not in ("data", "out"):
+            setattr(cfg, key, value)
+    cfg.progress = not args.quiet
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="Medical image segmentation with U-Nets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="phantoms -> trained U-Net -> metrics and figures, in under 3 minutes")
+    demo.add_argument("--out", default="medseg-demo", help="folder for the demo's data and run")
+
+    synth = sub.add_parser("synth", help="write a seeded phantom dataset in the MSD layout")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--dim", type=int, default=2, choices=(2, 3))
+    synth.add_argument("--cases", type=int, default=100)
+    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--classes", type=int, default=2, help="structures per phantom family, 1 to 3")
+    synth.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train a U-Net on DATA (a folder or CSV manifest)")
+    train.add_argument("data", nargs="?", help="dataset folder or CSV manifest")
+    train.add_argument("--out", help="run folder to create")
+    train.add_argument("--config", help="re-run from a saved RUN/config.json (flags override it)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    _add_train_options(train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics per case and class, summary and figures")
+    evaluate.add_argument("run")
+    evaluate.add_argument("--data", help="labelled dataset to evaluate on (default: the run's validation cases)")
+    evaluate.add_argument("--out", help="output folder (default: RUN/evaluation)")
+    evaluate.add_argument("--figures", type=int, default=4, help="number of case panels to draw")
+    evaluate.add_argument("--device", default="auto")
+
+    predict = sub.add_parser("predict", help="write masks for new images or volumes")
+    predict.add_argument("run")
+    predict.add_argument("inputs", nargs="+", help="files or folders")
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--overlay", action="store_true", help="also write overlay PNGs to OUT/overlays")
+    predict.add_argument("--device", default="auto")
+
+    for p in (demo, train, evaluate, predict):
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> None:
+    if args.command == "demo":
+        from medseg.demo import run_demo
+
+        summary = run_demo(args.out, progress=not args.quiet)
+        print(f"validation Dice {summary['mean_dice']:.3f} in {summary['seconds']:.0f} s")
+        print(f"results: {Path(summary['run']).resolve()}")
+    elif args.command == "synth":
+        from medseg.synth import write_synthetic_dataset
+
+        print(write_synthetic_dataset(args.out, args.cases, args.dim, args.size, args.classes, args.seed))
+    elif args.command == "train":
+        from medseg.train import train
+
+        run = train(_config_from_args(args).validate(), overwrite=args.overwrite)
+        summary = json.loads((run / "train_summary.json").read_text())
+        print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+              f"({summary['stopped']}); run: {run}")
+    elif args.command == "evaluate":
+        from medseg.evaluate import evaluate_run
+
+        summary = evaluate_run(args.run, args.data, args.out, args.figures, args.device, not args.quiet)
+        print(f"mean foreground Dice {summary['mean_dice']:.4f} over {summary['cases']} cases; "
+              f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
+    elif args.command == "predict":
+        from medseg.predict import predict_files
+
+        written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet)
+        print(f"{len(written)} masks written to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_command(args)
+    except MedsegError as exc:
+        print(f"medseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The training configuration: every choice a run makes, saved as `config.json` in the run folder.
+
+Defaults are the seed's recipe: 128x128 slices, U-Net 64-128-256-512 / 1024, Adam 1e-4, batch 16, 20 epochs,
+20% validation, early stopping, augmentation, Dice + cross-entropy.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+LOSSES = ("dice_ce", "ce", "bce", "dice")
+FITS = ("resize", "pad")
+SCHEDULES = ("constant", "poly")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = "runs/run"
+    # where the cases are and how to read them
+    images: str | None = None
+    masks: str | None = None
+    binary_masks: bool = False
+    color: str = "keep"  # keep RGB channels, or "gray"
+    class_names: list[str] | None = None
+    # preprocessing: the seed's 2D recipe
+    axis: int = -1  # volumes are cut into 2D slices along this spatial axis
+    size: int = 128
+    fit: str = "resize"  # "resize" every slice to size x size, or "pad": pad/crop to size, predict at full size
+    # network
+    model: str = "unet"
+    base_channels: int = 64
+    depth: int = 4
+    dropout: float = 0.0
+    # optimisation
+    loss: str = "dice_ce"
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    epochs: int = 20
+    steps_per_epoch: int | None = None  # None: one pass over the training slices, at least 50 batches
+    patience: int = 10  # early stopping on validation Dice; 0 switches it off
+    augment: bool = True
+    # split
+    val_fraction: float = 0.2
+    folds: int = 0
+    fold: int = 0
+    seed: int = 0
+    # resources
+    time_budget: float | None = None  # minutes for the whole training, validation included
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.loss in LOSSES, f"--loss {self.loss}: choose from {', '.join(LOSSES)}"),
+            (self.fit in FITS, f"--fit {self.fit}: choose from {', '.join(FITS)}"),
+            (self.lr_schedule in SCHEDULES, f"--lr-schedule {self.lr_schedule}: choose from {', '.join(SCHEDULES)}"),
+            (self.color in ("keep", "gray"), f"--color {self.color}: choose keep or gray"),
+            (self.size >= 2**self.depth, f"--size {self.size} is smaller than 2**depth = {2**self.depth}"),
+            (0 < self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must lie between 0 and 1"),
+            (self.batch_size >= 1 and self.epochs >= 1, "--batch-size and --epochs must be at least 1"),
+            (self.axis in (-3, -2, -1, 0, 1, 2), f"--axis {self.axis}: a volume has axes 0, 1, 2"),
+            (self.time_budget is None or self.time_budget > 0, "--time-budget must be positive (minutes)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MedsegError(message)
+        return self
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise MedsegError(f"{path}: configuration not found")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MedsegError(f"{path}: not valid JSON ({exc})") from exc
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise MedsegError(f"{path}: unknown settings {sorted(unknown)}")
+        return cls(**values)
+
+    def model_args(self, in_channels: int, num_classes: int) -> dict:
+        return {"in_channels": in_channels, "num_classes": num_classes, "base_channels": self.base_channels,
+                "depth": self.depth, "dropout": self.dropout, "spatial_dims": 2}

@@ -1,0 +1,104 @@
+"""Load cases into memory, normalised and checked, and serve training batches of 2D slices.
+
+A `LoadedCase` keeps the whole image (normalised, channels-first) and its class-index label, so that validation
+and evaluation work per case (per volume) while training samples slices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medseg.config import TrainConfig
+from medseg.datasets import Case, labels_to_classes
+from medseg.errors import MedsegError
+from medseg.io import Image, read_image
+from medseg.transforms import augment, normalize_percentile, pad_or_crop, resize_image, resize_label, to_slices
+
+
+@dataclass
+class LoadedCase:
+    case_id: str
+    image: Image  # array normalised to [0, 1], (C, *spatial)
+    label: np.ndarray  # (*spatial) uint8 class indices
+
+
+def read_case_image(paths: list, color: str) -> Image:
+    """Read one case's image, stacking per-channel files (nnU-Net `_0000`, `_0001`, ...) into channels."""
+    images = [read_image(p, color=color) for p in paths]
+    first = images[0]
+    for other in images[1:]:
+        if other.spatial_shape != first.spatial_shape:
+            raise MedsegError(f"{other.path}: shape {other.spatial_shape} differs from {first.path} "
+                              f"{first.spatial_shape}; channels of one case must align")
+    if len(images) > 1:
+        first.array = np.concatenate([i.array for i in images], 0)
+    return first
+
+
+def load_case(case: Case, color: str = "keep", binary_masks: bool = False) -> LoadedCase:
+    image = read_case_image(case.images, color)
+    mask = read_image(case.mask)
+    if mask.spatial_shape != image.spatial_shape:
+        raise MedsegError(f"{case.mask}: mask shape {mask.spatial_shape} differs from image {case.images[0]} "
+                          f"{image.spatial_shape}; image and mask must have the same size")
+    label = labels_to_classes(mask.array, case.mask, binary_masks)
+    image.array = normalize_percentile(image.array)
+    return LoadedCase(case.case_id, image, label)
+
+
+def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list[LoadedCase]:
+    loaded = [load_case(c, cfg.color, cfg.binary_masks)
+              for c in tqdm(cases, desc=f"reading {what}", disable=not cfg.progress, leave=False)]
+    channels = {c.image.array.shape[0] for c in loaded}
+    if len(channels) > 1:
+        odd = next(c for c in loaded if c.image.array.shape[0] != loaded[0].image.array.shape[0])
+        raise MedsegError(f"{odd.image.path}: {odd.image.array.shape[0]} channels where other cases have "
+                          f"{loaded[0].image.array.shape[0]}; use --color gray to convert colour images")
+    return loaded
+
+
+class SliceSampler:
+    """Training slices of the loaded cases, served as augmented batches of fixed size (B, C, size, size).
+
+    fit="resize": slices are resized once, here; fit="pad": slices keep their resolution and each batch
+    pads or randomly crops them to size.
+    """
+
+    def __init__(self, cases: list[LoadedCase], cfg: TrainConfig, generator: torch.Generator):
+        self.cfg, self.generator = cfg, generator
+        images, labels = [], []
+        for case in cases:
+            images += to_slices(case.image.array, cfg.axis)
+            labels += [s[0] for s in to_slices(case.label[None], cfg.axis)]
+        size = (cfg.size, cfg.size)
+        if cfg.fit == "resize":
+            self.images = [resize_image(torch.from_numpy(i)[None], size)[0] for i in images]
+            self.labels = [resize_label(torch.from_numpy(l.astype(np.int64))[None], size)[0] for l in labels]
+        else:
+            self.images = [torch.from_numpy(i) for i in images]
+            self.labels = [torch.from_numpy(l.astype(np.int64)) for l in labels]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        size = (self.cfg.size, self.cfg.size)
+        pairs = [pad_or_crop(self.images[i][None], self.labels[i][None], size, self.generator) for i in indices]
+        image = torch.cat([p[0] for p in pairs])
+        label = torch.cat([p[1] for p in pairs])
+        if self.cfg.augment:
+            image, label = augment(image, label, self.generator)
+        return image, label
+
+    def epoch_batches(self, steps: int):
+        """`steps` batches drawn without replacement, reshuffling whenever the slices run out."""
+        order: list[int] = []
+        bs = min(self.cfg.batch_size, len(self))
+        for _ in range(steps):
+            if len(order) < bs:
+                order += torch.randperm(len(self), generator=self.generator).tolist()
+            yield self.batch(order[:bs])
+            del order[:bs]

@@ -1,0 +1,218 @@
+"""Find labelled cases in a folder or manifest, turn masks into class indices, and split by case.
+
+Layouts, tried in this order:
+  (a) MSD / nnU-Net: `dataset.json` and/or `imagesTr/` + `labelsTr/` (MSD names, or nnU-Net's `_0000` channels);
+  (b) paired folders: an image folder (image/images/img/...) and a mask folder (label/labels/mask/masks/gt/...)
+      directly in DATA or one level below it (e.g. `train/image`, `train/label`), matched by file name;
+  (c) a CSV manifest with columns `image`, `mask` (or `label`) and an optional `case_id`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.io import is_supported, stem_of
+
+IMAGE_DIR_NAMES = ("images", "image", "img", "imgs", "imagesTr")
+MASK_DIR_NAMES = ("labels", "label", "masks", "mask", "gt", "groundtruth", "ground_truth", "labelsTr")
+MASK_SUFFIXES = ("", "_mask", "_label", "_labels", "_seg", "_gt", "_manual1")
+
+
+@dataclass
+class Case:
+    """One labelled case: its image file(s) (one per channel) and its mask file."""
+
+    case_id: str
+    images: list[Path]
+    mask: Path
+
+
+@dataclass
+class Dataset:
+    cases: list[Case]
+    class_names: list[str]  # index 0 is background; may be extended once labels are read
+    layout: str
+    root: Path
+    modalities: list[str] = field(default_factory=list)
+
+
+def find_cases(data: str | Path, images: str | None = None, masks: str | None = None) -> Dataset:
+    """Find the cases in DATA (a folder or a .csv manifest). `images`/`masks` name the folders explicitly."""
+    root = Path(data)
+    if not root.exists():
+        raise MedsegError(f"{root}: dataset not found; pass a folder or a CSV manifest")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise MedsegError(f"{root}: a dataset is a folder or a .csv manifest, not a single file")
+        dataset = _from_manifest(root)
+    elif images or masks:
+        if not (images and masks):
+            raise MedsegError(f"{root}: give both --images and --masks, or neither")
+        dataset = _from_pairs(root, root / images, root / masks)
+    elif (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+        dataset = _from_msd(root)
+    else:
+        dataset = _from_detected_pairs(root)
+    if not dataset.cases:
+        raise MedsegError(f"{root}: no labelled cases found ({dataset.layout} layout); check the folder names")
+    return dataset
+
+
+def _from_msd(root: Path) -> Dataset:
+    meta = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").exists() else {}
+    class_names = _msd_class_names(meta.get("labels", {}))
+    modalities = list((meta.get("modality") or meta.get("channel_names") or {}).values())
+    if meta.get("training") and isinstance(meta["training"][0], dict) and "image" in meta["training"][0]:
+        cases = []
+        for entry in meta["training"]:
+            mask = (root / entry["label"]).resolve()
+            image = (root / entry["image"]).resolve()
+            channels = [image] if image.exists() else _channel_files(root / "imagesTr", stem_of(image))
+            cases.append(Case(stem_of(image), channels or [image], mask))
+    else:
+        cases = []
+        for mask in sorted(p for p in (root / "labelsTr").iterdir() if is_supported(p)):
+            channels = _channel_files(root / "imagesTr", stem_of(mask))
+            cases.append(Case(stem_of(mask), channels, mask))
+    return Dataset(cases, class_names, "msd", root, modalities)
+
+
+def _msd_class_names(labels: dict) -> list[str]:
+    """MSD writes {"0": "background", ...}; nnU-Net v2 writes {"background": 0, ...}."""
+    if not labels:
+        return ["background"]
+    if all(str(k).isdigit() for k in labels):
+        by_index = {int(k): str(v) for k, v in labels.items()}
+    else:
+        by_index = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
+    return [by_index.get(i, f"class_{i}") for i in range(max(by_index) + 1)]
+
+
+def _channel_files(folder: Path, stem: str) -> list[Path]:
+    """MSD keeps one file per case; nnU-Net splits channels into `<case>_0000`, `<case>_0001`, ..."""
+    exact = [p for p in folder.glob(f"{stem}.*") if is_supported(p)]
+    if exact:
+        return exact[:1]
+    return sorted(p for p in folder.glob(f"{stem}_[0-9][0-9][0-9][0-9].*") if is_supported(p))
+
+
+def _from_detected_pairs(root: Path) -> Dataset:
+    for folder in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
+        image_dir = _first_dir(folder, IMAGE_DIR_NAMES)
+        mask_dir = _first_dir(folder, MASK_DIR_NAMES)
+        if image_dir and mask_dir:
+            return _from_pairs(root, image_dir, mask_dir)
+    raise MedsegError(
+        f"{root}: no dataset layout recognised; expected dataset.json/imagesTr, image+mask folders "
+        f"({'/'.join(IMAGE_DIR_NAMES[:3])} and {'/'.join(MASK_DIR_NAMES[:4])}), or pass --images/--masks or a CSV"
+    )
+
+
+def _first_dir(folder: Path, names: tuple[str, ...]) -> Path | None:
+    children = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
+    return next((children[n.lower()] for n in names if n.lower() in children), None)
+
+
+def _from_pairs(root: Path, image_dir: Path, mask_dir: Path) -> Dataset:
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise MedsegError(f"{folder}: folder not found; check --images/--masks")
+    masks = {stem_of(p): p for p in mask_dir.iterdir() if is_supported(p)}
+    cases, unmatched = [], []
+    for image in sorted(p for p in image_dir.iterdir() if is_supported(p)):
+        stem = stem_of(image)
+        mask = next((masks[stem + s] for s in MASK_SUFFIXES if stem + s in masks), None)
+        if mask is None:
+            unmatched.append(image.name)
+        else:
+            cases.append(Case(stem, [image], mask))
+    if unmatched and not cases:
+        raise MedsegError(
+            f"{image_dir}: no image has a mask of the same name in {mask_dir} (e.g. {unmatched[0]}); "
+            "rename the files or use a CSV manifest"
+        )
+    return Dataset(_natural_sort(cases), ["background"], "pairs", root)
+
+
+def _natural_sort(cases: list[Case]) -> list[Case]:
+    return sorted(cases, key=lambda c: (len(c.case_id), c.case_id) if c.case_id.isdigit() else (0, c.case_id))
+
+
+def _from_manifest(csv_path: Path) -> Dataset:
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise MedsegError(f"{csv_path}: the manifest has no rows")
+    columns = {c.strip().lower(): c for c in rows[0].keys() if c}
+    mask_column = columns.get("mask") or columns.get("label")
+    if "image" not in columns or not mask_column:
+        raise MedsegError(f"{csv_path}: the manifest needs columns 'image' and 'mask' (found {list(rows[0])})")
+    cases = []
+    for n, row in enumerate(rows, start=2):
+        image = (csv_path.parent / row[columns["image"]].strip()).resolve()
+        mask = (csv_path.parent / row[mask_column].strip()).resolve()
+        for path in (image, mask):
+            if not path.exists():
+                raise MedsegError(f"{csv_path}, line {n}: {path} not found; paths are relative to the CSV's folder")
+        case_id = (row.get(columns.get("case_id", ""), "") or "").strip() or stem_of(image)
+        cases.append(Case(case_id, [image], mask))
+    return Dataset(cases, ["background"], "manifest", csv_path.parent)
+
+
+def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False) -> np.ndarray:
+    """Turn a stored mask, channels-first `(C, *spatial)` as read, into class indices `(*spatial)` uint8.
+
+    0/255 masks become 0/1; float masks holding whole numbers are accepted; `binary` maps every non-zero
+    value to 1 (instance masks). Anything else is a MedsegError naming the file.
+    """
+    if mask.shape[0] == 3:  # an RGB-saved mask is accepted when its channels are identical
+        if not (np.array_equal(mask[0], mask[1]) and np.array_equal(mask[1], mask[2])):
+            raise MedsegError(f"{path}: mask is a colour image; save masks as single-channel class indices")
+    elif mask.shape[0] != 1:
+        raise MedsegError(f"{path}: mask has {mask.shape[0]} channels; expected one")
+    mask = mask[0]
+    if binary:
+        return (mask != 0).astype(np.uint8)
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.all(np.isfinite(mask)) or not np.all(mask == np.round(mask)):
+            raise MedsegError(f"{path}: mask holds non-integer values; masks must hold class indices 0, 1, 2, ...")
+    values = np.unique(mask)
+    if values.min() < 0:
+        raise MedsegError(f"{path}: mask holds negative values {values[values < 0][:5].tolist()}")
+    if set(values.tolist()) <= {0, 255}:
+        return (mask == 255).astype(np.uint8)
+    if values.max() > 50:
+        raise MedsegError(
+            f"{path}: mask holds {len(values)} values up to {values.max():g}; expected class indices "
+            "(0, 1, 2, ...) or 0/255. For instance masks use --binary-masks"
+        )
+    return mask.astype(np.uint8)
+
+
+def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
+                folds: int = 0, fold: int = 0) -> dict:
+    """Split unique case ids (never slices) into train and validation, reproducibly.
+
+    folds=0: a random `val_fraction` split. folds=k: k-fold cross-validation, `fold` in [0, k) is validation.
+    """
+    unique = sorted(set(case_ids))
+    if len(unique) < 2:
+        raise MedsegError(f"only {len(unique)} case found; training needs at least 2 (one for validation)")
+    order = unique[:]
+    random.Random(seed).shuffle(order)
+    if folds:
+        if not 2 <= folds <= len(unique) or not 0 <= fold < folds:
+            raise MedsegError(f"--folds {folds} --fold {fold}: need 2 <= folds <= {len(unique)} and 0 <= fold < folds")
+        val = order[fold::folds]
+    else:
+        n_val = min(len(unique) - 1, max(1, round(len(unique) * val_fraction)))
+        val = order[:n_val]
+    val_set = set(val)
+    return {"seed": seed, "folds": folds, "fold": fold, "val_fraction": val_fraction,
+            "train": [c for c in unique if c not in val_set], "val": sorted(val_set)}

@@ -1,0 +1,102 @@
+"""Evaluate a trained run per case and per class; write per_case.csv, summary.json, summary.md and figures.
+
+Metrics are computed at each case's own resolution against its original mask (volumes as volumes), with the
+empty-case policy of `medseg.metrics`. `summary.json` has `mean_dice` (mean over foreground classes of the
+per-class mean Dice) and `per_class` (class name -> metric -> mean, std, n, undefined).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medseg.checkpoint import load_run
+from medseg.data import load_case
+from medseg.datasets import find_cases
+from medseg.errors import MedsegError
+from medseg.infer import predict_labels
+from medseg.metrics import METRICS, case_metrics
+from medseg.report import most_informative_slice, plot_case
+
+
+def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
+                 figures: int = 4, device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate RUN's best checkpoint on its validation cases, or on every case of `data` if given."""
+    trained = load_run(run, device=device)
+    cfg = trained.config
+    if data is None:
+        split_path = trained.run / "split.json"
+        if not split_path.exists():
+            raise MedsegError(f"{split_path}: missing; pass --data to evaluate on a labelled dataset")
+        val_ids = set(json.loads(split_path.read_text())["val"])
+        cases = [c for c in find_cases(cfg.data, cfg.images, cfg.masks).cases if c.case_id in val_ids]
+        source = f"validation split of {cfg.data}"
+    else:
+        cases = find_cases(data).cases
+        source = str(data)
+    out = Path(out) if out else trained.run / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    names = trained.class_names
+    rows, shown = [], []
+    for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
+        loaded = load_case(case, cfg.color, cfg.binary_masks)
+        if int(loaded.label.max()) >= len(names):
+            raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model ({len(names)} classes)")
+        pred = predict_labels(trained, loaded.image.array)
+        per_class = case_metrics(pred, loaded.label, len(names))
+        for k, metrics in per_class.items():
+            rows.append({"case": case.case_id, "class": names[k], **metrics})
+        if len(shown) < figures:
+            shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", per_class))
+    summary = summarise(rows, names[1:], source, trained.run)
+    _write_outputs(out, rows, summary)
+    return summary
+
+
+def summarise(rows: list[dict], class_names: list[str], source: str, run: Path) -> dict:
+    per_class = {}
+    for name in class_names:
+        values = {m: np.array([r[m] for r in rows if r["class"] == name], dtype=float) for m in METRICS}
+        per_class[name] = {m: _stats(v) for m, v in values.items()}
+    mean_dice = float(np.mean([per_class[n]["dice"]["mean"] for n in class_names]))
+    return {"run": str(run), "data": source, "cases": len({r["case"] for r in rows}), "mean_dice": mean_dice,
+            "per_class": per_class,
+            "policy": "Dice/IoU: both empty = 1, one empty = 0; precision/recall/specificity with a zero "
+                      "denominator are undefined (NaN) and left out of means, counted as 'undefined'"}
+
+
+def _stats(values: np.ndarray) -> dict:
+    defined = values[~np.isnan(values)]
+    mean = float(defined.mean()) if defined.size else math.nan
+    std = float(defined.std()) if defined.size else math.nan
+    return {"mean": mean, "std": std, "n": int(defined.size), "undefined": int(values.size - defined.size)}
+
+
+def _draw(loaded, pred: np.ndarray, axis: int, path: Path, per_class: dict) -> Path:
+    image, truth = loaded.image.array, loaded.label
+    if truth.ndim == 3:
+        index = most_informative_slice(truth, axis)
+        image = np.take(image, index, axis=1 + axis % 3)
+        truth, pred = np.take(truth, index, axis=axis % 3), np.take(pred, index, axis=axis % 3)
+    dice = ", ".join(f"{m['dice']:.3f}" for m in per_class.values())
+    return plot_case(image, truth, pred, path, title=f"{loaded.case_id}  Dice {dice}")
+
+
+def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
+    with open(out / "per_case.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["case", "class", *METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = [f"# Evaluation of {summary['run']}", "", f"Data: {summary['data']}; {summary['cases']} cases.", "",
+             f"**Mean foreground Dice: {summary['mean_dice']:.4f}**", "",
+             "| class | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name, metrics in summary["per_class"].items():
+        cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Empty-case policy: {summary['policy']}.", "", "Per-case values: per_case.csv."]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")

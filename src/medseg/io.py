@@ -1,0 +1,205 @@
+"""Read images and volumes into one `Image` type; write masks back with the same geometry.
+
+Array convention: `Image.array` is channels-first, `(C, *spatial)`. 2D files give `(C, H, W)` (rows, columns);
+NIfTI gives `(C, X, Y, Z)` in the file's voxel order, with the affine that maps voxels to world millimetres.
+
+Colour policy: RGB is kept as three channels (vessels in fundus photographs live in the green channel);
+RGBA drops the alpha channel (it is opacity, not signal); palette images (GIF) are expanded to grey when the
+palette is grey and to RGB otherwise. `color="gray"` converts to luminance (ITU-R 601) instead.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import MedsegError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + RASTER_SUFFIXES + (".npy",)
+# Lossy or palette-only formats cannot hold label values exactly: masks for them are written as PNG.
+LOSSLESS_MASK_FORMAT = {".jpg": ".png", ".jpeg": ".png", ".gif": ".png"}
+
+
+@dataclass
+class Image:
+    """An image or volume with the geometry it was read with.
+
+    array: (C, *spatial) float or integer data.
+    spacing: physical size of a pixel/voxel along each spatial axis (mm; 1.0 where the format has none).
+    affine: 4x4 voxel-to-world matrix for NIfTI, None for 2D formats.
+    path: where it was read from; meta: format details needed to write a matching file.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    affine: np.ndarray | None = None
+    path: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return self.array.ndim - 1
+
+
+def suffix_of(path: str | Path) -> str:
+    name = str(path).lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+def stem_of(path: str | Path) -> str:
+    """File name without its (possibly double) extension: 'case_1.nii.gz' -> 'case_1'."""
+    name = Path(path).name
+    return name[: len(name) - len(suffix_of(name))] if suffix_of(name) else name
+
+
+def is_supported(path: str | Path) -> bool:
+    return suffix_of(path) in SUPPORTED_SUFFIXES and not Path(path).name.startswith(".")
+
+
+def read_image(path: str | Path, color: str = "keep") -> Image:
+    """Read any supported file. color: 'keep' (RGB stays 3 channels) or 'gray' (convert to luminance)."""
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError(f"{path}: file not found; check the path")
+    if not is_supported(path):
+        raise MedsegError(
+            f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    try:
+        suffix = suffix_of(path)
+        if suffix in NIFTI_SUFFIXES:
+            image = _read_nifti(path)
+        elif suffix == ".npy":
+            image = _read_npy(path)
+        else:
+            image = _read_raster(path)
+    except MedsegError:
+        raise
+    except Exception as exc:  # a corrupt file surfaces as many different library errors
+        raise MedsegError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); is the file complete?") from exc
+    if color == "gray" and image.array.shape[0] == 3:
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, *[1] * image.ndim)
+        image.array = (image.array.astype(np.float32) * weights).sum(0, keepdims=True)
+        image.meta["color"] = "converted to gray"
+    return image
+
+
+def _read_nifti(path: Path) -> Image:
+    import nibabel as nib
+
+    nii = nib.load(str(path))
+    data = np.asanyarray(nii.dataobj)
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim == 3:
+        array = data[None]
+    elif data.ndim == 4:  # (X, Y, Z, C): channels last in NIfTI
+        array = np.moveaxis(data, -1, 0)
+    else:
+        raise MedsegError(f"{path}: NIfTI with {data.ndim} dimensions; expected 3D or 4D (channels last)")
+    spacing = tuple(float(z) for z in nii.header.get_zooms()[:3])
+    return Image(array, spacing, np.asarray(nii.affine, dtype=np.float64), path,
+                 {"format": "nifti", "header": nii.header.copy(), "shape": data.shape})
+
+
+def _read_npy(path: Path) -> Image:
+    data = np.load(path, allow_pickle=False)
+    if data.ndim == 2:
+        array = data[None]
+    elif data.ndim == 3 and data.shape[-1] in (3, 4):  # (H, W, RGB[A]) like a photograph
+        array = np.moveaxis(data[..., :3], -1, 0)
+    elif data.ndim == 3:
+        array = data[None]
+    else:
+        raise MedsegError(f"{path}: .npy with shape {data.shape}; expected (H, W), (H, W, 3) or (X, Y, Z)")
+    return Image(array, (1.0,) * (array.ndim - 1), None, path, {"format": "npy", "shape": data.shape})
+
+
+def _read_raster(path: Path) -> Image:
+    from PIL import Image as PILImage
+
+    with PILImage.open(path) as pil:
+        frames = getattr(pil, "n_frames", 1)
+        if frames > 1 and suffix_of(path) in (".tif", ".tiff"):
+            raise MedsegError(f"{path}: multi-page TIFF ({frames} pages); save the stack as NIfTI or one file per page")
+        mode = pil.mode
+        if mode == "P":
+            pil = pil.convert("RGBA" if "transparency" in pil.info else "RGB")
+            rgb = np.asarray(pil)[..., :3]
+            grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+            data = rgb[..., 0] if grey else rgb
+        elif mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA"):
+            data = np.asarray(pil.convert("RGB"))
+            if mode == "LA":
+                data = data[..., 0]
+        elif mode == "1":
+            data = np.asarray(pil.convert("L"))
+        else:  # L, I, I;16, F
+            data = np.asarray(pil)
+    array = np.moveaxis(data, -1, 0) if data.ndim == 3 else data[None]
+    return Image(np.ascontiguousarray(array), (1.0, 1.0), None, path, {"format": "raster", "mode": mode})
+
+
+def mask_path_for(image_path: str | Path, out_dir: str | Path) -> Path:
+    """Where the mask for an input file goes: same base name, same format (PNG where the input was lossy)."""
+    suffix = suffix_of(image_path)
+    return Path(out_dir) / f"{stem_of(image_path)}{LOSSLESS_MASK_FORMAT.get(suffix, suffix)}"
+
+
+def write_mask(mask: np.ndarray, reference: Image, path: str | Path) -> Path:
+    """Write a label mask (spatial shape of `reference`) with the reference's geometry, atomically.
+
+    NIfTI keeps the affine and header of the reference (data type set to an integer type); raster formats keep the
+    pixel size; .npy keeps the array layout. Values are class indices (0 = background).
+    """
+    path = Path(path)
+    if tuple(mask.shape) != reference.spatial_shape:
+        raise ValueError(f"mask shape {mask.shape} does not match image {reference.spatial_shape}")
+    dtype = np.uint8 if mask.max(initial=0) < 256 else np.uint16
+    mask = mask.astype(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = suffix_of(path)
+    tmp = Path(tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)[1])
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            _write_nifti(mask, reference, tmp)
+        elif suffix == ".npy":
+            _write_npy(mask, reference, tmp)
+        else:
+            from PIL import Image as PILImage
+
+            PILImage.fromarray(mask if dtype == np.uint8 else mask.astype(np.uint16)).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_nifti(mask: np.ndarray, reference: Image, path: Path) -> None:
+    import nibabel as nib
+
+    header = reference.meta["header"].copy() if "header" in reference.meta else None
+    shape = reference.meta.get("shape", mask.shape)
+    data = mask.reshape(shape[:3]) if len(shape) >= 3 else mask.reshape(shape)
+    nii = nib.Nifti1Image(data, reference.affine, header=header)
+    nii.set_data_dtype(mask.dtype)
+    nii.header.set_slope_inter(1, 0)  # labels must not be rescaled by a scl_slope copied from the image
+    nib.save(nii, str(path))
+
+
+def _write_npy(mask: np.ndarray, reference: Image, path: Path) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, mask)

@@ -1,0 +1,33 @@
+"""Segmentation losses on logits (B, K, H, W) and class-index targets (B, H, W); K includes background.
+
+"bce" is the seed's binary cross-entropy: for two classes, softmax over (background, foreground) logits equals
+a sigmoid on their difference, so BCE on the foreground probability is exactly 2-class cross-entropy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medseg.errors import MedsegError
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice over foreground classes, summed over the whole batch ("batch Dice", as nnU-Net)."""
+    probs = logits.softmax(1)
+    one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0,) + tuple(range(2, logits.ndim))
+    intersection = (probs * one_hot).sum(dims)[1:]
+    total = (probs + one_hot).sum(dims)[1:]
+    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
+
+
+def make_loss(name: str, num_classes: int):
+    if name == "bce" and num_classes != 2:
+        raise MedsegError(f"--loss bce is for one foreground class; this dataset has {num_classes - 1}: use ce")
+    if name in ("ce", "bce"):
+        return F.cross_entropy
+    if name == "dice":
+        return soft_dice_loss
+    if name == "dice_ce":
+        return lambda logits, target: F.cross_entropy(logits, target) + soft_dice_loss(logits, target)
+    raise MedsegError(f"unknown loss {name!r}")

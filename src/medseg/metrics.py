@@ -1,0 +1,60 @@
+"""Overlap metrics per class from confusion counts, with an explicit policy for empty masks.
+
+Empty-case policy (per class, per case):
+- Dice and IoU: ground truth and prediction both empty -> 1.0 (nothing to find, nothing claimed);
+  exactly one empty -> 0.0, so a false positive on an empty case is penalised, never hidden.
+- Precision (TP / (TP + FP)) with nothing predicted, recall (TP / (TP + FN)) with nothing to find, and
+  specificity (TN / (TN + FP)) with no negatives are undefined: NaN, left out of means and counted apart.
+- Accuracy is always defined.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
+
+
+def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, 4) counts of TP, FP, FN, TN per class (one-vs-rest) for label maps of equal shape."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
+    joint = np.bincount(target.ravel().astype(np.int64) * num_classes + pred.ravel().astype(np.int64),
+                        minlength=num_classes**2).reshape(num_classes, num_classes)  # [target, pred]
+    tp = np.diag(joint)
+    fp = joint.sum(0) - tp
+    fn = joint.sum(1) - tp
+    tn = joint.sum() - tp - fp - fn
+    return np.stack([tp, fp, fn, tn], 1)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def metrics_from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
+    both_empty = tp + fp + fn == 0
+    return {
+        "dice": 1.0 if both_empty else 2 * tp / (2 * tp + fp + fn),
+        "iou": 1.0 if both_empty else tp / (tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "accuracy": (tp + tn) / (tp + fp + fn + tn),
+    }
+
+
+def case_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[int, dict[str, float]]:
+    """Metrics for each foreground class (1..K-1) of one case."""
+    counts = confusion(pred, target, num_classes)
+    return {k: metrics_from_counts(*counts[k].tolist()) for k in range(1, num_classes)}
+
+
+def pixel_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    """Fraction of pixels with the right label, all classes together."""
+    return float((pred == target).mean())
+
+
+def mean_foreground_dice(per_class: dict[int, dict[str, float]]) -> float:
+    return float(np.mean([m["dice"] for m in per_class.values()]))

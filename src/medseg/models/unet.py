@@ -1,0 +1,81 @@
+"""The U-Net of Ronneberger et al. (2015) as the seed designed it, for 2D and 3D.
+
+Per level: two 3x3 conv + batch norm + ReLU; max-pool down; 2x2 transposed conv up; skip concatenation;
+1x1 head. Defaults are the seed's: 64-128-256-512 encoder, 1024 bottleneck (base_channels=64, depth=4).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _layers(spatial_dims: int):
+    if spatial_dims == 2:
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d, nn.Dropout2d
+    if spatial_dims == 3:
+        return nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d, nn.Dropout3d
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+
+
+class ConvBlock(nn.Sequential):
+    """Two (conv 3x3 -> batch norm -> ReLU), with optional dropout between them."""
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, dropout: float = 0.0):
+        conv, norm, _, _, drop = _layers(spatial_dims)
+        layers = [conv(in_channels, out_channels, 3, padding=1, bias=False), norm(out_channels), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(drop(dropout))
+        layers += [conv(out_channels, out_channels, 3, padding=1, bias=False), norm(out_channels), nn.ReLU(inplace=True)]
+        super().__init__(*layers)
+
+
+class UNet(nn.Module):
+    """U-Net with `depth` poolings. Input (B, in_channels, *spatial) of any size -> logits (B, num_classes, *spatial).
+
+    Inputs whose sides are not multiples of 2**depth are padded (edge values) and the output cropped back.
+    Encoder widths are base_channels * 2**i for i < depth; the bottleneck has base_channels * 2**depth.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 64, depth: int = 4,
+                 dropout: float = 0.0, spatial_dims: int = 2):
+        super().__init__()
+        _, _, pool, up, _ = _layers(spatial_dims)
+        self.depth, self.spatial_dims = depth, spatial_dims
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList()
+        channels = in_channels
+        for width in widths[:-1]:
+            self.encoder.append(ConvBlock(channels, width, spatial_dims))
+            channels = width
+        self.pool = pool(2)
+        self.bottleneck = ConvBlock(widths[-2], widths[-1], spatial_dims, dropout)
+        self.up = nn.ModuleList(up(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
+        self.decoder = nn.ModuleList(ConvBlock(2 * widths[i], widths[i], spatial_dims) for i in reversed(range(depth)))
+        self.head = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        multiple = 2**self.depth
+        pads = []
+        for size in reversed(spatial):
+            extra = (-size) % multiple
+            pads += [extra // 2, extra - extra // 2]
+        if any(pads):
+            x = F.pad(x, pads, mode="replicate")  # unlike reflect, works for any input size
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.up, self.decoder, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))
+        logits = self.head(x)
+        if any(pads):
+            index = [slice(None), slice(None)]
+            for d, size in enumerate(spatial):
+                before = pads[2 * (len(spatial) - 1 - d)]
+                index.append(slice(before, before + size))
+            logits = logits[tuple(index)]
+        return logits

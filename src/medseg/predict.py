@@ -1,0 +1,54 @@
+"""Predict masks for files or folders with a trained run: one mask per input, same name, format and geometry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medseg.checkpoint import load_run
+from medseg.errors import MedsegError
+from medseg.infer import predict_image
+from medseg.io import is_supported, mask_path_for, read_image, stem_of, write_mask
+from medseg.report import save_overlay_png
+from medseg.transforms import normalize_percentile
+
+
+def collect_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Expand folders to their supported files (sorted); every input must exist before anything is written."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and is_supported(p))
+            if not found:
+                raise MedsegError(f"{item}: folder holds no supported images")
+            files += found
+        elif item.is_file():
+            if not is_supported(item):
+                raise MedsegError(f"{item}: unsupported file type")
+            files.append(item)
+        else:
+            raise MedsegError(f"{item}: not found; check the path")
+    return files
+
+
+def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, overlays: bool = False,
+                  device: str = "auto", progress: bool = True) -> list[Path]:
+    """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths."""
+    trained = load_run(run, device=device)
+    files = collect_inputs(inputs)
+    targets: dict[Path, Path] = {}
+    for path in files:
+        target = mask_path_for(path, out)
+        if target in targets.values():
+            raise MedsegError(f"{path}: another input also writes {target.name}; predict them into separate folders")
+        targets[path] = target
+    written = []
+    for path in tqdm(files, desc="predicting", disable=not progress, leave=False):
+        image = read_image(path, color=trained.config.color)
+        labels = predict_image(trained, image)
+        written.append(write_mask(labels, image, targets[path]))
+        if overlays:
+            (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
+            save_overlay_png(normalize_percentile(image.array), labels,
+                             Path(out) / "overlays" / f"{stem_of(path)}.png", trained.config.axis)
+    return written

@@ -1,0 +1,223 @@
+"""Train a 2D U-Net on the slices of a dataset; a run is a folder holding everything needed to reproduce it.
+
+RUN/config.json   every setting (re-run with `medseg train --config RUN/config.json`)
+RUN/split.json    the case-level train/validation split
+RUN/dataset.json  class names, channels and case counts as found
+RUN/best.pt, last.pt   checkpoints (written atomically); best = highest validation Dice
+RUN/history.csv, history.json   one row per epoch; RUN/curves.png; RUN/train_summary.json
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medseg.checkpoint import TrainedModel, resolve_device, save_checkpoint
+from medseg.config import TrainConfig
+from medseg.data import LoadedCase, SliceSampler, load_cases
+from medseg.datasets import Dataset, find_cases, split_cases
+from medseg.errors import MedsegError
+from medseg.infer import predict_probabilities
+from medseg.losses import make_loss
+from medseg.metrics import case_metrics, confusion, mean_foreground_dice, metrics_from_counts
+from medseg.models import create_model
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "train_dice", "val_dice", "train_iou", "val_iou",
+                   "train_accuracy", "val_accuracy", "lr", "seconds", "elapsed"]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], list[LoadedCase], list[str]]:
+    """Find, split and load the cases; every input error surfaces here, before anything is written."""
+    dataset = find_cases(cfg.data, cfg.images, cfg.masks)
+    split = split_cases([c.case_id for c in dataset.cases], cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
+    val_ids = set(split["val"])
+    train_cases = load_cases([c for c in dataset.cases if c.case_id not in val_ids], cfg, "training cases")
+    val_cases = load_cases([c for c in dataset.cases if c.case_id in val_ids], cfg, "validation cases")
+    if train_cases[0].image.array.shape[0] != val_cases[0].image.array.shape[0]:
+        raise MedsegError(f"{val_cases[0].image.path}: channel count differs from the training cases; use --color gray")
+    largest = max(int(c.label.max()) for c in train_cases + val_cases)
+    names = list(cfg.class_names or dataset.class_names)
+    if largest == 0:
+        raise MedsegError(f"{cfg.data}: every mask is empty; there is nothing to learn")
+    names += [f"class_{k}" for k in range(len(names), largest + 1)]
+    return dataset, split, train_cases, val_cases, names
+
+
+def create_run_dir(out: str | Path, overwrite: bool) -> Path:
+    run = Path(out)
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            raise MedsegError(f"{run}: run folder exists and is not empty; choose another --out or pass --overwrite")
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
+    """Train as configured and return the run folder."""
+    cfg.validate()
+    started = time.monotonic()
+    generator = seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    dataset, split, train_cases, val_cases, class_names = prepare_data(cfg)
+    in_channels = train_cases[0].image.array.shape[0]
+    loss_fn = make_loss(cfg.loss, len(class_names))
+    run = create_run_dir(cfg.out, overwrite)
+    cfg.save(run / "config.json")
+    (run / "split.json").write_text(json.dumps(split, indent=2))
+    (run / "dataset.json").write_text(json.dumps({
+        "data": str(cfg.data), "layout": dataset.layout, "class_names": class_names, "in_channels": in_channels,
+        "train_cases": len(train_cases), "val_cases": len(val_cases)}, indent=2))
+    model_args = cfg.model_args(in_channels, len(class_names))
+    model = create_model(cfg.model, **model_args).to(device)
+    trained = TrainedModel(model, cfg, class_names, in_channels, run, device)
+    sampler = SliceSampler(train_cases, cfg, generator)
+    loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started)
+    summary = loop.run(model_args)
+    summary.update(parameters=sum(p.numel() for p in model.parameters()), train_slices=len(sampler),
+                   device=str(device), seconds=round(time.monotonic() - started, 1))
+    (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    from medseg.report import plot_curves
+
+    plot_curves(loop.history, run / "curves.png")
+    return run
+
+
+class _Loop:
+    """The epoch loop: optimise, validate per case, checkpoint, stop early or when the budget is spent."""
+
+    def __init__(self, cfg, trained, loss_fn, sampler, val_cases, started):
+        self.cfg, self.trained, self.loss_fn, self.sampler = cfg, trained, loss_fn, sampler
+        self.val_cases, self.started = val_cases, started
+        self.optimizer = torch.optim.Adam(trained.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
+        self.budget = cfg.time_budget * 60 if cfg.time_budget else None
+        self.history: list[dict] = []
+        self.last_val_seconds = 0.0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def out_of_time(self) -> bool:
+        """True when one more step plus a validation pass would overrun the budget."""
+        return self.budget is not None and self.elapsed() + self.last_val_seconds >= self.budget
+
+    def set_lr(self, step: int) -> float:
+        lr = self.cfg.lr
+        if self.cfg.lr_schedule == "poly":
+            progress = step / (self.cfg.epochs * self.steps)
+            if self.budget:
+                progress = max(progress, self.elapsed() / self.budget)
+            lr = self.cfg.lr * (1 - min(progress, 0.999)) ** 0.9
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def run(self, model_args: dict) -> dict:
+        best, best_epoch, stale, reason = -1.0, 0, 0, "epochs done"
+        for epoch in range(1, self.cfg.epochs + 1):
+            epoch_start = time.monotonic()
+            row = {"epoch": epoch, **self.train_epoch(epoch)}
+            if row.pop("stopped"):
+                reason = "time budget"
+            val_start = time.monotonic()
+            row.update(self.validate())
+            self.last_val_seconds = time.monotonic() - val_start
+            row.update(seconds=round(time.monotonic() - epoch_start, 2), elapsed=round(self.elapsed(), 1))
+            self.history.append(row)
+            self.write_history()
+            state = self.state(model_args, epoch, row["val_dice"])
+            save_checkpoint(self.trained.run / "last.pt", {**state, "optimizer": self.optimizer.state_dict()})
+            if row["val_dice"] > best:
+                best, best_epoch, stale = row["val_dice"], epoch, 0
+                save_checkpoint(self.trained.run / "best.pt", state)
+            else:
+                stale += 1
+            if self.cfg.progress:
+                tqdm.write(f"epoch {epoch}: loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
+                           f"val Dice {row['val_dice']:.4f} ({row['seconds']:.0f}s)")
+            if reason == "time budget" or self.out_of_time():
+                reason = "time budget"
+                break
+            if self.cfg.patience and stale >= self.cfg.patience:
+                reason = f"early stopping (no better validation Dice for {self.cfg.patience} epochs)"
+                break
+        return {"best_epoch": best_epoch, "best_val_dice": best, "epochs_run": len(self.history),
+                "stopped": reason}
+
+    def train_epoch(self, epoch: int) -> dict:
+        model, num_classes = self.trained.model, len(self.trained.class_names)
+        model.train()
+        counts = np.zeros((num_classes, 4))
+        losses, stopped, lr = [], False, self.cfg.lr
+        bar = tqdm(self.sampler.epoch_batches(self.steps), total=self.steps, desc=f"epoch {epoch}",
+                   disable=not self.cfg.progress, leave=False)
+        for step, (image, label) in enumerate(bar):
+            if self.out_of_time() and losses:
+                stopped = True
+                break
+            lr = self.set_lr((epoch - 1) * self.steps + step)
+            image, label = image.to(self.trained.device), label.to(self.trained.device)
+            logits = model(image)
+            loss = self.loss_fn(logits, label)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+            counts += confusion(logits.argmax(1).cpu().numpy(), label.cpu().numpy(), num_classes)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        pooled = [metrics_from_counts(*counts[k]) for k in range(1, num_classes)]
+        return {"train_loss": float(np.mean(losses)), "train_dice": float(np.mean([m["dice"] for m in pooled])),
+                "train_iou": float(np.mean([m["iou"] for m in pooled])),
+                # every pixel is a TP of exactly one class; row 0 holds the pixel total
+                "train_accuracy": float(counts[:, 0].sum() / max(counts[0].sum(), 1)), "lr": lr, "stopped": stopped}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss and metrics per validation case at the case's own resolution, then averaged over cases."""
+        self.trained.model.eval()
+        num_classes = len(self.trained.class_names)
+        losses, dice, iou, accuracy = [], [], [], []
+        for case in self.val_cases:
+            probs = predict_probabilities(self.trained, case.image.array)
+            target = torch.from_numpy(case.label.astype(np.int64))[None]
+            log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-7))[None]
+            losses.append(float(self.loss_fn(log_probs, target)))  # softmax(log p) = p: the same loss
+            pred = probs.argmax(0)
+            per_class = case_metrics(pred, case.label, num_classes)
+            dice.append(mean_foreground_dice(per_class))
+            iou.append(float(np.mean([m["iou"] for m in per_class.values()])))
+            accuracy.append(float((pred == case.label).mean()))
+        return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(dice)),
+                "val_iou": float(np.mean(iou)), "val_accuracy": float(np.mean(accuracy))}
+
+    def state(self, model_args: dict, epoch: int, val_dice: float) -> dict:
+        return {"model": self.trained.model.state_dict(), "model_name": self.cfg.model, "model_args": model_args,
+                "config": asdict(self.cfg), "class_names": self.trained.class_names, "epoch": epoch,
+                "val_dice": val_dice}
+
+    def write_history(self) -> None:
+        run = self.trained.run
+        (run / "history.json").write_text(json.dumps(self.history, indent=2))
+        with open(run / "history.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.history)

@@ -1,0 +1,120 @@
+"""Intensity normalisation, slicing, resizing/padding and batch augmentation.
+
+Shapes: images are `(C, H, W)` per slice or `(B, C, H, W)` per batch, float32; labels `(H, W)` / `(B, H, W)` int64.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def normalize_percentile(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Clip each channel to its [low, high] percentiles and scale to [0, 1]. array: (C, *spatial).
+
+    A constant channel becomes all zeros rather than dividing by zero.
+    """
+    out = np.empty(array.shape, dtype=np.float32)
+    for c, channel in enumerate(array.astype(np.float32)):
+        lo, hi = np.percentile(channel, [low, high])
+        out[c] = (np.clip(channel, lo, hi) - lo) / (hi - lo) if hi > lo else 0.0
+    return out
+
+
+def to_slices(array: np.ndarray, axis: int) -> list[np.ndarray]:
+    """(C, *spatial) -> list of (C, H, W). A 2D image is one slice; a volume is cut along spatial `axis`."""
+    if array.ndim == 3:
+        return [array]
+    moved = np.moveaxis(array, 1 + (axis % 3), 1)
+    return [np.ascontiguousarray(moved[:, i]) for i in range(moved.shape[1])]
+
+
+def from_slices(slices: list[np.ndarray], axis: int) -> np.ndarray:
+    """Inverse of `to_slices` for label maps: list of (H, W) -> volume (*spatial) with slices along `axis`."""
+    return np.moveaxis(np.stack(slices, 0), 0, axis % 3)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) float -> (B, C, *size), bilinear (also used on class probabilities)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) int -> (B, *size), nearest neighbour so that no new label values appear."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    return F.interpolate(label[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+
+
+def pad_or_crop(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int],
+                generator: torch.Generator | None = None):
+    """Pad (zeros; label 0) or crop (B, C, H, W) to `size`; random crop offsets when a generator is given."""
+    _, _, h, w = image.shape
+    out_h, out_w = size
+    pad_h, pad_w = max(0, out_h - h), max(0, out_w - w)
+    if pad_h or pad_w:
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        image = F.pad(image, pads)
+        label = F.pad(label, pads) if label is not None else None
+        h, w = image.shape[-2:]
+    top, left = (h - out_h) // 2, (w - out_w) // 2
+    if generator is not None:
+        top = int(torch.randint(0, h - out_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - out_w + 1, (1,), generator=generator))
+    image = image[..., top:top + out_h, left:left + out_w]
+    label = label[..., top:top + out_h, left:left + out_w] if label is not None else None
+    return image, label
+
+
+def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
+            affine_p: float = 0.3, max_rotation_deg: float = 15.0, max_scale: float = 0.15,
+            intensity_p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips, 90-degree rotations (square images), small affine and intensity jitter, per sample.
+
+    image: (B, C, H, W) in roughly [0, 1]; label: (B, H, W). The same spatial transform is applied to both.
+    """
+    def rand(*shape):
+        return torch.rand(shape, generator=generator)
+
+    image, label = image.clone(), label.clone()
+    b, _, h, w = image.shape
+    for i in range(b):
+        if rand(1) < 0.5:
+            image[i], label[i] = image[i].flip(-1), label[i].flip(-1)
+        if rand(1) < 0.5:
+            image[i], label[i] = image[i].flip(-2), label[i].flip(-2)
+        if h == w:
+            k = int(rand(1) * 4) % 4
+            image[i], label[i] = image[i].rot90(k, (-2, -1)), label[i].rot90(k, (-2, -1))
+    image, label = _random_affine(image, label, rand, affine_p, max_rotation_deg, max_scale)
+    if intensity_p > 0:
+        jitter = rand(b) < intensity_p
+        contrast = 1 + (rand(b, 1, 1, 1) - 0.5) * 0.4
+        brightness = (rand(b, 1, 1, 1) - 0.5) * 0.2
+        gamma = torch.exp((rand(b, 1, 1, 1) - 0.5) * 0.6)
+        jittered = (image.clamp(min=0) ** gamma) * contrast + brightness
+        image = torch.where(jitter.view(b, 1, 1, 1), jittered, image)
+    return image, label
+
+
+def _random_affine(image, label, rand, p, max_rotation_deg, max_scale):
+    b = image.shape[0]
+    chosen = rand(b) < p
+    if not chosen.any():
+        return image, label
+    angle = (rand(b) * 2 - 1) * math.radians(max_rotation_deg)
+    scale = 1 + (rand(b) * 2 - 1) * max_scale
+    shift = (rand(b, 2) * 2 - 1) * 0.05
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(b, 2, 3)
+    theta = torch.where(chosen.view(b, 1, 1), theta, identity)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)[:, 0].long()
+    return image, label
