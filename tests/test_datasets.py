@@ -1,0 +1,136 @@
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from medseg.datasets import find_cases, labels_to_classes, split_cases
+from medseg.errors import MedsegError
+from conftest import shared_dataset
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def test_msd_layout_with_dataset_json(phantoms_3d):
+    dataset = find_cases(phantoms_3d)
+    assert dataset.layout == "msd" and len(dataset.cases) == 5
+    assert dataset.class_names == ["background", "ellipse", "ring"]
+    assert all(c.images[0].exists() and c.mask.exists() for c in dataset.cases)
+
+
+def test_nnunet_channel_suffixes_and_v2_labels(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case in ("a", "b"):
+        for channel in (0, 1):
+            nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+                     tmp_path / "imagesTr" / f"{case}_{channel:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "labelsTr" / f"{case}.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "tumour": 1}, "file_ending": ".nii.gz"}))
+    dataset = find_cases(tmp_path)
+    assert [c.case_id for c in dataset.cases] == ["a", "b"]
+    assert [p.name for p in dataset.cases[0].images] == ["a_0000.nii.gz", "a_0001.nii.gz"]
+    assert dataset.class_names == ["background", "tumour"]
+    assert dataset.modalities == ["T1", "T2"]
+
+
+@pytest.mark.parametrize("image_dir,mask_dir", [("images", "masks"), ("img", "gt"), ("train/image", "train/label")])
+def test_paired_folders_detected(tmp_path, image_dir, mask_dir):
+    for name in ("1", "2", "10"):
+        save_png(tmp_path / image_dir / f"{name}.png", np.zeros((4, 4)))
+        save_png(tmp_path / mask_dir / f"{name}.png", np.zeros((4, 4)))
+    dataset = find_cases(tmp_path)
+    assert dataset.layout == "pairs"
+    assert [c.case_id for c in dataset.cases] == ["1", "2", "10"]
+
+
+def test_paired_folders_override_and_mask_suffix(tmp_path):
+    save_png(tmp_path / "raw" / "cell.png", np.zeros((4, 4)))
+    save_png(tmp_path / "annot" / "cell_mask.png", np.zeros((4, 4)))
+    dataset = find_cases(tmp_path, images="raw", masks="annot")
+    assert dataset.cases[0].mask.name == "cell_mask.png"
+    with pytest.raises(MedsegError, match="no dataset layout recognised"):
+        find_cases(tmp_path)
+
+
+def test_manifest_with_case_ids_relative_paths(tmp_path):
+    for i in range(3):
+        save_png(tmp_path / "data" / f"s{i}.png", np.zeros((4, 4)))
+        save_png(tmp_path / "data" / f"s{i}_lab.png", np.zeros((4, 4)))
+    with open(tmp_path / "list.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "mask", "case_id"])
+        writer.writerows([[f"data/s{i}.png", f"data/s{i}_lab.png", "p1" if i < 2 else "p2"] for i in range(3)])
+    dataset = find_cases(tmp_path / "list.csv")
+    assert [c.case_id for c in dataset.cases] == ["p1", "p1", "p2"]
+    (tmp_path / "bad.csv").write_text("image,mask\ndata/missing.png,data/s0_lab.png\n")
+    with pytest.raises(MedsegError, match="line 2"):
+        find_cases(tmp_path / "bad.csv")
+
+
+def test_empty_and_missing_datasets(tmp_path):
+    with pytest.raises(MedsegError, match="not found"):
+        find_cases(tmp_path / "nowhere")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(MedsegError, match="no labelled cases"):
+        find_cases(tmp_path)
+
+
+def test_label_rules():
+    np.testing.assert_array_equal(labels_to_classes(np.array([[[0, 255]]]), "m.png"), [[0, 1]])
+    floats = labels_to_classes(np.array([[[0.0, 1.0, 2.0]]], np.float32), "m.nii")
+    assert floats.dtype == np.uint8 and floats.tolist() == [[0, 1, 2]]
+    with pytest.raises(MedsegError, match="m.nii: mask holds non-integer"):
+        labels_to_classes(np.array([[[0.0, 0.5]]]), "m.nii")
+    with pytest.raises(MedsegError, match="--binary-masks"):
+        labels_to_classes(np.arange(300).reshape(1, 10, 30), "inst.png")
+    assert labels_to_classes(np.arange(300).reshape(1, 10, 30), "inst.png", binary=True).sum() == 299
+    with pytest.raises(MedsegError, match="colour image"):
+        labels_to_classes(np.stack([np.zeros((2, 2)), np.ones((2, 2)), np.zeros((2, 2))]), "rgb.png")
+
+
+def test_split_is_by_case_seeded_and_twenty_percent():
+    ids = [f"c{i}" for i in range(50)]
+    split = split_cases(ids * 3, seed=1)  # repeated ids: slices of the same cases
+    assert len(split["val"]) == 10 and len(split["train"]) == 40
+    assert not set(split["val"]) & set(split["train"])
+    assert split == split_cases(ids, seed=1)
+    assert split["val"] != split_cases(ids, seed=2)["val"]
+
+
+def test_kfold_partitions_the_cases():
+    ids = [f"c{i}" for i in range(11)]
+    folds = [split_cases(ids, folds=3, fold=k)["val"] for k in range(3)]
+    assert sorted(sum(folds, [])) == sorted(ids)
+    with pytest.raises(MedsegError):
+        split_cases(ids, folds=3, fold=3)
+    with pytest.raises(MedsegError, match="at least 2"):
+        split_cases(["only"])
+
+
+def test_shared_isbi_and_hippocampus_in_place():
+    isbi = find_cases(shared_dataset("isbi2012_em"))
+    assert isbi.layout == "pairs" and len(isbi.cases) == 30
+    hippo = find_cases(shared_dataset("msd_hippocampus", "Task04_Hippocampus"))
+    assert len(hippo.cases) == 200 and hippo.class_names == ["background", "Anterior", "Posterior"]
+
+
+def test_drive_through_a_manifest(tmp_path):
+    root = shared_dataset("drive", "training")
+    rows = [(p, root / "1st_manual" / p.name.replace("_training.tif", "_manual1.gif"))
+            for p in sorted((root / "images").glob("*_training.tif"))]
+    with open(tmp_path / "drive.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("image", "mask")] + rows)
+    dataset = find_cases(tmp_path / "drive.csv")
+    assert len(dataset.cases) == 20 and dataset.cases[0].case_id == "21_training"
+    from medseg.data import load_case
+
+    case = load_case(dataset.cases[0])
+    assert case.image.array.shape == (3, 584, 565) and set(np.unique(case.label)) == {0, 1}

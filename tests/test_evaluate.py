@@ -1,0 +1,30 @@
+import csv
+import json
+import math
+
+from PIL import Image as PILImage
+
+from medseg.evaluate import evaluate_run
+
+
+def test_summary_files_and_figures(trained_2d):
+    summary = evaluate_run(trained_2d, progress=False)
+    out = trained_2d / "evaluation"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["mean_dice"] == summary["mean_dice"] and 0 <= summary["mean_dice"] <= 1
+    assert set(on_disk["per_class"]) == {"ellipse", "ring"}
+    dice = on_disk["per_class"]["ring"]["dice"]
+    assert {"mean", "std", "n", "undefined"} <= set(dice) and dice["n"] + dice["undefined"] == 2
+    assert math.isclose(summary["mean_dice"],
+                        (on_disk["per_class"]["ellipse"]["dice"]["mean"] + dice["mean"]) / 2)
+    with open(out / "per_case.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 and {"dice", "iou", "precision", "recall", "specificity", "accuracy"} <= set(rows[0])
+    assert "Mean foreground Dice" in (out / "summary.md").read_text()
+    figures = sorted(out.glob("case_*.png"))
+    assert len(figures) == 2 and PILImage.open(figures[0]).size[0] > 600
+
+
+def test_evaluate_on_other_data_and_volumes(trained_3d, phantoms_3d, tmp_path):
+    summary = evaluate_run(trained_3d, data=phantoms_3d, out=tmp_path / "ev", progress=False)
+    assert summary["cases"] == 5 and (tmp_path / "ev" / "summary.json").exists()

@@ -1,0 +1,127 @@
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from medseg.errors import MedsegError
+from medseg.io import mask_path_for, read_image, stem_of, write_mask
+from conftest import shared_dataset
+
+
+def oblique_affine() -> np.ndarray:
+    angle = np.deg2rad(20)
+    affine = np.array([[0.8 * np.cos(angle), -1.2 * np.sin(angle), 0, -90.5],
+                       [0.8 * np.sin(angle), 1.2 * np.cos(angle), 0, 12.25],
+                       [0, 0, 2.5, 40.0], [0, 0, 0, 1]])
+    return affine
+
+
+def test_nifti_round_trip_keeps_affine_and_shape(tmp_path):
+    data = np.random.default_rng(0).normal(size=(7, 9, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, oblique_affine()), tmp_path / "scan.nii.gz")
+    image = read_image(tmp_path / "scan.nii.gz")
+    assert image.array.shape == (1, 7, 9, 5)
+    assert image.spacing == pytest.approx((0.8, 1.2, 2.5))
+    mask = (image.array[0] > 0).astype(np.uint8) * 2
+    out = write_mask(mask, image, mask_path_for(image.path, tmp_path / "out"))
+    assert out.name == "scan.nii.gz"
+    back = nib.load(out)
+    assert back.shape == data.shape
+    np.testing.assert_array_equal(back.affine, nib.load(tmp_path / "scan.nii.gz").affine)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), mask)
+    assert back.get_data_dtype() == np.uint8
+
+
+def test_nifti_mask_ignores_image_intensity_scaling(tmp_path):
+    nii = nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4))
+    nii.header.set_slope_inter(0.5, 10)
+    nib.save(nii, tmp_path / "scaled.nii")
+    image = read_image(tmp_path / "scaled.nii")
+    out = write_mask(np.ones((4, 4, 4), np.uint8), image, tmp_path / "mask.nii")
+    assert np.asarray(nib.load(out).dataobj).max() == 1
+
+
+def test_4d_nifti_channels_come_first(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7, 2), np.float32), np.eye(4)), tmp_path / "mc.nii.gz")
+    assert read_image(tmp_path / "mc.nii.gz").array.shape == (2, 5, 6, 7)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp"])
+def test_raster_round_trip_same_size_and_format(tmp_path, suffix):
+    data = (np.arange(30 * 20).reshape(30, 20) % 256).astype(np.uint8)
+    PILImage.fromarray(data).save(tmp_path / f"img{suffix}")
+    image = read_image(tmp_path / f"img{suffix}")
+    assert image.array.shape == (1, 30, 20) and image.ndim == 2
+    np.testing.assert_array_equal(image.array[0], data)
+    mask = (data > 100).astype(np.uint8)
+    out = write_mask(mask, image, mask_path_for(image.path, tmp_path / "out"))
+    assert out.suffix == suffix
+    np.testing.assert_array_equal(np.asarray(PILImage.open(out)), mask)
+
+
+def test_lossy_inputs_get_lossless_masks(tmp_path):
+    assert mask_path_for(tmp_path / "photo.jpg", tmp_path).name == "photo.png"
+    assert mask_path_for(tmp_path / "anim.gif", tmp_path).name == "anim.png"
+    assert mask_path_for(tmp_path / "case.nii.gz", tmp_path).name == "case.nii.gz"
+    assert stem_of("a.b.nii.gz") == "a.b"
+
+
+def test_rgb_kept_or_converted_and_alpha_dropped(tmp_path):
+    rgba = np.zeros((8, 10, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 3] = 200, 100, 7
+    PILImage.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    kept = read_image(tmp_path / "rgba.png")
+    assert kept.array.shape == (3, 8, 10)
+    assert kept.array[:, 0, 0].tolist() == [200, 100, 0]
+    grey = read_image(tmp_path / "rgba.png", color="gray")
+    assert grey.array.shape == (1, 8, 10)
+    assert grey.array[0, 0, 0] == pytest.approx(0.299 * 200 + 0.587 * 100)
+
+
+def test_jpeg_and_grey_palette_gif(tmp_path):
+    PILImage.fromarray(np.full((6, 6, 3), 128, np.uint8)).save(tmp_path / "x.jpg")
+    assert read_image(tmp_path / "x.jpg").array.shape == (3, 6, 6)
+    PILImage.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("P").save(tmp_path / "m.gif")
+    gif = read_image(tmp_path / "m.gif")
+    assert gif.array.shape == (1, 2, 2)
+    assert sorted(np.unique(gif.array).tolist()) == [0, 255]
+
+
+def test_npy_layouts_and_round_trip(tmp_path):
+    np.save(tmp_path / "vol.npy", np.zeros((4, 5, 6), np.float32))
+    np.save(tmp_path / "rgb.npy", np.zeros((4, 5, 3), np.uint8))
+    vol = read_image(tmp_path / "vol.npy")
+    assert vol.array.shape == (1, 4, 5, 6)
+    assert read_image(tmp_path / "rgb.npy").array.shape == (3, 4, 5)
+    out = write_mask(np.ones((4, 5, 6), np.uint8), vol, tmp_path / "out" / "vol.npy")
+    assert np.load(out).shape == (4, 5, 6)
+
+
+def test_missing_unreadable_and_unsupported_files(tmp_path):
+    with pytest.raises(MedsegError, match="not found"):
+        read_image(tmp_path / "nope.png")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti at all")
+    with pytest.raises(MedsegError, match="broken.nii.gz: cannot be read"):
+        read_image(tmp_path / "broken.nii.gz")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(MedsegError, match="unsupported file type"):
+        read_image(tmp_path / "notes.txt")
+
+
+def test_write_mask_is_atomic_and_checks_shape(tmp_path):
+    PILImage.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "a.png")
+    image = read_image(tmp_path / "a.png")
+    with pytest.raises(ValueError):
+        write_mask(np.zeros((4, 4), np.uint8), image, tmp_path / "out" / "a.png")
+    assert not (tmp_path / "out").exists()
+    write_mask(np.zeros((5, 5), np.uint8), image, tmp_path / "out" / "a.png")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]  # no temporary file left behind
+
+
+def test_reads_real_formats_in_place():
+    em = read_image(shared_dataset("isbi2012_em", "train", "image", "0.png"))
+    assert em.array.shape == (1, 512, 512)
+    fundus = read_image(shared_dataset("drive", "training", "images", "21_training.tif"))
+    assert fundus.array.shape == (3, 584, 565)
+    hippo = read_image(shared_dataset("msd_hippocampus", "Task04_Hippocampus", "imagesTr", "hippocampus_001.nii.gz"))
+    assert hippo.ndim == 3 and hippo.spacing == (1.0, 1.0, 1.0) and hippo.affine.shape == (4, 4)

@@ -1,0 +1,48 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.losses import make_loss, soft_dice_loss
+from medseg.errors import MedsegError
+from medseg.metrics import case_metrics, confusion, metrics_from_counts
+
+
+def test_known_values():
+    target = np.array([[1, 1, 0, 0], [2, 2, 0, 0]])
+    pred = np.array([[1, 0, 0, 0], [2, 2, 2, 0]])
+    per_class = case_metrics(pred, target, 3)
+    assert per_class[1]["dice"] == pytest.approx(2 / 3)
+    assert per_class[1]["iou"] == pytest.approx(0.5)
+    assert per_class[1]["precision"] == 1 and per_class[1]["recall"] == 0.5
+    assert per_class[2]["dice"] == pytest.approx(0.8) and per_class[2]["precision"] == pytest.approx(2 / 3)
+    assert per_class[2]["specificity"] == pytest.approx(5 / 6) and per_class[2]["accuracy"] == pytest.approx(7 / 8)
+    assert confusion(pred, target, 3).sum(1).tolist() == [8, 8, 8]
+
+
+def test_empty_case_policy():
+    both_empty = metrics_from_counts(0, 0, 0, 10)
+    assert both_empty["dice"] == 1 and both_empty["iou"] == 1
+    assert math.isnan(both_empty["precision"]) and math.isnan(both_empty["recall"])
+    assert both_empty["specificity"] == 1 and both_empty["accuracy"] == 1
+    false_positive = metrics_from_counts(0, 3, 0, 7)  # nothing to find, something claimed
+    assert false_positive["dice"] == 0 and false_positive["precision"] == 0 and math.isnan(false_positive["recall"])
+    missed = metrics_from_counts(0, 0, 3, 7)  # something to find, nothing claimed
+    assert missed["dice"] == 0 and missed["recall"] == 0 and math.isnan(missed["precision"])
+
+
+def test_losses():
+    target = torch.tensor([[[0, 1], [1, 0]]])
+    perfect = torch.tensor([[[[9.0, -9], [-9, 9]], [[-9.0, 9], [9, -9]]]])
+    assert soft_dice_loss(perfect, target) < 1e-3
+    assert soft_dice_loss(-perfect, target) > 0.99
+    ce, bce = make_loss("ce", 2), make_loss("bce", 2)
+    assert bce(perfect, target) == ce(perfect, target)
+    # two-class softmax is a sigmoid of the logit difference: BCE on it is the seed's BCE
+    logits = torch.randn(1, 2, 3, 3)
+    p = torch.sigmoid(logits[:, 1] - logits[:, 0])
+    seed_bce = torch.nn.functional.binary_cross_entropy(p, torch.ones(1, 3, 3) * (torch.arange(9).view(1, 3, 3) % 2))
+    assert bce(logits, torch.arange(9).view(1, 3, 3) % 2) == pytest.approx(float(seed_bce), rel=1e-5)
+    with pytest.raises(MedsegError, match="bce"):
+        make_loss("bce", 3)

@@ -1,0 +1,44 @@
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from medseg.errors import MedsegError
+from medseg.predict import predict_files
+
+
+def test_png_and_jpeg_inputs_give_masks_of_the_same_size(trained_2d, phantoms_2d, tmp_path):
+    source = phantoms_2d / "imagesTr" / "phantom_000.png"
+    PILImage.open(source).convert("L").resize((50, 40)).save(tmp_path / "other.jpg")
+    written = predict_files(trained_2d, [source, tmp_path / "other.jpg"], tmp_path / "out", overlays=True,
+                            progress=False)
+    assert [p.name for p in written] == ["phantom_000.png", "other.png"]
+    assert PILImage.open(written[0]).size == (32, 32) and PILImage.open(written[1]).size == (50, 40)
+    assert set(np.unique(np.asarray(PILImage.open(written[0])))) <= {0, 1, 2}
+    assert (tmp_path / "out" / "overlays" / "other.png").exists()
+
+
+def test_nifti_volume_keeps_geometry(trained_3d, phantoms_3d, tmp_path):
+    source = phantoms_3d / "imagesTr" / "phantom_000.nii.gz"
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    affine[:3, 3] = [5, -7, 11]
+    original = nib.load(source)
+    nib.save(nib.Nifti1Image(np.asarray(original.dataobj)[:, :20, :], affine), tmp_path / "scan.nii.gz")
+    (mask_path,) = predict_files(trained_3d, [tmp_path], tmp_path / "out", progress=False)
+    mask = nib.load(mask_path)
+    assert mask_path.name == "scan.nii.gz" and mask.shape == (24, 20, 24)
+    np.testing.assert_array_equal(mask.affine, nib.load(tmp_path / "scan.nii.gz").affine)  # as stored: float32
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-6)
+
+
+def test_inputs_checked_before_anything_is_written(trained_2d, phantoms_2d, tmp_path):
+    with pytest.raises(MedsegError, match="missing.png: not found"):
+        predict_files(trained_2d, [phantoms_2d / "imagesTr", tmp_path / "missing.png"], tmp_path / "out",
+                      progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_channel_count(trained_2d, tmp_path):
+    PILImage.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(MedsegError, match="3 channels, the model expects 1"):
+        predict_files(trained_2d, [tmp_path / "rgb.png"], tmp_path / "out", progress=False)

@@ -1,0 +1,58 @@
+import numpy as np
+import torch
+
+from medseg.transforms import (augment, from_slices, normalize_percentile, pad_or_crop, resize_image,
+                               resize_label, to_slices)
+
+
+def test_percentile_normalisation_to_unit_range():
+    rng = np.random.default_rng(0)
+    array = rng.normal(1000, 50, size=(2, 40, 40)).astype(np.float32)
+    array[0, 0, 0] = 1e6  # an outlier must not squash the rest
+    out = normalize_percentile(array)
+    assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
+    assert 0.3 < np.median(out[0]) < 0.7
+    assert normalize_percentile(np.full((1, 4, 4), 7.0)).max() == 0
+
+
+def test_slices_round_trip_along_each_axis():
+    label = np.arange(3 * 4 * 5).reshape(3, 4, 5)
+    for axis in (0, 1, 2, -1):
+        slices = to_slices(label[None], axis)
+        assert len(slices) == label.shape[axis % 3]
+        np.testing.assert_array_equal(from_slices([s[0] for s in slices], axis), label)
+    assert len(to_slices(np.zeros((1, 8, 8)), -1)) == 1
+
+
+def test_resize_labels_by_nearest_neighbour_only():
+    label = torch.tensor(np.random.default_rng(0).integers(0, 3, size=(2, 37, 51)))
+    resized = resize_label(label, (64, 64))
+    assert resized.shape == (2, 64, 64)
+    assert set(resized.unique().tolist()) <= {0, 1, 2}
+    assert resize_image(torch.rand(2, 1, 37, 51), (64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_pad_or_crop_centres_and_randomises():
+    image = torch.arange(36.0).reshape(1, 1, 6, 6)
+    padded, label = pad_or_crop(image, torch.ones(1, 6, 6, dtype=torch.long), (10, 8))
+    assert padded.shape == (1, 1, 10, 8) and label.sum() == 36 and padded[0, 0, 2, 1] == 0
+    cropped, _ = pad_or_crop(image, None, (2, 2))
+    assert cropped.flatten().tolist() == [14, 15, 20, 21]
+    generator = torch.Generator().manual_seed(0)
+    crops = {tuple(pad_or_crop(image, None, (2, 2), generator)[0].flatten().tolist()) for _ in range(20)}
+    assert len(crops) > 1
+
+
+def test_augmentation_moves_image_and_label_together():
+    rng = np.random.default_rng(0)
+    blocks = torch.tensor(rng.integers(0, 3, size=(8, 4, 4)))
+    label = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2)  # 32x32 made of 8x8 blocks
+    image = label[:, None].float()
+    generator = torch.Generator().manual_seed(0)
+    aug_image, aug_label = augment(image, label, generator, affine_p=0, intensity_p=0)
+    assert torch.equal(aug_image[:, 0].long(), aug_label)
+    assert not torch.equal(aug_label, label)  # something was flipped or rotated
+    aug_image, aug_label = augment(image, label, generator, affine_p=1, intensity_p=0)
+    assert set(aug_label.unique().tolist()) <= {0, 1, 2}
+    agree = (aug_image[:, 0].round().long() == aug_label).float().mean()
+    assert agree > 0.8  # bilinear image and nearest label differ only along edges
