@@ -55,15 +55,32 @@ def run_one(name: str, budget: float, out: Path) -> dict:
         raise SystemExit(f"evaluating {name} failed")
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     history = json.loads((run / "history.json").read_text())
+    copy_figures(name, run)
     which, bar = recipe["bar"]
     value = summary["mean_dice"] if which == "mean" else summary["per_class"][which]["dice"]["mean"]
     return {
-        "dataset": name, "command": "medseg train " + " ".join(shlex.quote(a) for a in train_args),
+        "dataset": name, "command": "medseg train " + " ".join(shlex.quote(_relative(a)) for a in train_args),
         "budget_min": budget, "train_minutes": round(train_seconds / 60, 2), "epochs": len(history),
         "val_cases": summary["cases"], "mean_dice": summary["mean_dice"],
         "per_class_dice": {k: (v["dice"]["mean"], v["dice"]["std"]) for k, v in summary["per_class"].items()},
         "bar": f"{which} Dice >= {bar}", "passed": bool(value >= bar),
     }
+
+
+def _relative(arg: str) -> str:
+    """Show paths as a user in the repository root would type them."""
+    return os.path.relpath(arg, ROOT) if arg.startswith("/") else arg
+
+
+def copy_figures(name: str, run: Path) -> None:
+    """Put the run's curves and one validation panel beside the docs that quote them."""
+    import shutil
+
+    out = ROOT / "docs" / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "curves.png", out / f"{name}_curves.png")
+    panel = sorted((run / "evaluation").glob("case_*.png"))[0]
+    shutil.copy(panel, out / f"{name}_case.png")
 
 
 def machine() -> str:
@@ -86,6 +103,8 @@ def write_docs(results: list[dict]) -> None:
                      f"{r['val_cases']} | {per_class} | {r['mean_dice']:.3f} | {r['bar']} | "
                      f"{'yes' if r['passed'] else 'NO'} |")
     lines += ["", "Commands:", ""] + [f"- {r['dataset']}: `{r['command']}`" for r in merged.values()]
+    lines += ["", "Training curves and one validation case per dataset:", ""]
+    lines += [f"![{n} curves](benchmarks/{n}_curves.png)\n![{n} case](benchmarks/{n}_case.png)\n" for n in merged]
     lines.append("<!-- REAL-DATA:END -->")
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
