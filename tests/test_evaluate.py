@@ -2,9 +2,13 @@ import csv
 import json
 import math
 
+import numpy as np
+import pytest
 from PIL import Image as PILImage
 
+from medseg.errors import MedsegError
 from medseg.evaluate import evaluate_run
+from medseg.synth import write_synthetic_dataset
 
 
 def test_summary_files_and_figures(trained_2d):
@@ -28,3 +32,12 @@ def test_summary_files_and_figures(trained_2d):
 def test_evaluate_on_other_data_and_volumes(trained_3d, phantoms_3d, tmp_path):
     summary = evaluate_run(trained_3d, data=phantoms_3d, out=tmp_path / "ev", progress=False)
     assert summary["cases"] == 5 and (tmp_path / "ev" / "summary.json").exists()
+
+
+def test_failed_evaluation_leaves_nothing(trained_2d, tmp_path):
+    data = write_synthetic_dataset(tmp_path / "three", cases=3, size=32, num_classes=3, seed=4)
+    for mask in (data / "labelsTr").iterdir():  # make sure class 3 occurs, unknown to a two-class model
+        PILImage.fromarray(np.full((32, 32), 3, np.uint8)).save(mask)
+    with pytest.raises(MedsegError, match="unknown to this model"):
+        evaluate_run(trained_2d, data=data, out=tmp_path / "ev", progress=False)
+    assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".ev-*"))

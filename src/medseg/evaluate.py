@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +41,24 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
     else:
         cases = find_cases(data).cases
         source = str(data)
+    if not cases:
+        raise MedsegError(f"{cfg.data}: none of the run's validation cases were found; pass --data")
     out = Path(out) if out else trained.run / "evaluation"
-    out.mkdir(parents=True, exist_ok=True)
-    names = trained.class_names
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    staging.chmod(0o755)
+    try:
+        summary = _evaluate_cases(trained, cases, source, staging, figures, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)  # a failed evaluation leaves no half-written folder behind
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progress: bool) -> dict:
+    cfg, names = trained.config, trained.class_names
     rows, shown = [], []
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
         loaded = load_case(case, cfg.color, cfg.binary_masks)
