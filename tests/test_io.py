@@ -22,6 +22,7 @@ def test_nifti_round_trip_keeps_affine_and_shape(tmp_path):
     image = read_image(tmp_path / "scan.nii.gz")
     assert image.array.shape == (1, 7, 9, 5)
     assert image.spacing == pytest.approx((0.8, 1.2, 2.5))
+    assert image.orientation == "RAS" and image.path.name == "scan.nii.gz"
     mask = (image.array[0] > 0).astype(np.uint8) * 2
     out = write_mask(mask, image, mask_path_for(image.path, tmp_path / "out"))
     assert out.name == "scan.nii.gz"

@@ -111,3 +111,18 @@ def test_resize_mode_trains_at_size_and_predicts_at_native(trained_2d):
     probs = predict_probabilities(trained, np.random.rand(1, 45, 30).astype(np.float32))
     assert probs.shape == (3, 45, 30)
     np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+
+
+def test_pad_mode_predicts_small_slices_as_trained(trained_3d):
+    """Slices smaller than the training size are zero-padded like training batches, then cropped back."""
+    from medseg.infer import predict_probabilities
+    from medseg.transforms import pad_or_crop
+
+    trained = load_run(trained_3d)
+    image = np.random.default_rng(0).random((1, 20, 20, 3)).astype(np.float32)
+    probs = predict_probabilities(trained, image)
+    assert probs.shape == (3, 20, 20, 3)
+    padded, _ = pad_or_crop(torch.from_numpy(image[..., 0])[None], None, (32, 32))
+    with torch.no_grad():
+        direct = trained.model(padded).softmax(1)[0, :, 6:26, 6:26].numpy()
+    np.testing.assert_allclose(probs[..., 0], direct, atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 from medseg.checkpoint import TrainedModel
 from medseg.errors import MedsegError
 from medseg.io import Image
-from medseg.transforms import normalize_percentile, resize_image, to_slices
+from medseg.transforms import normalize_percentile, pad_or_crop, resize_image, to_slices
 
 
 @torch.no_grad()
@@ -15,7 +15,7 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     """Class probabilities (K, *spatial) float32 for a normalised image (C, *spatial).
 
     fit="resize": each slice is resized to the training size and probabilities resized back (bilinear);
-    fit="pad": the network runs on slices at their native size.
+    fit="pad": the network runs on slices at their native size (zero-padded up to the training size).
     """
     cfg, model = trained.config, trained.model
     slices = to_slices(array, cfg.axis)
@@ -24,13 +24,22 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     for start in range(0, len(slices), batch_size):
         batch = torch.from_numpy(np.stack(slices[start:start + batch_size])).to(trained.device)
         if cfg.fit == "resize":
-            batch = resize_image(batch, (cfg.size, cfg.size))
-        probs = model(batch).softmax(1)
-        out.append(resize_image(probs, native).cpu().numpy())
+            probs = resize_image(model(resize_image(batch, (cfg.size, cfg.size))).softmax(1), native)
+        else:
+            probs = _at_least_training_size(model, batch, cfg.size)
+        out.append(probs.cpu().numpy())
     probs = np.concatenate(out, 0)  # (S, K, H, W)
     if array.ndim == 3:
         return probs[0]
     return np.moveaxis(probs, 0, 1 + cfg.axis % 3)
+
+
+def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
+    h, w = batch.shape[-2:]
+    padded, _ = pad_or_crop(batch, None, (max(h, size), max(w, size)))
+    top, left = (padded.shape[-2] - h) // 2, (padded.shape[-1] - w) // 2
+    return model(padded).softmax(1)[..., top:top + h, left:left + w]
 
 
 def predict_labels(trained: TrainedModel, array: np.ndarray) -> np.ndarray:

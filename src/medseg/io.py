@@ -46,6 +46,15 @@ class Image:
         return tuple(self.array.shape[1:])
 
     @property
+    def orientation(self) -> str:
+        """Anatomical axis codes of a volume, e.g. 'RAS' (where each voxel axis points); '' for 2D images."""
+        if self.affine is None:
+            return ""
+        import nibabel as nib
+
+        return "".join(nib.aff2axcodes(self.affine))
+
+    @property
     def ndim(self) -> int:
         """Number of spatial dimensions (2 or 3)."""
         return self.array.ndim - 1
