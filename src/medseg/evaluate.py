@@ -63,13 +63,16 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
         loaded = load_case(case, cfg.color, cfg.binary_masks)
         if int(loaded.label.max()) >= len(names):
-            raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model ({len(names)} classes)")
+            raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
+                              f"({len(names)} classes); evaluate on data labelled like the training data")
         pred = predict_labels(trained, loaded.image.array)
         per_class = case_metrics(pred, loaded.label, len(names))
         for k, metrics in per_class.items():
             rows.append({"case": case.case_id, "class": names[k], **metrics})
         if len(shown) < figures:
-            shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", per_class))
+            dice = ", ".join(f"{names[k]} {m['dice']:.3f}" for k, m in per_class.items())
+            title = f"case {case.case_id}: Dice {dice}"
+            shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", title))
     summary = summarise(rows, names[1:], source, trained.run)
     _write_outputs(out, rows, summary)
     return summary
@@ -94,14 +97,14 @@ def _stats(values: np.ndarray) -> dict:
     return {"mean": mean, "std": std, "n": int(defined.size), "undefined": int(values.size - defined.size)}
 
 
-def _draw(loaded, pred: np.ndarray, axis: int, path: Path, per_class: dict) -> Path:
+def _draw(loaded, pred: np.ndarray, axis: int, path: Path, title: str) -> Path:
+    """The case panel; for a volume, the slice with the most ground-truth foreground."""
     image, truth = loaded.image.array, loaded.label
     if truth.ndim == 3:
         index = most_informative_slice(truth, axis)
         image = np.take(image, index, axis=1 + axis % 3)
         truth, pred = np.take(truth, index, axis=axis % 3), np.take(pred, index, axis=axis % 3)
-    dice = ", ".join(f"{m['dice']:.3f}" for m in per_class.values())
-    return plot_case(image, truth, pred, path, title=f"{loaded.case_id}  Dice {dice}")
+    return plot_case(image, truth, pred, path, title=title)
 
 
 def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:

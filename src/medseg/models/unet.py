@@ -23,10 +23,10 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, dropout: float = 0.0):
         conv, norm, _, _, drop = _layers(spatial_dims)
-        layers = [conv(in_channels, out_channels, 3, padding=1, bias=False), norm(out_channels), nn.ReLU(inplace=True)]
-        if dropout > 0:
-            layers.append(drop(dropout))
-        layers += [conv(out_channels, out_channels, 3, padding=1, bias=False), norm(out_channels), nn.ReLU(inplace=True)]
+        def conv_norm_relu(channels_in: int) -> list[nn.Module]:
+            return [conv(channels_in, out_channels, 3, padding=1, bias=False), norm(out_channels), nn.ReLU(inplace=True)]
+
+        layers = conv_norm_relu(in_channels) + ([drop(dropout)] if dropout > 0 else []) + conv_norm_relu(out_channels)
         super().__init__(*layers)
 
 
