@@ -55,10 +55,9 @@ def plot_case(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, pat
         panels.append(("ground truth", truth))
     panels += [("prediction", pred), ("overlay", overlay(image, pred))]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5))
-    vmax = max(1, int(pred.max()), int(truth.max()) if truth is not None else 0)
     for ax, (name, data) in zip(axes, panels):
-        if name in ("ground truth", "prediction"):
-            ax.imshow(data, cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        if name in ("ground truth", "prediction"):  # the overlay's colours, on black
+            ax.imshow(PALETTE[np.asarray(data) % len(PALETTE)], interpolation="nearest")
         else:
             ax.imshow(data, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name)
