@@ -48,7 +48,8 @@ def test_seeded_runs_repeat(phantoms_2d, tmp_path):
 
 
 def test_time_budget_ends_training_cleanly(phantoms_2d, tmp_path):
-    run = train(tiny_config(phantoms_2d, tmp_path / "run", epochs=1000, steps_per_epoch=20, time_budget=0.1))
+    run = train(tiny_config(phantoms_2d, tmp_path / "run", epochs=1000, steps_per_epoch=20, time_budget=0.1,
+                            patience=0))
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["stopped"] == "time budget"
     assert summary["seconds"] < 0.1 * 60 + 5 and summary["epochs_run"] < 1000
