@@ -42,3 +42,21 @@ def test_wrong_channel_count(trained_2d, tmp_path):
     PILImage.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(MedsegError, match="3 channels, the model expects 1"):
         predict_files(trained_2d, [tmp_path / "rgb.png"], tmp_path / "out", progress=False)
+
+
+def test_dicom_series_in_nifti_out(trained_3d, tmp_path):
+    """A DICOM series folder is one input; its mask is a NIfTI with the series' geometry."""
+    from conftest import shared_dataset
+    from medseg.io import read_image
+
+    series = shared_dataset("dicom_mr_study", "11_HCropVolume")
+    (mask_path,) = predict_files(trained_3d, [series], tmp_path / "out", overlays=True, progress=False)
+    image = read_image(series)
+    mask = nib.load(mask_path)
+    assert mask_path.name == "11_HCropVolume.nii.gz" and mask.shape == image.spatial_shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+    assert (tmp_path / "out" / "overlays" / "11_HCropVolume.png").exists()
+    study = series.parent  # a study folder: one input per series folder
+    from medseg.predict import collect_inputs
+
+    assert len(collect_inputs([study])) == 5

@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", help="files or folders")
     predict.add_argument("--out", required=True)
     predict.add_argument("--overlay", action="store_true", help="also write overlay PNGs to OUT/overlays")
+    predict.add_argument("--series", help="DICOM series UID or description, where a folder holds several")
     predict.add_argument("--device", default="auto")
 
     for p in (demo, train, evaluate, predict):
@@ -141,7 +142,8 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "predict":
         from medseg.predict import predict_files
 
-        written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet)
+        written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet,
+                                args.series)
         print(f"{len(written)} masks written to {args.out}")
 
 

@@ -3,6 +3,9 @@
 Array convention: `Image.array` is channels-first, `(C, *spatial)`. 2D files give `(C, H, W)` (rows, columns);
 NIfTI gives `(C, X, Y, Z)` in the file's voxel order, with the affine that maps voxels to world millimetres.
 
+A folder of DICOM files is read as one series (see `medseg.dicom`); NRRD and MetaImage (.mha/.mhd) go through
+SimpleITK. Both get a RAS affine like NIfTI, so geometry means the same thing whatever the source.
+
 Colour policy: RGB is kept as three channels (vessels in fundus photographs live in the green channel);
 RGBA drops the alpha channel (it is opacity, not signal); palette images (GIF) are expanded to grey when the
 palette is grey and to RGB otherwise. `color="gray"` converts to luminance (ITU-R 601) instead.
@@ -10,6 +13,7 @@ palette is grey and to RGB otherwise. `color="gray"` converts to luminance (ITU-
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +23,9 @@ import numpy as np
 from medseg.errors import MedsegError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
-SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + RASTER_SUFFIXES + (".npy",)
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + RASTER_SUFFIXES + (".npy",)
 # Lossy or palette-only formats cannot hold label values exactly: masks for them are written as PNG.
 LOSSLESS_MASK_FORMAT = {".jpg": ".png", ".jpeg": ".png", ".gif": ".png"}
 
@@ -78,11 +83,27 @@ def is_supported(path: str | Path) -> bool:
     return suffix_of(path) in SUPPORTED_SUFFIXES and not Path(path).name.startswith(".")
 
 
-def read_image(path: str | Path, color: str = "keep") -> Image:
-    """Read any supported file. color: 'keep' (RGB stays 3 channels) or 'gray' (convert to luminance)."""
+def is_dicom_folder(path: Path) -> bool:
+    from medseg.dicom import dicom_files
+
+    return path.is_dir() and bool(dicom_files(path))
+
+
+def read_image(path: str | Path, color: str = "keep", series: str | None = None) -> Image:
+    """Read a file or a DICOM series folder.
+
+    color: 'keep' (RGB stays 3 channels) or 'gray' (convert to luminance); series: UID or description of the
+    DICOM series to read when a folder holds several.
+    """
     path = Path(path)
     if not path.exists():
         raise MedsegError(f"{path}: file not found; check the path")
+    if path.is_dir():
+        if not is_dicom_folder(path):
+            raise MedsegError(f"{path}: a folder is read only as a DICOM series, and this one holds no DICOM files")
+        from medseg.dicom import read_dicom_series
+
+        return read_dicom_series(path, series)
     if not is_supported(path):
         raise MedsegError(
             f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
@@ -91,6 +112,8 @@ def read_image(path: str | Path, color: str = "keep") -> Image:
         suffix = suffix_of(path)
         if suffix in NIFTI_SUFFIXES:
             image = _read_nifti(path)
+        elif suffix in ITK_SUFFIXES:
+            image = _read_itk(path)
         elif suffix == ".npy":
             image = _read_npy(path)
         else:
@@ -122,6 +145,33 @@ def _read_nifti(path: Path) -> Image:
     spacing = tuple(float(z) for z in nii.header.get_zooms()[:3])
     return Image(array, spacing, np.asarray(nii.affine, dtype=np.float64), path,
                  {"format": "nifti", "header": nii.header.copy(), "shape": data.shape})
+
+
+def _read_itk(path: Path) -> Image:
+    """NRRD / MetaImage via SimpleITK: volumes become (C, X, Y, Z) with a RAS affine (ITK works in LPS)."""
+    import SimpleITK as sitk
+
+    itk = sitk.ReadImage(str(path))
+    data = sitk.GetArrayFromImage(itk)
+    dims, channels = itk.GetDimension(), itk.GetNumberOfComponentsPerPixel()
+    if channels > 1:
+        data = np.moveaxis(data, -1, 0)
+    else:
+        data = data[None]
+    if dims == 3:  # (C, Z, Y, X) -> (C, X, Y, Z) like NIfTI; 2D stays (C, rows, columns) like PNG
+        data = np.moveaxis(data, (1, 2, 3), (3, 2, 1))
+    array = np.ascontiguousarray(data)
+    geometry = {"origin": itk.GetOrigin(), "spacing": itk.GetSpacing(), "direction": itk.GetDirection()}
+    affine = None
+    if dims == 3:
+        from medseg.dicom import LPS_TO_RAS
+
+        lps = np.eye(4)
+        lps[:3, :3] = np.array(itk.GetDirection()).reshape(3, 3) * np.array(itk.GetSpacing())
+        lps[:3, 3] = itk.GetOrigin()
+        affine = LPS_TO_RAS @ lps
+    return Image(array, tuple(float(v) for v in itk.GetSpacing()), affine, path,
+                 {"format": "itk", "itk_geometry": geometry})
 
 
 def _read_npy(path: Path) -> Image:
@@ -163,7 +213,12 @@ def _read_raster(path: Path) -> Image:
 
 
 def mask_path_for(image_path: str | Path, out_dir: str | Path) -> Path:
-    """Where the mask for an input file goes: same base name, same format (PNG where the input was lossy)."""
+    """Where the mask for an input goes: same base name, same format (PNG where the input was lossy).
+
+    A DICOM series folder gets `<folder name>.nii.gz`: a NIfTI mask with the series' geometry.
+    """
+    if Path(image_path).is_dir():
+        return Path(out_dir) / f"{Path(image_path).name}.nii.gz"
     suffix = suffix_of(image_path)
     return Path(out_dir) / f"{stem_of(image_path)}{LOSSLESS_MASK_FORMAT.get(suffix, suffix)}"
 
@@ -171,8 +226,8 @@ def mask_path_for(image_path: str | Path, out_dir: str | Path) -> Path:
 def write_mask(mask: np.ndarray, reference: Image, path: str | Path) -> Path:
     """Write a label mask (spatial shape of `reference`) with the reference's geometry, atomically.
 
-    NIfTI keeps the affine and header of the reference (data type set to an integer type); raster formats keep the
-    pixel size; .npy keeps the array layout. Values are class indices (0 = background).
+    NIfTI keeps the affine and header of the reference (data type set to an integer type); NRRD/MetaImage keep
+    origin, spacing and direction; raster formats keep the pixel size; .npy keeps the array layout. Values are class indices (0 = background).
     """
     path = Path(path)
     if tuple(mask.shape) != reference.spatial_shape:
@@ -181,10 +236,17 @@ def write_mask(mask: np.ndarray, reference: Image, path: str | Path) -> Path:
     mask = mask.astype(dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix_of(path)
+    if suffix in (".mhd", ".nhdr"):
+        _write_itk_pair(mask, reference, path)
+        return path
     tmp = Path(tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)[1])
     try:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(mask, reference, tmp)
+        elif suffix in ITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            sitk.WriteImage(_itk_mask(mask, reference), str(tmp), useCompression=True)
         elif suffix == ".npy":
             _write_npy(mask, reference, tmp)
         else:
@@ -207,6 +269,33 @@ def _write_nifti(mask: np.ndarray, reference: Image, path: Path) -> None:
     nii.set_data_dtype(mask.dtype)
     nii.header.set_slope_inter(1, 0)  # labels must not be rescaled by a scl_slope copied from the image
     nib.save(nii, str(path))
+
+
+def _itk_mask(mask: np.ndarray, reference: Image):
+    """A SimpleITK image of `mask` with the reference's origin, spacing and direction."""
+    import SimpleITK as sitk
+
+    itk = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask) if mask.ndim == 3 else mask))
+    geometry = reference.meta.get("itk_geometry")
+    if geometry:
+        itk.SetOrigin(geometry["origin"])
+        itk.SetSpacing(geometry["spacing"])
+        itk.SetDirection(geometry["direction"])
+    return itk
+
+
+def _write_itk_pair(mask: np.ndarray, reference: Image, path: Path) -> None:
+    """.mhd/.nhdr headers name a separate data file: write both in a staging folder, move the data, then the
+    header last, so a complete header never points at missing data."""
+    import SimpleITK as sitk
+
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    try:
+        sitk.WriteImage(_itk_mask(mask, reference), str(staging / path.name), useCompression=True)
+        for produced in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
+            os.replace(produced, path.parent / produced.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_npy(mask: np.ndarray, reference: Image, path: Path) -> None:

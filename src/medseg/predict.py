@@ -8,19 +8,22 @@ from tqdm import tqdm
 from medseg.checkpoint import load_run
 from medseg.errors import MedsegError
 from medseg.infer import predict_image
-from medseg.io import is_supported, mask_path_for, read_image, stem_of, write_mask
+from medseg.io import is_dicom_folder, is_supported, mask_path_for, read_image, stem_of, write_mask
 from medseg.report import save_overlay_png
 from medseg.transforms import normalize_percentile
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Expand folders to their supported files (sorted); every input must exist before anything is written."""
+    """Expand folders to their supported files and DICOM series (sorted); every input must exist before anything
+    is written. A folder of DICOM files is one input (a series); a folder of series folders gives one each."""
     files: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and is_supported(p))
+        if is_dicom_folder(item):
+            files.append(item)
+        elif item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and is_supported(p) or is_dicom_folder(p))
             if not found:
-                raise MedsegError(f"{item}: folder holds no supported images")
+                raise MedsegError(f"{item}: folder holds no supported images or DICOM series")
             files += found
         elif item.is_file():
             if not is_supported(item):
@@ -32,8 +35,11 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, overlays: bool = False,
-                  device: str = "auto", progress: bool = True) -> list[Path]:
-    """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths."""
+                  device: str = "auto", progress: bool = True, series: str | None = None) -> list[Path]:
+    """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
+
+    series: which DICOM series to read where a folder holds several (UID or description).
+    """
     trained = load_run(run, device=device)
     files = collect_inputs(inputs)
     targets: dict[Path, Path] = {}
@@ -44,7 +50,7 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
         targets[path] = target
     written = []
     for path in tqdm(files, desc="predicting", disable=not progress, leave=False):
-        image = read_image(path, color=trained.config.color)
+        image = read_image(path, color=trained.config.color, series=series)
         labels = predict_image(trained, image)
         written.append(write_mask(labels, image, targets[path]))
         if overlays:
