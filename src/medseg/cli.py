@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     _add_train_options(train)
 
+    download = sub.add_parser("download", help="fetch a Medical Segmentation Decathlon task (resumable, verified)")
+    download.add_argument("task", help="e.g. Task04_Hippocampus, Task04, 4 or hippocampus")
+    download.add_argument("--out", default="data", help="folder to unpack into (default: data)")
+    download.add_argument("--url", help="base URL of a mirror holding TASK.tar")
+
     evaluate = sub.add_parser("evaluate", help="metrics per case and class, summary and figures")
     evaluate.add_argument("run")
     evaluate.add_argument("--data", help="labelled dataset to evaluate on (default: the run's validation cases)")
@@ -110,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--series", help="DICOM series UID or description, where a folder holds several")
     predict.add_argument("--device", default="auto")
 
-    for p in (demo, train, evaluate, predict):
+    for p in (demo, train, evaluate, predict, download):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -133,6 +138,10 @@ def run_command(args: argparse.Namespace) -> None:
         summary = json.loads((run / "train_summary.json").read_text())
         print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
               f"({summary['stopped']}); run: {run}")
+    elif args.command == "download":
+        from medseg.download import MSD_URL, download_task
+
+        print(download_task(args.task, args.out, args.url or MSD_URL, progress=not args.quiet))
     elif args.command == "evaluate":
         from medseg.evaluate import evaluate_run
 
