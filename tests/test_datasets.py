@@ -134,3 +134,27 @@ def test_drive_through_a_manifest(tmp_path):
 
     case = load_case(dataset.cases[0])
     assert case.image.array.shape == (3, 584, 565) and set(np.unique(case.label)) == {0, 1}
+
+
+def test_brats_case_folders_stack_modalities_in_fixed_order(tmp_path):
+    for case in ("c1", "c2"):
+        for part in ("t1ce", "flair", "seg", "brainmask"):
+            (tmp_path / case).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+                     tmp_path / case / f"{case}_{part}.nii.gz")
+    dataset = find_cases(tmp_path)
+    assert dataset.layout == "brats" and dataset.modalities == ["flair", "t1ce"]
+    assert [p.name for p in dataset.cases[1].images] == ["c2_flair.nii.gz", "c2_t1ce.nii.gz"]
+    assert dataset.class_names[4] == "enhancing"
+    (tmp_path / "c2" / "c2_t1ce.nii.gz").unlink()
+    with pytest.raises(MedsegError, match="c2: modalities flair differ.*t1ce missing"):
+        find_cases(tmp_path)
+
+
+def test_shared_brats_reads_in_place():
+    from medseg.data import load_case
+
+    dataset = find_cases(shared_dataset("brats2015"))
+    assert len(dataset.cases) == 6 and dataset.modalities == ["flair", "t1ce"]
+    case = load_case(dataset.cases[0])
+    assert case.image.array.shape == (2, 240, 240, 155) and case.label.max() <= 4

@@ -127,3 +127,4 @@ def test_pad_mode_predicts_small_slices_as_trained(trained_3d):
     with torch.no_grad():
         direct = trained.model(padded).softmax(1)[0, :, 6:26, 6:26].numpy()
     np.testing.assert_allclose(probs[..., 0], direct, atol=1e-5)
+

@@ -44,6 +44,9 @@ def load_case(case: Case, color: str = "keep", binary_masks: bool = False) -> Lo
     if mask.spatial_shape != image.spatial_shape:
         raise MedsegError(f"{case.mask}: mask shape {mask.spatial_shape} differs from image {case.images[0]} "
                           f"{image.spatial_shape}; image and mask must have the same size")
+    if image.affine is not None and mask.affine is not None and not np.allclose(image.affine, mask.affine, atol=1e-3):
+        raise MedsegError(f"{case.mask}: spacing, orientation or origin differ from the image {case.images[0]} "
+                          "(affines differ); resample the mask onto the image grid")
     label = labels_to_classes(mask.array, case.mask, binary_masks)
     image.array = normalize_percentile(image.array)
     return LoadedCase(case.case_id, image, label)
@@ -52,6 +55,11 @@ def load_case(case: Case, color: str = "keep", binary_masks: bool = False) -> Lo
 def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list[LoadedCase]:
     loaded = [load_case(c, cfg.color, cfg.binary_masks)
               for c in tqdm(cases, desc=f"reading {what}", disable=not cfg.progress, leave=False)]
+    odd = next((c for c in loaded if c.image.ndim != loaded[0].image.ndim), None)
+    if odd:
+        kinds = {2: "a 2D image", 3: "a 3D volume"}
+        raise MedsegError(f"{odd.image.path}: {kinds[odd.image.ndim]} among {kinds[loaded[0].image.ndim][2:]}s "
+                          f"(first: {loaded[0].image.path}); keep 2D and 3D data in separate datasets")
     channels = {c.image.array.shape[0] for c in loaded}
     if len(channels) > 1:
         odd = next(c for c in loaded if c.image.array.shape[0] != loaded[0].image.array.shape[0])

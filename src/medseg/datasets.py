@@ -4,7 +4,9 @@ Layouts, tried in this order:
   (a) MSD / nnU-Net: `dataset.json` and/or `imagesTr/` + `labelsTr/` (MSD names, or nnU-Net's `_0000` channels);
   (b) paired folders: an image folder (image/images/img/...) and a mask folder (label/labels/mask/masks/gt/...)
       directly in DATA or one level below it (e.g. `train/image`, `train/label`), matched by file name;
-  (c) a CSV manifest with columns `image`, `mask` (or `label`) and an optional `case_id`.
+  (c) a CSV manifest with columns `image`, `mask` (or `label`) and an optional `case_id`;
+  (d) BraTS: one folder per case holding `<case>_{flair,t1,t1ce,t2}.nii.gz` (any subset, the same in every case)
+      and `<case>_seg.nii.gz`; modalities are stacked as channels in that fixed order.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from medseg.io import is_supported, stem_of
 IMAGE_DIR_NAMES = ("images", "image", "img", "imgs", "imagesTr")
 MASK_DIR_NAMES = ("labels", "label", "masks", "mask", "gt", "groundtruth", "ground_truth", "labelsTr")
 MASK_SUFFIXES = ("", "_mask", "_label", "_labels", "_seg", "_gt", "_manual1")
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+BRATS_LABELS = ["background", "necrosis", "edema", "non-enhancing", "enhancing"]
 
 
 @dataclass
@@ -57,6 +61,8 @@ def find_cases(data: str | Path, images: str | None = None, masks: str | None = 
         dataset = _from_pairs(root, root / images, root / masks)
     elif (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
         dataset = _from_msd(root)
+    elif any(root.glob("*/*_seg.nii*")):
+        dataset = _from_brats(root)
     else:
         dataset = _from_detected_pairs(root)
     if not dataset.cases:
@@ -100,6 +106,22 @@ def _channel_files(folder: Path, stem: str) -> list[Path]:
     if exact:
         return exact[:1]
     return sorted(p for p in folder.glob(f"{stem}_[0-9][0-9][0-9][0-9].*") if is_supported(p))
+
+
+def _from_brats(root: Path) -> Dataset:
+    cases, expected = [], None
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and list(p.glob("*_seg.nii*"))):
+        files = {stem_of(p)[len(folder.name) + 1:].lower(): p for p in folder.iterdir()
+                 if is_supported(p) and stem_of(p).startswith(folder.name + "_")}
+        present = [m for m in BRATS_MODALITIES if m in files]
+        expected = expected or present
+        if present != expected:
+            missing = sorted(set(expected) - set(present)) or sorted(set(present) - set(expected))
+            raise MedsegError(f"{folder}: modalities {', '.join(present) or 'none'} differ from the other cases "
+                              f"({', '.join(expected)}; {', '.join(missing)} missing or extra); every case needs "
+                              "the same modalities, so add or remove files, or leave this case out")
+        cases.append(Case(folder.name, [files[m] for m in present], files["seg"]))
+    return Dataset(cases, list(BRATS_LABELS), "brats", root, list(expected or []))
 
 
 def _from_detected_pairs(root: Path) -> Dataset:

@@ -1,0 +1,29 @@
+"""Loading cases: geometry and consistency checks before anything is trained."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.config import TrainConfig
+from medseg.data import load_case, load_cases
+from medseg.datasets import Case
+from medseg.errors import MedsegError
+
+
+def test_mask_on_another_grid_is_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.diag([2.0, 2, 2, 1])), tmp_path / "seg.nii.gz")
+    with pytest.raises(MedsegError, match="seg.nii.gz: spacing, orientation or origin differ"):
+        load_case(Case("c", [tmp_path / "img.nii.gz"], tmp_path / "seg.nii.gz"))
+
+
+def test_mixing_2d_and_3d_is_refused(tmp_path):
+    from PIL import Image as PILImage
+
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "vol_seg.nii.gz")
+    PILImage.fromarray(np.ones((4, 4), np.uint8)).save(tmp_path / "img.png")
+    PILImage.fromarray(np.ones((4, 4), np.uint8)).save(tmp_path / "img_seg.png")
+    cases = [Case("v", [tmp_path / "vol.nii.gz"], tmp_path / "vol_seg.nii.gz"),
+             Case("i", [tmp_path / "img.png"], tmp_path / "img_seg.png")]
+    with pytest.raises(MedsegError, match="img.png: a 2D image among 3D volumes"):
+        load_cases(cases, TrainConfig(progress=False))
