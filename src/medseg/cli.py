@@ -17,12 +17,20 @@ TRAIN_OPTIONS = [
     ("--binary-masks", bool, "treat every non-zero mask value as foreground (instance masks)"),
     ("--color", str, "keep RGB channels (keep) or convert to luminance (gray)"),
     ("--class-names", "list", "comma-separated class names, background first"),
+    ("--dims", int, "2: train on slices (default); 3: train a 3D U-Net on patches of whole volumes"),
     ("--axis", int, "volumes are cut into 2D slices along this axis (default: last)"),
     ("--size", int, "slice size for training (default 128)"),
     ("--fit", str, f"how slices reach that size: {' or '.join(FITS)}"),
+    ("--patch", "intlist", "3D training patch, e.g. 40,56,40 (default: size^3)"),
+    ("--foreground-fraction", float, "3D: share of patches centred on foreground (default 0.33)"),
+    ("--overlap", float, "3D: sliding-window overlap at inference (default 0.5)"),
+    ("--mirror-tta", bool, "average predictions over mirrored inputs"),
     ("--base-channels", int, "width of the first level (seed: 64)"),
     ("--depth", int, "number of poolings (seed: 4)"),
     ("--dropout", float, "dropout in the bottleneck"),
+    ("--norm", str, "batch (seed) or instance (nnU-Net)"),
+    ("--activation", str, "relu (seed) or leaky_relu (nnU-Net)"),
+    ("--optimizer", str, "adam (seed) or sgd (Nesterov momentum 0.99)"),
     ("--loss", str, f"one of {', '.join(LOSSES)}"),
     ("--lr", float, "Adam learning rate (seed: 1e-4)"),
     ("--lr-schedule", str, f"one of {', '.join(SCHEDULES)}"),
@@ -48,7 +56,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(flag, dest=dest, type=str if kind == "list" else kind, default=None, help=text)
+            parser.add_argument(flag, dest=dest, type=str if kind in ("list", "intlist") else kind, default=None,
+                                help=text)
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -67,6 +76,11 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
             cfg.augment = False
         elif key == "class_names":
             cfg.class_names = [n.strip() for n in value.split(",")]
+        elif key == "patch":
+            try:
+                cfg.patch = [int(v) for v in value.split(",")]
+            except ValueError as exc:
+                raise MedsegError(f"--patch {value}: give whole numbers separated by commas, e.g. 40,56,40") from exc
         elif key in names and key not in ("data", "out"):
             setattr(cfg, key, value)
     cfg.progress = not args.quiet

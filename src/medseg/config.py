@@ -14,6 +14,7 @@ from medseg.errors import MedsegError
 LOSSES = ("dice_ce", "ce", "bce", "dice")
 FITS = ("resize", "pad")
 SCHEDULES = ("constant", "poly")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -27,16 +28,24 @@ class TrainConfig:
     color: str = "keep"  # keep RGB channels, or "gray"
     class_names: list[str] | None = None
     # preprocessing: the seed's 2D recipe
+    dims: int = 2  # 2: slices of volumes (or 2D images); 3: whole volumes, trained on patches
     axis: int = -1  # volumes are cut into 2D slices along this spatial axis
     size: int = 128
     fit: str = "resize"  # "resize" every slice to size x size, or "pad": pad/crop to size, predict at full size
+    patch: list[int] | None = None  # 3D training patch (voxels); default size^3
+    foreground_fraction: float = 0.33  # 3D: share of patches centred on a foreground voxel
+    overlap: float = 0.5  # 3D: sliding-window overlap at inference
+    mirror_tta: bool = False  # average predictions over mirrored inputs
     # network
     model: str = "unet"
     base_channels: int = 64
     depth: int = 4
     dropout: float = 0.0
+    norm: str = "batch"  # or "instance" (nnU-Net)
+    activation: str = "relu"  # or "leaky_relu" (nnU-Net)
     # optimisation
     loss: str = "dice_ce"
+    optimizer: str = "adam"  # or "sgd": Nesterov momentum 0.99, as nnU-Net
     lr: float = 1e-4
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
@@ -62,6 +71,14 @@ class TrainConfig:
             (self.fit in FITS, f"--fit {self.fit}: choose from {', '.join(FITS)}"),
             (self.lr_schedule in SCHEDULES, f"--lr-schedule {self.lr_schedule}: choose from {', '.join(SCHEDULES)}"),
             (self.color in ("keep", "gray"), f"--color {self.color}: choose keep or gray"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}"),
+            (self.norm in ("batch", "instance"), f"--norm {self.norm}: choose batch or instance"),
+            (self.activation in ("relu", "leaky_relu"), f"--activation {self.activation}: choose relu or leaky_relu"),
+            (self.dims in (2, 3), f"--dims {self.dims}: choose 2 (slices) or 3 (volumes)"),
+            (self.dims == 2 or all(p >= 2**self.depth for p in self.patch_size),
+             f"--patch {self.patch_size}: every side must be at least 2**depth = {2**self.depth}"),
+            (0 <= self.overlap < 1 and 0 <= self.foreground_fraction <= 1,
+             "--overlap must lie in [0, 1) and --foreground-fraction in [0, 1]"),
             (self.size >= 2**self.depth, f"--size {self.size} is smaller than 2**depth = {2**self.depth}"),
             (0 < self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must lie between 0 and 1"),
             (self.batch_size >= 1 and self.epochs >= 1, "--batch-size and --epochs must be at least 1"),
@@ -72,6 +89,13 @@ class TrainConfig:
             if not ok:
                 raise MedsegError(message)
         return self
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The spatial size of a training sample: (size, size) in 2D, the patch (default size^3) in 3D."""
+        if self.dims == 2:
+            return (self.size, self.size)
+        return tuple(self.patch) if self.patch else (self.size,) * 3
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -93,4 +117,5 @@ class TrainConfig:
 
     def model_args(self, in_channels: int, num_classes: int) -> dict:
         return {"in_channels": in_channels, "num_classes": num_classes, "base_channels": self.base_channels,
-                "depth": self.depth, "dropout": self.dropout, "spatial_dims": 2}
+                "depth": self.depth, "dropout": self.dropout, "spatial_dims": self.dims, "norm": self.norm,
+                "activation": self.activation}

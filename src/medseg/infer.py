@@ -1,5 +1,12 @@
-"""Run a trained 2D network over an image or volume, slice by slice, at the input's own resolution."""
+"""Run a trained network over an image or volume at the input's own resolution.
+
+2D models go slice by slice; 3D models slide a window of the training patch over the volume and blend the
+windows with Gaussian importance weights (centres count more than edges, where context is missing).
+"""
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 import torch
@@ -18,15 +25,19 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     fit="pad": the network runs on slices at their native size (zero-padded up to the training size).
     """
     cfg, model = trained.config, trained.model
+    if cfg.dims == 3:
+        volume = torch.from_numpy(np.ascontiguousarray(array))[None].to(trained.device)
+        return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=cfg.mirror_tta).cpu().numpy()
     slices = to_slices(array, cfg.axis)
     native = slices[0].shape[-2:]
     out = []
     for start in range(0, len(slices), batch_size):
         batch = torch.from_numpy(np.stack(slices[start:start + batch_size])).to(trained.device)
         if cfg.fit == "resize":
-            probs = resize_image(model(resize_image(batch, (cfg.size, cfg.size))).softmax(1), native)
+            probs = resize_image(forward_probabilities(model, resize_image(batch, (cfg.size, cfg.size)),
+                                                       cfg.mirror_tta), native)
         else:
-            probs = _at_least_training_size(model, batch, cfg.size)
+            probs = _at_least_training_size(model, batch, cfg.size, cfg.mirror_tta)
         out.append(probs.cpu().numpy())
     probs = np.concatenate(out, 0)  # (S, K, H, W)
     if array.ndim == 3:
@@ -34,12 +45,69 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     return np.moveaxis(probs, 0, 1 + cfg.axis % 3)
 
 
-def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int) -> torch.Tensor:
+def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+    """Softmax of the model for (B, C, *spatial); with `mirror`, averaged over every combination of flips."""
+    axes = list(range(2, batch.ndim))
+    combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if mirror else [()]
+    total = None
+    for flip in combos:
+        probs = model(batch.flip(flip) if flip else batch).softmax(1)
+        probs = probs.flip(flip) if flip else probs
+        total = probs if total is None else total + probs
+    return total / len(combos)
+
+
+def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: bool) -> torch.Tensor:
     """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
     h, w = batch.shape[-2:]
     padded, _ = pad_or_crop(batch, None, (max(h, size), max(w, size)))
     top, left = (padded.shape[-2] - h) // 2, (padded.shape[-1] - w) // 2
-    return model(padded).softmax(1)[..., top:top + h, left:left + w]
+    return forward_probabilities(model, padded, mirror)[..., top:top + h, left:left + w]
+
+
+def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
+    """Importance map over a patch: a Gaussian with sigma = patch / 8, peak 1, never exactly zero."""
+    weights = torch.ones(())
+    for size in patch:
+        x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+        weights = weights[..., None] * torch.exp(-(x**2) / (2 * (sigma_scale * size) ** 2))
+    weights = weights / weights.max()
+    return weights.clamp(min=weights[weights > 0].min())
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spaced window starts covering [0, size) with at least `overlap` between neighbours."""
+    if size <= patch:
+        return [0]
+    steps = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
+    return sorted({round(i * (size - patch) / (steps - 1)) for i in range(steps)})
+
+
+@torch.no_grad()
+def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[int, ...], overlap: float = 0.5,
+                   batch_size: int = 2, mirror: bool = False) -> torch.Tensor:
+    """Gaussian-weighted sliding-window probabilities (K, *spatial) for one input (1, C, *spatial).
+
+    Inputs smaller than the patch are zero-padded (as training patches are) and the result cropped back.
+    """
+    spatial = volume.shape[2:]
+    padded, _ = pad_or_crop(volume, None, tuple(max(n, p) for n, p in zip(spatial, patch)))
+    weights = gaussian_weights(patch).to(volume.device)
+    starts = [window_starts(n, p, overlap) for n, p in zip(padded.shape[2:], patch)]
+    total, norm = None, torch.zeros(padded.shape[2:], device=volume.device)
+    corners = list(itertools.product(*starts))
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first:first + batch_size]
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
+        probs = forward_probabilities(model, torch.cat([padded[(..., *w)] for w in windows]), mirror)
+        if total is None:
+            total = torch.zeros((probs.shape[1], *padded.shape[2:]), device=volume.device)
+        for window, p in zip(windows, probs):
+            total[(slice(None), *window)] += p * weights
+            norm[window] += weights
+    total = total / norm
+    crop = tuple(slice((n_pad - n) // 2, (n_pad - n) // 2 + n) for n, n_pad in zip(spatial, padded.shape[2:]))
+    return total[(slice(None), *crop)]
 
 
 def predict_labels(trained: TrainedModel, array: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Train a 2D U-Net on the slices of a dataset; a run is a folder holding everything needed to reproduce it.
+"""Train a U-Net on 2D slices or 3D patches of a dataset; a run is a folder holding everything to reproduce it.
 
 RUN/config.json   every setting (re-run with `medseg train --config RUN/config.json`)
 RUN/split.json    the case-level train/validation split
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from medseg.checkpoint import TrainedModel, resolve_device, save_checkpoint
 from medseg.config import TrainConfig
-from medseg.data import LoadedCase, SliceSampler, load_cases
+from medseg.data import LoadedCase, PatchSampler, SliceSampler, load_cases
 from medseg.datasets import Dataset, find_cases, split_cases
 from medseg.errors import MedsegError
 from medseg.infer import predict_probabilities
@@ -51,6 +51,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
     val_cases = load_cases([c for c in dataset.cases if c.case_id in val_ids], cfg, "validation cases")
     if train_cases[0].image.array.shape[0] != val_cases[0].image.array.shape[0]:
         raise MedsegError(f"{val_cases[0].image.path}: channel count differs from the training cases; use --color gray")
+    if cfg.dims == 3 and train_cases[0].image.ndim != 3:
+        raise MedsegError(f"{train_cases[0].image.path}: --dims 3 trains on volumes, and this dataset holds 2D images")
     largest = max(int(c.label.max()) for c in train_cases + val_cases)
     names = list(cfg.class_names or dataset.class_names)
     if largest == 0:
@@ -89,10 +91,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     model_args = cfg.model_args(in_channels, len(class_names))
     model = create_model(cfg.model, **model_args).to(device)
     trained = TrainedModel(model, cfg, class_names, in_channels, run, device)
-    sampler = SliceSampler(train_cases, cfg, generator)
+    sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
     loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started)
     summary = loop.run(model_args)
-    summary.update(parameters=sum(p.numel() for p in model.parameters()), train_slices=len(sampler),
+    summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
                    device=str(device), seconds=round(time.monotonic() - started, 1))
     (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
     from medseg.report import plot_curves
@@ -107,7 +109,12 @@ class _Loop:
     def __init__(self, cfg, trained, loss_fn, sampler, val_cases, started):
         self.cfg, self.trained, self.loss_fn, self.sampler = cfg, trained, loss_fn, sampler
         self.val_cases, self.started = val_cases, started
-        self.optimizer = torch.optim.Adam(trained.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = trained.model.parameters()
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True,
+                                             weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
         self.budget = cfg.time_budget * 60 if cfg.time_budget else None
         self.history: list[dict] = []

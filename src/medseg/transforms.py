@@ -1,6 +1,7 @@
 """Intensity normalisation, slicing, resizing/padding and batch augmentation.
 
 Shapes: images are `(C, H, W)` per slice or `(B, C, H, W)` per batch, float32; labels `(H, W)` / `(B, H, W)` int64.
+Padding and augmentation also take volumes: `(B, C, X, Y, Z)` and `(B, X, Y, Z)`.
 """
 from __future__ import annotations
 
@@ -50,54 +51,66 @@ def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(label[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
 
 
-def pad_or_crop(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int],
-                generator: torch.Generator | None = None):
-    """Pad (zeros; label 0) or crop (B, C, H, W) to `size`; random crop offsets when a generator is given."""
-    _, _, h, w = image.shape
-    out_h, out_w = size
-    pad_h, pad_w = max(0, out_h - h), max(0, out_w - w)
-    if pad_h or pad_w:
-        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+def pad_or_crop(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, ...],
+                generator: torch.Generator | None = None, centre: tuple[int, ...] | None = None):
+    """Pad (zeros; label 0) or crop (B, C, *spatial) to `size`, 2D or 3D.
+
+    The window is centred by default, random when a generator is given, or around `centre` (a voxel index of the
+    unpadded input, e.g. a foreground voxel), clipped so that it stays inside the padded input.
+    """
+    spatial = image.shape[2:]
+    extra = [max(0, s - n) for s, n in zip(size, spatial)]
+    if any(extra):
+        pads = []
+        for e in reversed(extra):
+            pads += [e // 2, e - e // 2]
         image = F.pad(image, pads)
         label = F.pad(label, pads) if label is not None else None
-        h, w = image.shape[-2:]
-    top, left = (h - out_h) // 2, (w - out_w) // 2
-    if generator is not None:
-        top = int(torch.randint(0, h - out_h + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - out_w + 1, (1,), generator=generator))
-    image = image[..., top:top + out_h, left:left + out_w]
-    label = label[..., top:top + out_h, left:left + out_w] if label is not None else None
+    starts = []
+    for axis, (n, s) in enumerate(zip(image.shape[2:], size)):
+        if centre is not None:
+            start = min(max(centre[axis] + extra[axis] // 2 - s // 2, 0), n - s)
+        elif generator is not None:
+            start = int(torch.randint(0, n - s + 1, (1,), generator=generator))
+        else:
+            start = (n - s) // 2
+        starts.append(slice(start, start + s))
+    image = image[(..., *starts)]
+    label = label[(..., *starts)] if label is not None else None
     return image, label
 
 
 def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
             affine_p: float = 0.3, max_rotation_deg: float = 15.0, max_scale: float = 0.15,
             intensity_p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips, 90-degree rotations (square images), small affine and intensity jitter, per sample.
+    """Random flips along every axis, 90-degree rotations in the last plane when it is square, a small affine
+    (2D only) and intensity jitter, per sample. The same spatial transform is applied to image and label.
 
-    image: (B, C, H, W) in roughly [0, 1]; label: (B, H, W). The same spatial transform is applied to both.
+    image: (B, C, *spatial) in roughly [0, 1]; label: (B, *spatial); 2D or 3D.
     """
     def rand(*shape):
         return torch.rand(shape, generator=generator)
 
     image, label = image.clone(), label.clone()
-    b, _, h, w = image.shape
+    b, spatial = image.shape[0], image.ndim - 2
+    square = image.shape[-1] == image.shape[-2]
     for i in range(b):
-        if rand(1) < 0.5:
-            image[i], label[i] = image[i].flip(-1), label[i].flip(-1)
-        if rand(1) < 0.5:
-            image[i], label[i] = image[i].flip(-2), label[i].flip(-2)
-        if h == w:
+        for axis in range(-spatial, 0):
+            if rand(1) < 0.5:
+                image[i], label[i] = image[i].flip(axis), label[i].flip(axis)
+        if square:
             k = int(rand(1) * 4) % 4
             image[i], label[i] = image[i].rot90(k, (-2, -1)), label[i].rot90(k, (-2, -1))
-    image, label = _random_affine(image, label, rand, affine_p, max_rotation_deg, max_scale)
+    if spatial == 2:
+        image, label = _random_affine(image, label, rand, affine_p, max_rotation_deg, max_scale)
     if intensity_p > 0:
+        shape = (b,) + (1,) * (image.ndim - 1)
         jitter = rand(b) < intensity_p
-        contrast = 1 + (rand(b, 1, 1, 1) - 0.5) * 0.4
-        brightness = (rand(b, 1, 1, 1) - 0.5) * 0.2
-        gamma = torch.exp((rand(b, 1, 1, 1) - 0.5) * 0.6)
+        contrast = 1 + (rand(*shape) - 0.5) * 0.4
+        brightness = (rand(*shape) - 0.5) * 0.2
+        gamma = torch.exp((rand(*shape) - 0.5) * 0.6)
         jittered = (image.clamp(min=0) ** gamma) * contrast + brightness
-        image = torch.where(jitter.view(b, 1, 1, 1), jittered, image)
+        image = torch.where(jitter.view(shape), jittered, image)
     return image, label
 
 

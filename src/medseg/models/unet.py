@@ -2,6 +2,7 @@
 
 Per level: two 3x3 conv + batch norm + ReLU; max-pool down; 2x2 transposed conv up; skip concatenation;
 1x1 head. Defaults are the seed's: 64-128-256-512 encoder, 1024 bottleneck (base_channels=64, depth=4).
+nnU-Net's choices are options: norm="instance" (robust to batch size 2) and activation="leaky_relu".
 """
 from __future__ import annotations
 
@@ -10,23 +11,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+NORMS = ("batch", "instance")
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True)}
+
+
 def _layers(spatial_dims: int):
     if spatial_dims == 2:
-        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d, nn.Dropout2d
+        return nn.Conv2d, nn.MaxPool2d, nn.ConvTranspose2d, nn.Dropout2d
     if spatial_dims == 3:
-        return nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d, nn.Dropout3d
+        return nn.Conv3d, nn.MaxPool3d, nn.ConvTranspose3d, nn.Dropout3d
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
 
 
+def _norm(kind: str, channels: int, spatial_dims: int) -> nn.Module:
+    if kind == "batch":
+        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
+    if kind == "instance":
+        return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
 class ConvBlock(nn.Sequential):
-    """Two (conv 3x3 -> batch norm -> ReLU), with optional dropout between them."""
+    """Two (conv 3x3 -> norm -> activation), with optional dropout between them."""
 
-    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, dropout: float = 0.0):
-        conv, norm, _, _, drop = _layers(spatial_dims)
-        def conv_norm_relu(channels_in: int) -> list[nn.Module]:
-            return [conv(channels_in, out_channels, 3, padding=1, bias=False), norm(out_channels), nn.ReLU(inplace=True)]
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, dropout: float = 0.0,
+                 norm: str = "batch", activation: str = "relu"):
+        conv, _, _, drop = _layers(spatial_dims)
 
-        layers = conv_norm_relu(in_channels) + ([drop(dropout)] if dropout > 0 else []) + conv_norm_relu(out_channels)
+        def conv_norm_act(channels_in: int) -> list[nn.Module]:
+            return [conv(channels_in, out_channels, 3, padding=1, bias=False),
+                    _norm(norm, out_channels, spatial_dims), ACTIVATIONS[activation]()]
+
+        layers = conv_norm_act(in_channels) + ([drop(dropout)] if dropout > 0 else []) + conv_norm_act(out_channels)
         super().__init__(*layers)
 
 
@@ -38,20 +54,21 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 64, depth: int = 4,
-                 dropout: float = 0.0, spatial_dims: int = 2):
+                 dropout: float = 0.0, spatial_dims: int = 2, norm: str = "batch", activation: str = "relu"):
         super().__init__()
-        _, _, pool, up, _ = _layers(spatial_dims)
+        _, pool, up, _ = _layers(spatial_dims)
+        block = {"spatial_dims": spatial_dims, "norm": norm, "activation": activation}
         self.depth, self.spatial_dims = depth, spatial_dims
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.encoder = nn.ModuleList()
         channels = in_channels
         for width in widths[:-1]:
-            self.encoder.append(ConvBlock(channels, width, spatial_dims))
+            self.encoder.append(ConvBlock(channels, width, **block))
             channels = width
         self.pool = pool(2)
-        self.bottleneck = ConvBlock(widths[-2], widths[-1], spatial_dims, dropout)
+        self.bottleneck = ConvBlock(widths[-2], widths[-1], dropout=dropout, **block)
         self.up = nn.ModuleList(up(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
-        self.decoder = nn.ModuleList(ConvBlock(2 * widths[i], widths[i], spatial_dims) for i in reversed(range(depth)))
+        self.decoder = nn.ModuleList(ConvBlock(2 * widths[i], widths[i], **block) for i in reversed(range(depth)))
         self.head = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(widths[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
