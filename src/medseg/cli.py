@@ -61,7 +61,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    if args.config and args.plan:
+        raise MedsegError("give --config or --plan, not both")
+    if args.plan:
+        from medseg.plan import config_from_plan
+
+        cfg = config_from_plan(args.plan, args.configuration)
+    else:
+        cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
     if args.data:
         cfg.data = args.data
     if args.out:
@@ -106,8 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data", nargs="?", help="dataset folder or CSV manifest")
     train.add_argument("--out", help="run folder to create")
     train.add_argument("--config", help="re-run from a saved RUN/config.json (flags override it)")
+    train.add_argument("--plan", help="train with a configuration of a plan.json from 'medseg plan'")
+    train.add_argument("--configuration", help="which configuration of the plan (default: the plan's default)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     _add_train_options(train)
+
+    plan = sub.add_parser("plan", help="fingerprint a dataset and write a readable training plan (JSON)")
+    plan.add_argument("data", help="dataset folder or CSV manifest")
+    plan.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")
+    plan.add_argument("--budget", type=float, default=15.0, help="training minutes the plan is sized for")
+    plan.add_argument("--device", default="auto", help="device to calibrate on (auto, cpu, cuda, mps)")
+    plan.add_argument("--no-calibrate", action="store_true", help="skip timing; use width 16")
 
     download = sub.add_parser("download", help="fetch a Medical Segmentation Decathlon task (resumable, verified)")
     download.add_argument("task", help="e.g. Task04_Hippocampus, Task04, 4 or hippocampus")
@@ -152,6 +168,14 @@ def run_command(args: argparse.Namespace) -> None:
         summary = json.loads((run / "train_summary.json").read_text())
         print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
               f"({summary['stopped']}); run: {run}")
+    elif args.command == "plan":
+        from medseg.checkpoint import resolve_device
+        from medseg.plan import make_plan
+
+        device = str(resolve_device(args.device))
+        result = make_plan(args.data, args.budget, device, calibrate=not args.no_calibrate)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"configurations {', '.join(result['configurations'])} (default {result['default']}); plan: {args.out}")
     elif args.command == "download":
         from medseg.download import MSD_URL, download_task
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.transforms import NORMALIZATIONS
 
 LOSSES = ("dice_ce", "ce", "bce", "dice")
 FITS = ("resize", "pad")
@@ -32,6 +33,8 @@ class TrainConfig:
     axis: int = -1  # volumes are cut into 2D slices along this spatial axis
     size: int = 128
     fit: str = "resize"  # "resize" every slice to size x size, or "pad": pad/crop to size, predict at full size
+    normalization: str = "percentile"  # or zscore, ct, unit: see medseg.transforms.normalize
+    intensity_stats: list[dict] | None = None  # per-channel foreground statistics, for "ct"
     patch: list[int] | None = None  # 3D training patch (voxels); default size^3
     foreground_fraction: float = 0.33  # 3D: share of patches centred on a foreground voxel
     overlap: float = 0.5  # 3D: sliding-window overlap at inference
@@ -75,6 +78,10 @@ class TrainConfig:
             (self.norm in ("batch", "instance"), f"--norm {self.norm}: choose batch or instance"),
             (self.activation in ("relu", "leaky_relu"), f"--activation {self.activation}: choose relu or leaky_relu"),
             (self.dims in (2, 3), f"--dims {self.dims}: choose 2 (slices) or 3 (volumes)"),
+            (self.normalization in NORMALIZATIONS, f"--normalization {self.normalization}: choose from "
+                                                    f"{', '.join(NORMALIZATIONS)}"),
+            (self.normalization != "ct" or bool(self.intensity_stats),
+             "ct normalisation needs dataset intensity statistics: make a plan with 'medseg plan DATA'"),
             (self.dims == 2 or all(p >= 2**self.depth for p in self.patch_size),
              f"--patch {self.patch_size}: every side must be at least 2**depth = {2**self.depth}"),
             (0 <= self.overlap < 1 and 0 <= self.foreground_fraction <= 1,

@@ -15,7 +15,7 @@ from medseg.config import TrainConfig
 from medseg.datasets import Case, labels_to_classes
 from medseg.errors import MedsegError
 from medseg.io import Image, read_image
-from medseg.transforms import augment, normalize_percentile, pad_or_crop, resize_image, resize_label, to_slices
+from medseg.transforms import augment, normalize, pad_or_crop, resize_image, resize_label, to_slices
 
 
 @dataclass
@@ -38,8 +38,10 @@ def read_case_image(paths: list, color: str) -> Image:
     return first
 
 
-def load_case(case: Case, color: str = "keep", binary_masks: bool = False) -> LoadedCase:
-    image = read_case_image(case.images, color)
+def load_case(case: Case, cfg: TrainConfig | None = None) -> LoadedCase:
+    """Read, check and normalise one case as `cfg` says (colour, mask rule, normalisation)."""
+    cfg = cfg or TrainConfig()
+    image = read_case_image(case.images, cfg.color)
     mask = read_image(case.mask)
     if mask.spatial_shape != image.spatial_shape:
         raise MedsegError(f"{case.mask}: mask shape {mask.spatial_shape} differs from image {case.images[0]} "
@@ -47,13 +49,13 @@ def load_case(case: Case, color: str = "keep", binary_masks: bool = False) -> Lo
     if image.affine is not None and mask.affine is not None and not np.allclose(image.affine, mask.affine, atol=1e-3):
         raise MedsegError(f"{case.mask}: spacing, orientation or origin differ from the image {case.images[0]} "
                           "(affines differ); resample the mask onto the image grid")
-    label = labels_to_classes(mask.array, case.mask, binary_masks)
-    image.array = normalize_percentile(image.array)
+    label = labels_to_classes(mask.array, case.mask, cfg.binary_masks)
+    image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
     return LoadedCase(case.case_id, image, label)
 
 
 def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list[LoadedCase]:
-    loaded = [load_case(c, cfg.color, cfg.binary_masks)
+    loaded = [load_case(c, cfg)
               for c in tqdm(cases, desc=f"reading {what}", disable=not cfg.progress, leave=False)]
     odd = next((c for c in loaded if c.image.ndim != loaded[0].image.ndim), None)
     if odd:

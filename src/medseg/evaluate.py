@@ -61,7 +61,7 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
     cfg, names = trained.config, trained.class_names
     rows, shown = [], []
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
-        loaded = load_case(case, cfg.color, cfg.binary_masks)
+        loaded = load_case(case, cfg)
         if int(loaded.label.max()) >= len(names):
             raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
                               f"({len(names)} classes); evaluate on data labelled like the training data")

@@ -14,7 +14,7 @@ import torch
 from medseg.checkpoint import TrainedModel
 from medseg.errors import MedsegError
 from medseg.io import Image
-from medseg.transforms import normalize_percentile, pad_or_crop, resize_image, to_slices
+from medseg.transforms import normalize, pad_or_crop, resize_image, to_slices
 
 
 @torch.no_grad()
@@ -121,5 +121,6 @@ def predict_image(trained: TrainedModel, image: Image) -> np.ndarray:
         hint = " (use a colour/grey image like the training data)" if trained.in_channels in (1, 3) else ""
         raise MedsegError(f"{image.path}: {image.array.shape[0]} channels, the model expects "
                           f"{trained.in_channels}{hint}")
-    return predict_labels(trained, normalize_percentile(image.array))
+    cfg = trained.config
+    return predict_labels(trained, normalize(image.array, cfg.normalization, cfg.intensity_stats))
 

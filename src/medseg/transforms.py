@@ -24,6 +24,37 @@ def normalize_percentile(array: np.ndarray, low: float = 0.5, high: float = 99.5
     return out
 
 
+NORMALIZATIONS = ("percentile", "zscore", "ct", "unit")
+
+
+def normalize(array: np.ndarray, scheme: str = "percentile", stats: list[dict] | None = None) -> np.ndarray:
+    """Intensity normalisation of (C, *spatial) per channel, by scheme:
+
+    percentile: clip to the image's own 0.5-99.5 percentiles, scale to [0, 1] (the seed's recipe);
+    zscore: subtract the image's mean, divide by its std (MRI and other uncalibrated modalities);
+    ct: clip to the dataset's foreground 0.5-99.5 percentiles, then z-score with the dataset's foreground mean
+        and std (`stats`, one dict per channel from the fingerprint): Hounsfield units mean the same in every scan;
+    unit: divide by 255 (8-bit photographs and micrographs).
+    """
+    if scheme == "percentile":
+        return normalize_percentile(array)
+    out = array.astype(np.float32)
+    if scheme == "unit":
+        return out / 255.0
+    for c in range(out.shape[0]):
+        if scheme == "ct":
+            if not stats:
+                raise ValueError("ct normalisation needs the dataset's foreground intensity statistics")
+            s = stats[c]
+            out[c] = (np.clip(out[c], s["p00_5"], s["p99_5"]) - s["mean"]) / max(s["std"], 1e-8)
+        elif scheme == "zscore":
+            std = out[c].std()
+            out[c] = (out[c] - out[c].mean()) / (std if std > 0 else 1.0)
+        else:
+            raise ValueError(f"unknown normalisation {scheme!r}; choose from {NORMALIZATIONS}")
+    return out
+
+
 def to_slices(array: np.ndarray, axis: int) -> list[np.ndarray]:
     """(C, *spatial) -> list of (C, H, W). A 2D image is one slice; a volume is cut along spatial `axis`."""
     if array.ndim == 3:

@@ -1,0 +1,174 @@
+"""Fingerprint a dataset and turn it into a readable plan: the settings training will use, with the reasons.
+
+`medseg plan DATA` writes plan.json: the fingerprint (shapes, spacings, foreground intensities, class frequencies,
+modality) and one or more configurations (`2d`, `3d`, and the seed's recipe `seed_2d`), each a complete set of
+training settings. `medseg train DATA --plan plan.json --configuration 3d` reads only that.
+
+Rules, after nnU-Net, sized for the device at hand:
+- dims: `3d` for volumes, `2d` always (volumes as slices along their coarsest axis).
+- patch: the median case shape rounded up to a multiple of 2**depth, capped by a voxel budget; depth: pool while
+  every side of the patch stays at least 4 voxels, at most 5 times.
+- normalisation: CT -> clip to the dataset's foreground 0.5-99.5 percentiles, z-score with its foreground mean/std;
+  8-bit 2D data -> divide by 255; MRI and everything else -> per-case z-score.
+- width and batch: calibrated by timing a few training steps on the device for candidate widths; the widest that
+  still sees `min_samples` training samples within the time budget wins.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.config import TrainConfig
+from medseg.data import read_case_image
+from medseg.datasets import Dataset, find_cases, labels_to_classes
+from medseg.io import read_image
+
+PATCH_VOXELS = {2: 256 * 256, 3: 96 * 96 * 96}  # caps that keep one CPU step around a second
+MIN_SAMPLES = {2: 20_000, 3: 2_000}  # samples a budget should cover for the chosen width
+WIDTHS = (8, 16, 32)
+
+
+def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0) -> dict:
+    """Shapes, spacings, dtype, per-channel foreground intensity statistics and class frequencies."""
+    rng = np.random.default_rng(seed)
+    shapes, spacings, dtypes, counts, foreground = [], [], set(), {}, None
+    for case in dataset.cases:
+        image = read_case_image(case.images, "keep")
+        label = labels_to_classes(read_image(case.mask).array, case.mask)
+        shapes.append(list(image.spatial_shape))
+        spacings.append(list(image.spacing))
+        dtypes.add(str(image.array.dtype))
+        for value, n in zip(*np.unique(label, return_counts=True)):
+            counts[int(value)] = counts.get(int(value), 0) + int(n)
+        voxels = image.array[:, label > 0]
+        if voxels.shape[1] > samples_per_case:
+            voxels = voxels[:, rng.choice(voxels.shape[1], samples_per_case, replace=False)]
+        foreground = voxels if foreground is None else np.concatenate([foreground, voxels], 1)
+    total = sum(counts.values())
+    return {
+        "cases": len(dataset.cases), "layout": dataset.layout, "dims": len(shapes[0]),
+        "channels": int(foreground.shape[0]) if foreground is not None else 1,
+        "modality": dataset.modalities, "dtypes": sorted(dtypes), "class_names": dataset.class_names,
+        "shape": {"median": np.median(shapes, 0).tolist(), "min": np.min(shapes, 0).tolist(),
+                  "max": np.max(shapes, 0).tolist()},
+        "spacing": {"median": np.median(spacings, 0).tolist(), "min": np.min(spacings, 0).tolist(),
+                    "max": np.max(spacings, 0).tolist()},
+        "class_frequency": {str(k): counts[k] / total for k in sorted(counts)},
+        "foreground_intensity": [_intensity_stats(channel) for channel in foreground] if foreground is not None
+        and foreground.shape[1] else [],
+    }
+
+
+def _intensity_stats(values: np.ndarray) -> dict:
+    values = values.astype(np.float64)
+    p00_5, median, p99_5 = np.percentile(values, [0.5, 50, 99.5])
+    return {"mean": float(values.mean()), "std": float(values.std()), "median": float(median),
+            "p00_5": float(p00_5), "p99_5": float(p99_5)}
+
+
+def choose_normalization(fp: dict) -> tuple[str, str]:
+    modalities = " ".join(fp["modality"]).lower()
+    if "ct" in modalities.split():
+        return "ct", "CT: Hounsfield units are comparable across scans, so dataset-wide foreground statistics"
+    if fp["dims"] == 2 and fp["dtypes"] == ["uint8"]:
+        return "unit", "8-bit 2D images: scaled to [0, 1] by 255"
+    return "zscore", "uncalibrated intensities (MRI, microscopy): per-case z-score"
+
+
+def patch_and_depth(shape: list[float], dims: int, max_depth: int = 5) -> tuple[list[int], int]:
+    """Median shape rounded up to a multiple of 2**depth, shrunk (largest side first) to the voxel budget."""
+    patch = [int(math.ceil(s)) for s in shape]
+    while math.prod(patch) > PATCH_VOXELS[dims]:
+        largest = int(np.argmax(patch))
+        patch[largest] = int(patch[largest] * 0.9)
+    depth = 0
+    while depth < max_depth and min(patch) / 2 ** (depth + 1) >= 4:
+        depth += 1
+    multiple = 2**depth
+    return [int(math.ceil(p / multiple) * multiple) for p in patch], depth
+
+
+def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, classes: int, batch: int,
+                    budget_minutes: float, device: str = "cpu", steps: int = 2) -> tuple[int, dict]:
+    """Time a few training steps per candidate width; return the widest meeting MIN_SAMPLES, and the timings."""
+    from medseg.models import UNet
+
+    timings, chosen = {}, WIDTHS[0]
+    target = torch.device(device)
+    for width in WIDTHS:
+        model = UNet(channels, classes, width, depth, spatial_dims=dims, norm="instance",
+                     activation="leaky_relu").to(target)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x = torch.rand(batch, channels, *patch, device=target)
+        y = torch.randint(0, classes, (batch, *patch), device=target)
+        for step in range(steps + 1):
+            if step == 1:  # the first step pays for allocation and kernel selection
+                started = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        seconds = (time.perf_counter() - started) / steps
+        samples = budget_minutes * 60 / seconds * batch
+        timings[str(width)] = {"seconds_per_step": round(seconds, 4), "samples_in_budget": int(samples)}
+        if samples >= MIN_SAMPLES[dims]:
+            chosen = width
+    return chosen, timings
+
+
+def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu", calibrate: bool = True) -> dict:
+    """Fingerprint DATA and plan its configurations; the result is what `plan.json` holds."""
+    dataset = find_cases(data)
+    fp = fingerprint(dataset)
+    normalization, why_norm = choose_normalization(fp)
+    classes = max(len(fp["class_names"]), int(max(map(int, fp["class_frequency"]))) + 1)
+    common = {"data": str(data), "normalization": normalization, "norm": "instance", "activation": "leaky_relu",
+              "loss": "dice_ce", "optimizer": "sgd", "lr": 1e-2, "lr_schedule": "poly", "patience": 0,
+              "epochs": 1000, "steps_per_epoch": 100, "time_budget": budget_minutes,
+              "intensity_stats": fp["foreground_intensity"] if normalization == "ct" else None}
+    configurations, reasons = {}, {"normalization": why_norm}
+    shapes = fp["shape"]["median"]
+    if fp["dims"] == 3:
+        patch, depth = patch_and_depth(shapes, 3)
+        configurations["3d"] = {**common, "dims": 3, "patch": patch, "depth": depth, "batch_size": 2}
+        axis = int(np.argmax(fp["spacing"]["median"])) if max(fp["spacing"]["median"]) > 2 * min(
+            fp["spacing"]["median"]) else 2
+        in_plane = [s for i, s in enumerate(shapes) if i != axis]
+        reasons["2d_axis"] = f"slices along axis {axis} ({'coarsest spacing' if axis != 2 else 'isotropic enough'})"
+    else:
+        axis, in_plane = -1, shapes
+    patch2d, depth2d = patch_and_depth(in_plane, 2)
+    side = max(patch2d)
+    configurations["2d"] = {**common, "dims": 2, "axis": axis, "fit": "pad", "size": side, "depth": depth2d,
+                            "batch_size": int(min(32, max(4, 2**20 // side**2)))}
+    for name, settings in configurations.items():
+        dims = settings["dims"]
+        patch = settings["patch"] if dims == 3 else [settings["size"]] * 2
+        width, timings = (16, {})
+        if calibrate:
+            width, timings = calibrate_width(dims, patch, settings["depth"], fp["channels"], classes,
+                                             settings["batch_size"], budget_minutes, device)
+        settings["base_channels"] = width
+        reasons[f"{name}_width"] = {"chosen": width, "timings": timings, "min_samples": MIN_SAMPLES[dims]}
+    configurations["seed_2d"] = {"data": str(data)}  # the seed's recipe: TrainConfig's defaults
+    return {"fingerprint": fp, "configurations": configurations, "reasons": reasons,
+            "default": "3d" if "3d" in configurations else "2d", "device": device}
+
+
+def config_from_plan(plan_path: str | Path, configuration: str | None = None) -> TrainConfig:
+    """The training settings of one configuration of a saved plan."""
+    from medseg.errors import MedsegError
+
+    path = Path(plan_path)
+    if not path.exists():
+        raise MedsegError(f"{path}: plan not found; make one with 'medseg plan DATA --out {path}'")
+    plan = json.loads(path.read_text())
+    name = configuration or plan["default"]
+    if name not in plan["configurations"]:
+        raise MedsegError(f"{path}: no configuration {name!r}; choose from {', '.join(plan['configurations'])}")
+    return TrainConfig(**plan["configurations"][name])
