@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ class TrainedModel:
     in_channels: int
     run: Path
     device: torch.device
+    postprocess_classes: list[int] = field(default_factory=list)  # keep-largest-component, chosen on validation
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -64,5 +66,7 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto") -> Trai
     model = create_model(state["model_name"], **state["model_args"])
     model.load_state_dict(state["model"])
     model.to(target).eval()
+    postprocessing = path.parent / "postprocessing.json"
+    classes = json.loads(postprocessing.read_text())["classes"] if postprocessing.exists() else []
     return TrainedModel(model, TrainConfig(**state["config"]), state["class_names"],
-                        state["model_args"]["in_channels"], path.parent, target)
+                        state["model_args"]["in_channels"], path.parent, target, classes)

@@ -14,6 +14,7 @@ import torch
 from medseg.checkpoint import TrainedModel
 from medseg.errors import MedsegError
 from medseg.io import Image
+from medseg.postprocess import keep_largest_component
 from medseg.transforms import normalize, pad_or_crop, resize_image, to_slices
 
 
@@ -110,9 +111,12 @@ def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[in
     return total[(slice(None), *crop)]
 
 
-def predict_labels(trained: TrainedModel, array: np.ndarray) -> np.ndarray:
-    """Class indices (*spatial) uint8 for a normalised image (C, *spatial)."""
-    return predict_probabilities(trained, array).argmax(0).astype(np.uint8)
+def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool = True) -> np.ndarray:
+    """Class indices (*spatial) uint8 for a normalised image (C, *spatial), with the run's chosen post-processing."""
+    labels = predict_probabilities(trained, array).argmax(0).astype(np.uint8)
+    if postprocess and trained.postprocess_classes:
+        labels = keep_largest_component(labels, trained.postprocess_classes)
+    return labels
 
 
 def predict_image(trained: TrainedModel, image: Image) -> np.ndarray:

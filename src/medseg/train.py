@@ -94,6 +94,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
     loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started)
     summary = loop.run(model_args)
+    summary["postprocessing"] = choose_postprocessing(run, val_cases, device)
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
                    device=str(device), seconds=round(time.monotonic() - started, 1))
     (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -101,6 +102,19 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
 
     plot_curves(loop.history, run / "curves.png")
     return run
+
+
+def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.device) -> list[int]:
+    """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component."""
+    from medseg.checkpoint import load_run
+    from medseg.infer import predict_labels
+    from medseg.postprocess import choose_classes
+
+    trained = load_run(run, device=str(device))
+    predictions = [predict_labels(trained, case.image.array, postprocess=False) for case in val_cases]
+    decision = choose_classes(predictions, [case.label for case in val_cases], len(trained.class_names))
+    (run / "postprocessing.json").write_text(json.dumps(decision, indent=2))
+    return decision["classes"]
 
 
 class _Loop:
@@ -124,8 +138,8 @@ class _Loop:
         return time.monotonic() - self.started
 
     def out_of_time(self) -> bool:
-        """True when one more step plus a validation pass would overrun the budget."""
-        return self.budget is not None and self.elapsed() + self.last_val_seconds >= self.budget
+        """True when one more step, a validation pass and the post-processing pass would overrun the budget."""
+        return self.budget is not None and self.elapsed() + 2 * self.last_val_seconds >= self.budget
 
     def set_lr(self, step: int) -> float:
         lr = self.cfg.lr

@@ -1,0 +1,36 @@
+"""Keep-largest-component post-processing, applied per class only where it improved validation Dice.
+
+A hippocampus or a liver is one connected structure; stray islands of its class are false positives. Cells and
+vessels are not: removing components would destroy them. So the choice is measured, never assumed: after
+training, each class keeps the rule only if mean validation Dice of that class goes up.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.metrics import case_metrics
+
+
+def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """For each class in `classes`, keep its largest connected component (face connectivity); the rest -> 0."""
+    out = labels.copy()
+    for k in classes:
+        components, count = ndimage.label(labels == k)
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            out[(components > 0) & (components != 1 + int(sizes.argmax()))] = 0
+    return out
+
+
+def choose_classes(predictions: list[np.ndarray], truths: list[np.ndarray], num_classes: int) -> dict:
+    """Per foreground class: mean validation Dice without and with the rule; `classes` lists where it helped."""
+    report, chosen = {}, []
+    for k in range(1, num_classes):
+        before = [case_metrics(p, t, num_classes)[k]["dice"] for p, t in zip(predictions, truths)]
+        after = [case_metrics(keep_largest_component(p, [k]), t, num_classes)[k]["dice"]
+                 for p, t in zip(predictions, truths)]
+        report[str(k)] = {"dice_without": float(np.mean(before)), "dice_with": float(np.mean(after))}
+        if np.mean(after) > np.mean(before):
+            chosen.append(k)
+    return {"rule": "keep largest connected component", "classes": chosen, "validation": report}
