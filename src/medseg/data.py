@@ -1,7 +1,7 @@
-"""Load cases into memory, normalised and checked, and serve training batches of 2D slices.
+"""Load cases into memory, normalised and checked, and serve training batches: 2D slices or 3D patches.
 
 A `LoadedCase` keeps the whole image (normalised, channels-first) and its class-index label, so that validation
-and evaluation work per case (per volume) while training samples slices.
+and evaluation work per case (per volume) while training samples slices or patches.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from medseg.transforms import augment, normalize, pad_or_crop, resize_image, res
 @dataclass
 class LoadedCase:
     case_id: str
-    image: Image  # array normalised to [0, 1], (C, *spatial)
+    image: Image  # array normalised as configured, (C, *spatial)
     label: np.ndarray  # (*spatial) uint8 class indices
 
 
