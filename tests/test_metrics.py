@@ -46,3 +46,22 @@ def test_losses():
     assert bce(logits, torch.arange(9).view(1, 3, 3) % 2) == pytest.approx(float(seed_bce), rel=1e-5)
     with pytest.raises(MedsegError, match="bce"):
         make_loss("bce", 3)
+
+
+def test_focal_and_tversky_losses():
+    from medseg.losses import focal_loss, tversky_loss
+
+    target = torch.tensor([[[0, 1], [1, 0]]])
+    perfect = torch.tensor([[[[9.0, -9], [-9, 9]], [[-9.0, 9], [9, -9]]]])
+    assert focal_loss(perfect, target) < 1e-6 < focal_loss(-perfect, target)
+    logits = torch.randn(2, 3, 4, 4)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    ce = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert focal_loss(logits, labels, gamma=0) == pytest.approx(ce, rel=1e-5)  # gamma 0 is plain cross-entropy
+    assert focal_loss(logits, labels) < focal_loss(logits, labels, gamma=0)
+    assert tversky_loss(logits, labels, 0.5, 0.5) == pytest.approx(float(soft_dice_loss(logits, labels)), rel=1e-5)
+    # with beta > alpha, predicting nothing (all misses) costs more than predicting everything (all false alarms)
+    everything = torch.tensor([[[[-9.0, -9], [-9, -9]], [[9.0, 9], [9, 9]]]])
+    assert tversky_loss(-everything, target) > tversky_loss(everything, target)
+    for name in ("focal", "tversky"):
+        assert make_loss(name, 3)(logits, labels) > 0

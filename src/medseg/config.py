@@ -12,7 +12,7 @@ from pathlib import Path
 from medseg.errors import MedsegError
 from medseg.transforms import NORMALIZATIONS
 
-LOSSES = ("dice_ce", "ce", "bce", "dice")
+LOSSES = ("dice_ce", "ce", "bce", "dice", "focal", "tversky")
 FITS = ("resize", "pad")
 SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")

@@ -1,5 +1,6 @@
 """Segmentation losses on logits (B, K, H, W) and class-index targets (B, H, W); K includes background.
 
+"focal" is focal loss + soft Dice and "tversky" is cross-entropy + Tversky: both for rare structures.
 "bce" is the seed's binary cross-entropy: for two classes, softmax over (background, foreground) logits equals
 a sigmoid on their difference, so BCE on the foreground probability is exactly 2-class cross-entropy.
 """
@@ -21,6 +22,26 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Cross-entropy scaled by (1 - p_true)**gamma (Lin et al. 2017): easy background pixels count for little,
+    so a rare structure is not drowned by the majority class."""
+    log_p = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    return (-(1 - log_p.exp()) ** gamma * log_p).mean()
+
+
+def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3, beta: float = 0.7,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean Tversky index over foreground classes (Salehi et al. 2017). beta > alpha weighs misses (FN) more
+    than false alarms (FP), which favours recall on small structures; alpha = beta = 0.5 is soft Dice."""
+    probs = logits.softmax(1)
+    one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0,) + tuple(range(2, logits.ndim))
+    tp = (probs * one_hot).sum(dims)[1:]
+    fp = (probs * (1 - one_hot)).sum(dims)[1:]
+    fn = ((1 - probs) * one_hot).sum(dims)[1:]
+    return 1 - ((tp + eps) / (tp + alpha * fp + beta * fn + eps)).mean()
+
+
 def make_loss(name: str, num_classes: int):
     if name == "bce" and num_classes != 2:
         raise MedsegError(f"--loss bce is for one foreground class; this dataset has {num_classes - 1}: use ce")
@@ -30,4 +51,8 @@ def make_loss(name: str, num_classes: int):
         return soft_dice_loss
     if name == "dice_ce":
         return lambda logits, target: F.cross_entropy(logits, target) + soft_dice_loss(logits, target)
+    if name == "focal":
+        return lambda logits, target: focal_loss(logits, target) + soft_dice_loss(logits, target)
+    if name == "tversky":
+        return lambda logits, target: F.cross_entropy(logits, target) + tversky_loss(logits, target)
     raise MedsegError(f"unknown loss {name!r}")
