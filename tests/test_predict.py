@@ -1,3 +1,5 @@
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -60,3 +62,27 @@ def test_dicom_series_in_nifti_out(trained_3d, tmp_path):
     from medseg.predict import collect_inputs
 
     assert len(collect_inputs([study])) == 5
+
+
+def test_cross_validation_folds_are_ensembled(phantoms_2d, tmp_path):
+    from medseg.checkpoint import load_models
+    from medseg.cli import main
+    from medseg.infer import predict_image, predict_probabilities
+    from medseg.io import read_image
+    from medseg.transforms import normalize
+
+    assert main(["train", str(phantoms_2d), "--out", str(tmp_path / "cv"), "--folds", "3", "--all-folds",
+                 "--size", "32", "--base-channels", "4", "--depth", "2", "--epochs", "1", "--steps-per-epoch", "2",
+                 "--quiet"]) == 0
+    vals = [json.loads((tmp_path / "cv" / f"fold_{k}" / "split.json").read_text())["val"] for k in range(3)]
+    assert sorted(sum(vals, [])) == sorted(p.name[:-4] for p in (phantoms_2d / "imagesTr").iterdir())
+    models = load_models(tmp_path / "cv")
+    assert len(models) == 3
+    for model in models:
+        model.postprocess_classes = []  # compare raw ensembles
+    image = read_image(phantoms_2d / "imagesTr" / "phantom_000.png")
+    array = normalize(image.array, models[0].config.normalization)
+    mean = sum(predict_probabilities(m, array) for m in models) / 3
+    np.testing.assert_array_equal(predict_image(models, image), mean.argmax(0))
+    (mask,) = predict_files(tmp_path / "cv", [image.path], tmp_path / "out", progress=False)
+    assert PILImage.open(mask).size == (32, 32)

@@ -70,3 +70,13 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto") -> Trai
     classes = json.loads(postprocessing.read_text())["classes"] if postprocessing.exists() else []
     return TrainedModel(model, TrainConfig(**state["config"]), state["class_names"],
                         state["model_args"]["in_channels"], path.parent, target, classes)
+
+
+def load_models(run: str | Path, device: str = "auto") -> list[TrainedModel]:
+    """One run, or every `fold_*` run under a cross-validation folder (for an ensemble)."""
+    run = Path(run)
+    if run.is_dir() and not (run / "best.pt").exists():
+        folds = sorted(p for p in run.glob("fold_*") if (p / "best.pt").exists())
+        if folds:
+            return [load_run(fold, device=device) for fold in folds]
+    return [load_run(run, device=device)]

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", help="train with a configuration of a plan.json from 'medseg plan'")
     train.add_argument("--configuration", help="which configuration of the plan (default: the plan's default)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    train.add_argument("--all-folds", action="store_true", help="with --folds K: train every fold into OUT/fold_i")
     _add_train_options(train)
 
     plan = sub.add_parser("plan", help="fingerprint a dataset and write a readable training plan (JSON)")
@@ -162,12 +163,14 @@ def run_command(args: argparse.Namespace) -> None:
 
         print(write_synthetic_dataset(args.out, args.cases, args.dim, args.size, args.classes, args.seed))
     elif args.command == "train":
-        from medseg.train import train
+        from medseg.train import train, train_folds
 
-        run = train(_config_from_args(args).validate(), overwrite=args.overwrite)
-        summary = json.loads((run / "train_summary.json").read_text())
-        print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
-              f"({summary['stopped']}); run: {run}")
+        cfg = _config_from_args(args).validate()
+        runs = train_folds(cfg, args.overwrite) if args.all_folds else [train(cfg, overwrite=args.overwrite)]
+        for run in runs:
+            summary = json.loads((run / "train_summary.json").read_text())
+            print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+                  f"({summary['stopped']}); run: {run}")
     elif args.command == "plan":
         from medseg.checkpoint import resolve_device
         from medseg.plan import make_plan

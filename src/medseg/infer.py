@@ -119,12 +119,25 @@ def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool =
     return labels
 
 
-def predict_image(trained: TrainedModel, image: Image) -> np.ndarray:
-    """Normalise a freshly read image as in training and predict its label map (*spatial)."""
-    if image.array.shape[0] != trained.in_channels:
-        hint = " (use a colour/grey image like the training data)" if trained.in_channels in (1, 3) else ""
+def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np.ndarray:
+    """Normalise a freshly read image as in training and predict its label map (*spatial).
+
+    Several models (the folds of a cross-validation) are ensembled by averaging their probabilities; a class
+    keeps only its largest component where at least half of them chose that on their validation cases.
+    """
+    models = models if isinstance(models, list) else [models]
+    first = models[0]
+    if image.array.shape[0] != first.in_channels:
+        hint = " (use a colour/grey image like the training data)" if first.in_channels in (1, 3) else ""
         raise MedsegError(f"{image.path}: {image.array.shape[0]} channels, the model expects "
-                          f"{trained.in_channels}{hint}")
-    cfg = trained.config
-    return predict_labels(trained, normalize(image.array, cfg.normalization, cfg.intensity_stats))
+                          f"{first.in_channels}{hint}")
+    cfg = first.config
+    array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
+    if len(models) == 1:
+        return predict_labels(first, array)
+    probs = sum(predict_probabilities(m, array) for m in models) / len(models)
+    labels = probs.argmax(0).astype(np.uint8)
+    votes = [k for k in range(1, len(first.class_names)) if 2 * sum(k in m.postprocess_classes for m in models)
+             >= len(models)]
+    return keep_largest_component(labels, votes) if votes else labels
 

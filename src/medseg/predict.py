@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from medseg.checkpoint import load_run
+from medseg.checkpoint import load_models
 from medseg.errors import MedsegError
 from medseg.infer import predict_image
 from medseg.io import is_dicom_folder, is_supported, mask_path_for, read_image, stem_of, write_mask
@@ -38,9 +38,11 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
                   device: str = "auto", progress: bool = True, series: str | None = None) -> list[Path]:
     """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
 
-    series: which DICOM series to read where a folder holds several (UID or description).
+    series: which DICOM series to read where a folder holds several (UID or description). RUN may be a
+    cross-validation folder (`fold_0`, `fold_1`, ...): the folds are ensembled.
     """
-    trained = load_run(run, device=device)
+    models = load_models(run, device=device)
+    trained = models[0]
     files = collect_inputs(inputs)
     targets: dict[Path, Path] = {}
     for path in files:
@@ -51,7 +53,7 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     written = []
     for path in tqdm(files, desc="predicting", disable=not progress, leave=False):
         image = read_image(path, color=trained.config.color, series=series)
-        labels = predict_image(trained, image)
+        labels = predict_image(models, image)
         written.append(write_mask(labels, image, targets[path]))
         if overlays:
             (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)

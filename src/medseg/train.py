@@ -104,6 +104,18 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     return run
 
 
+def train_folds(cfg: TrainConfig, overwrite: bool = False) -> list[Path]:
+    """k-fold cross-validation: one run per fold, RUN/fold_0 ... RUN/fold_{k-1}; `medseg predict RUN` ensembles
+    them. Each fold is a complete run (its own split, checkpoints and post-processing decision)."""
+    if cfg.folds < 2:
+        raise MedsegError("--all-folds needs --folds K with K >= 2")
+    runs = []
+    for fold in range(cfg.folds):
+        fold_cfg = TrainConfig(**{**asdict(cfg), "fold": fold, "out": str(Path(cfg.out) / f"fold_{fold}")})
+        runs.append(train(fold_cfg, overwrite=overwrite))
+    return runs
+
+
 def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.device) -> list[int]:
     """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component."""
     from medseg.checkpoint import load_run
