@@ -72,3 +72,45 @@ def test_3d_unet_learns_phantoms(phantoms_3d, tmp_path):
 def test_dims_3_needs_volumes(phantoms_2d, tmp_path):
     with pytest.raises(MedsegError, match="--dims 3 trains on volumes"):
         train(tiny_config(phantoms_2d, tmp_path / "run", dims=3))
+
+
+def write_volumes(folder, spacings, seed=0):
+    """Phantom volumes of one 36 mm extent at different voxel spacings, in the MSD layout."""
+    import nibabel as nib
+
+    from medseg.synth import make_phantom
+
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    rng = np.random.default_rng(seed)
+    for i, spacing in enumerate(spacings):
+        shape = tuple(round(36 / s) for s in spacing)
+        image, label = make_phantom(rng, shape, num_classes=1)
+        affine = np.diag([*spacing, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), folder / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / "labelsTr" / f"c{i}.nii.gz")
+    return folder
+
+
+def test_volumes_are_resampled_to_the_target_spacing_and_back(tmp_path):
+    from medseg.data import load_case
+    from medseg.evaluate import evaluate_run
+    from medseg.plan import choose_target_spacing, fingerprint
+
+    data = write_volumes(tmp_path / "d", [(1.0, 1.0, 4.0), (1.0, 1.0, 4.0), (1.5, 1.5, 4.0), (1.0, 1.0, 2.0)])
+    fp = fingerprint(find_cases(data))
+    target, why = choose_target_spacing(fp)  # z: median 4 mm is over 3x the 1 mm in-plane: anisotropic
+    assert target[:2] == [1.0, 1.0] and target[2] == pytest.approx(2.6) and "anisotropic" in why
+    cfg = tiny_config(data, tmp_path / "run", dims=3, patch=[16, 16, 8], target_spacing=[1.0, 1.0, 4.0],
+                      epochs=1, steps_per_epoch=2, batch_size=2)
+    loaded = load_case(find_cases(data).cases[2], cfg)  # 24x24x9 voxels of 1.5x1.5x4 mm
+    assert loaded.image.array.shape == (1, 36, 36, 9) and loaded.label.shape == (36, 36, 9)
+    assert loaded.image.spacing == (1.0, 1.0, 4.0)
+    run = train(cfg)
+    summary = evaluate_run(run, data=data, out=tmp_path / "ev", progress=False)
+    assert summary["cases"] == 4  # every case scored on its own grid, whatever its spacing
+    from medseg.io import read_image
+    from medseg.predict import predict_files
+
+    (mask,) = predict_files(run, [data / "imagesTr" / "c3.nii.gz"], tmp_path / "out", progress=False)
+    assert read_image(mask).spatial_shape == (36, 36, 18)

@@ -35,6 +35,7 @@ class TrainConfig:
     fit: str = "resize"  # "resize" every slice to size x size, or "pad": pad/crop to size, predict at full size
     normalization: str = "percentile"  # or zscore, ct, unit: see medseg.transforms.normalize
     intensity_stats: list[dict] | None = None  # per-channel foreground statistics, for "ct"
+    target_spacing: list[float] | None = None  # volumes are resampled to this spacing (mm) for training
     patch: list[int] | None = None  # 3D training patch (voxels); default size^3
     foreground_fraction: float = 0.33  # 3D: share of patches centred on a foreground voxel
     overlap: float = 0.5  # 3D: sliding-window overlap at inference

@@ -15,7 +15,8 @@ from medseg.config import TrainConfig
 from medseg.datasets import Case, labels_to_classes
 from medseg.errors import MedsegError
 from medseg.io import Image, read_image
-from medseg.transforms import augment, normalize, pad_or_crop, resize_image, resize_label, to_slices
+from medseg.transforms import (augment, normalize, pad_or_crop, resampled_shape, resize_image, resize_label,
+                               resize_volume, to_slices)
 
 
 @dataclass
@@ -38,8 +39,9 @@ def read_case_image(paths: list, color: str) -> Image:
     return first
 
 
-def load_case(case: Case, cfg: TrainConfig | None = None) -> LoadedCase:
-    """Read, check and normalise one case as `cfg` says (colour, mask rule, normalisation)."""
+def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True) -> LoadedCase:
+    """Read, check and normalise one case as `cfg` says (colour, mask rule, normalisation), and resample a volume
+    to `cfg.target_spacing` (image trilinear, mask nearest) unless `resample` is False."""
     cfg = cfg or TrainConfig()
     image = read_case_image(case.images, cfg.color)
     mask = read_image(case.mask)
@@ -51,6 +53,10 @@ def load_case(case: Case, cfg: TrainConfig | None = None) -> LoadedCase:
                           "(affines differ); resample the mask onto the image grid")
     label = labels_to_classes(mask.array, case.mask, cfg.binary_masks)
     image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
+    if resample and cfg.target_spacing and image.ndim == 3:
+        shape = resampled_shape(image.spatial_shape, image.spacing, cfg.target_spacing)
+        image.array, label = resize_volume(image.array, shape), resize_volume(label, shape, label=True)
+        image.spacing = tuple(float(t) for t in cfg.target_spacing)
     return LoadedCase(case.case_id, image, label)
 
 

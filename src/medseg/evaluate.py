@@ -61,11 +61,11 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
     cfg, names = trained.config, trained.class_names
     rows, shown = [], []
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
-        loaded = load_case(case, cfg)
+        loaded = load_case(case, cfg, resample=False)  # metrics on the case's own grid
         if int(loaded.label.max()) >= len(names):
             raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
                               f"({len(names)} classes); evaluate on data labelled like the training data")
-        pred = predict_labels(trained, loaded.image.array)
+        pred = predict_labels(trained, loaded.image.array, spacing=loaded.image.spacing)
         per_class = case_metrics(pred, loaded.label, len(names))
         for k, metrics in per_class.items():
             rows.append({"case": case.case_id, "class": names[k], **metrics})

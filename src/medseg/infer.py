@@ -15,7 +15,7 @@ from medseg.checkpoint import TrainedModel
 from medseg.errors import MedsegError
 from medseg.io import Image
 from medseg.postprocess import keep_largest_component
-from medseg.transforms import normalize, pad_or_crop, resize_image, to_slices
+from medseg.transforms import normalize, pad_or_crop, resampled_shape, resize_image, resize_volume, to_slices
 
 
 @torch.no_grad()
@@ -111,9 +111,22 @@ def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[in
     return total[(slice(None), *crop)]
 
 
-def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool = True) -> np.ndarray:
-    """Class indices (*spatial) uint8 for a normalised image (C, *spatial), with the run's chosen post-processing."""
-    labels = predict_probabilities(trained, array).argmax(0).astype(np.uint8)
+def native_probabilities(trained: TrainedModel, array: np.ndarray, spacing: tuple[float, ...] | None = None):
+    """Probabilities on the input's own grid: a volume whose `spacing` differs from the run's target spacing is
+    resampled to it for the network and the probabilities resampled back (trilinear)."""
+    target = trained.config.target_spacing
+    if target and spacing and len(spacing) == 3 and not np.allclose(spacing, target):
+        shape = array.shape[1:]
+        resampled = resize_volume(array, resampled_shape(shape, spacing, target))
+        return resize_volume(predict_probabilities(trained, resampled), shape)
+    return predict_probabilities(trained, array)
+
+
+def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool = True,
+                   spacing: tuple[float, ...] | None = None) -> np.ndarray:
+    """Class indices (*spatial) uint8 for a normalised image (C, *spatial) on its own grid (see
+    `native_probabilities`), with the run's chosen post-processing."""
+    labels = native_probabilities(trained, array, spacing).argmax(0).astype(np.uint8)
     if postprocess and trained.postprocess_classes:
         labels = keep_largest_component(labels, trained.postprocess_classes)
     return labels
@@ -134,8 +147,8 @@ def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np
     cfg = first.config
     array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
     if len(models) == 1:
-        return predict_labels(first, array)
-    probs = sum(predict_probabilities(m, array) for m in models) / len(models)
+        return predict_labels(first, array, spacing=image.spacing)
+    probs = sum(native_probabilities(m, array, image.spacing) for m in models) / len(models)
     labels = probs.argmax(0).astype(np.uint8)
     votes = [k for k in range(1, len(first.class_names)) if 2 * sum(k in m.postprocess_classes for m in models)
              >= len(models)]

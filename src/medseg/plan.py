@@ -6,6 +6,7 @@ training settings. `medseg train DATA --plan plan.json --configuration 3d` reads
 
 Rules, after nnU-Net, sized for the device at hand:
 - dims: `3d` for volumes, `2d` always (volumes as slices along their coarsest axis).
+- target spacing (volumes): the median spacing; for anisotropic data the coarse axis takes its 10th percentile.
 - patch: the median case shape rounded up to a multiple of 2**depth, capped by a voxel budget; depth: pool while
   every side of the patch stays at least 4 voxels, at most 5 times.
 - normalisation: CT -> clip to the dataset's foreground 0.5-99.5 percentiles, z-score with its foreground mean/std;
@@ -60,7 +61,7 @@ def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0) 
         "shape": {"median": np.median(shapes, 0).tolist(), "min": np.min(shapes, 0).tolist(),
                   "max": np.max(shapes, 0).tolist()},
         "spacing": {"median": np.median(spacings, 0).tolist(), "min": np.min(spacings, 0).tolist(),
-                    "max": np.max(spacings, 0).tolist()},
+                    "max": np.max(spacings, 0).tolist(), "p10": np.percentile(spacings, 10, 0).tolist()},
         "class_frequency": {str(k): counts[k] / total for k in sorted(counts)},
         "foreground_intensity": [_intensity_stats(channel) for channel in foreground] if foreground is not None
         and foreground.shape[1] else [],
@@ -72,6 +73,17 @@ def _intensity_stats(values: np.ndarray) -> dict:
     p00_5, median, p99_5 = np.percentile(values, [0.5, 50, 99.5])
     return {"mean": float(values.mean()), "std": float(values.std()), "median": float(median),
             "p00_5": float(p00_5), "p99_5": float(p99_5)}
+
+
+def choose_target_spacing(fp: dict) -> tuple[list[float], str]:
+    """The median spacing; for anisotropic data (coarsest axis over 3x the finest) the coarse axis takes its
+    10th percentile instead, so that few cases are upsampled along it by interpolation (nnU-Net's rule)."""
+    target = list(fp["spacing"]["median"])
+    coarse = int(np.argmax(target))
+    if target[coarse] > 3 * min(target):
+        target[coarse] = fp["spacing"]["p10"][coarse]
+        return target, f"anisotropic: median spacing, axis {coarse} at its 10th percentile"
+    return target, "median spacing of the cases"
 
 
 def choose_normalization(fp: dict) -> tuple[str, str]:
@@ -137,6 +149,8 @@ def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu
     configurations, reasons = {}, {"normalization": why_norm}
     shapes = fp["shape"]["median"]
     if fp["dims"] == 3:
+        common["target_spacing"], reasons["target_spacing"] = choose_target_spacing(fp)
+        shapes = [n * s / t for n, s, t in zip(shapes, fp["spacing"]["median"], common["target_spacing"])]
         patch, depth = patch_and_depth(shapes, 3)
         configurations["3d"] = {**common, "dims": 3, "patch": patch, "depth": depth, "batch_size": 2}
         axis = int(np.argmax(fp["spacing"]["median"])) if max(fp["spacing"]["median"]) > 2 * min(

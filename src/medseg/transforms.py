@@ -55,6 +55,22 @@ def normalize(array: np.ndarray, scheme: str = "percentile", stats: list[dict] |
     return out
 
 
+def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: list[float]) -> tuple[int, ...]:
+    """The grid size that covers the same extent at the target spacing (at least one voxel per axis)."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+
+
+def resize_volume(array: np.ndarray, shape: tuple[int, ...], label: bool = False) -> np.ndarray:
+    """Resample (C, X, Y, Z) images/probabilities (trilinear) or (X, Y, Z) labels (nearest) to `shape`."""
+    if tuple(array.shape[-3:]) == tuple(shape):
+        return array
+    if label:
+        tensor = torch.from_numpy(array.astype(np.float32))[None, None]
+        return F.interpolate(tensor, size=shape, mode="nearest-exact")[0, 0].numpy().astype(array.dtype)
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    return F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0].numpy()
+
+
 def to_slices(array: np.ndarray, axis: int) -> list[np.ndarray]:
     """(C, *spatial) -> list of (C, H, W). A 2D image is one slice; a volume is cut along spatial `axis`."""
     if array.ndim == 3:
