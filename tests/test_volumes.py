@@ -114,3 +114,11 @@ def test_volumes_are_resampled_to_the_target_spacing_and_back(tmp_path):
 
     (mask,) = predict_files(run, [data / "imagesTr" / "c3.nii.gz"], tmp_path / "out", progress=False)
     assert read_image(mask).spatial_shape == (36, 36, 18)
+
+
+def test_deep_supervision_trains(phantoms_3d, tmp_path):
+    run = train(tiny_config(phantoms_3d, tmp_path / "run", dims=3, patch=[16, 16, 16], depth=2,
+                            deep_supervision=True, epochs=1, steps_per_epoch=2, batch_size=2))
+    trained = load_run(run)
+    assert trained.model.deep_supervision and len(trained.model.aux_heads) == 1
+    assert predict_probabilities(trained, np.random.rand(1, 16, 16, 16).astype(np.float32)).shape == (3, 16, 16, 16)

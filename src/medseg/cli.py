@@ -31,6 +31,7 @@ TRAIN_OPTIONS = [
     ("--norm", str, "batch (seed) or instance (nnU-Net)"),
     ("--activation", str, "relu (seed) or leaky_relu (nnU-Net)"),
     ("--optimizer", str, "adam (seed) or sgd (Nesterov momentum 0.99)"),
+    ("--deep-supervision", bool, "add losses on the coarser decoder levels (nnU-Net)"),
     ("--loss", str, f"one of {', '.join(LOSSES)}"),
     ("--lr", float, "Adam learning rate (seed: 1e-4)"),
     ("--lr-schedule", str, f"one of {', '.join(SCHEDULES)}"),

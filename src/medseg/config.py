@@ -47,6 +47,7 @@ class TrainConfig:
     dropout: float = 0.0
     norm: str = "batch"  # or "instance" (nnU-Net)
     activation: str = "relu"  # or "leaky_relu" (nnU-Net)
+    deep_supervision: bool = False  # losses on the coarser decoder levels too (nnU-Net)
     # optimisation
     loss: str = "dice_ce"
     optimizer: str = "adam"  # or "sgd": Nesterov momentum 0.99, as nnU-Net
@@ -126,4 +127,4 @@ class TrainConfig:
     def model_args(self, in_channels: int, num_classes: int) -> dict:
         return {"in_channels": in_channels, "num_classes": num_classes, "base_channels": self.base_channels,
                 "depth": self.depth, "dropout": self.dropout, "spatial_dims": self.dims, "norm": self.norm,
-                "activation": self.activation}
+                "activation": self.activation, "deep_supervision": self.deep_supervision}

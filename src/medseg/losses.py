@@ -42,6 +42,21 @@ def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3,
     return 1 - ((tp + eps) / (tp + alpha * fp + beta * fn + eps)).mean()
 
 
+def deep_supervision_loss(loss_fn, outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over resolutions (weights 1, 1/2, 1/4, ..., normalised to 1), each output against the target
+    downsampled by nearest neighbour to its size."""
+    weights = torch.tensor([0.5**i for i in range(len(outputs))])
+    weights = weights / weights.sum()
+    total = 0.0
+    for weight, output in zip(weights, outputs):
+        if output.shape[2:] != target.shape[1:]:
+            scaled = F.interpolate(target[:, None].float(), size=output.shape[2:], mode="nearest-exact")
+            total = total + weight * loss_fn(output, scaled[:, 0].long())
+        else:
+            total = total + weight * loss_fn(output, target)
+    return total
+
+
 def make_loss(name: str, num_classes: int):
     if name == "bce" and num_classes != 2:
         raise MedsegError(f"--loss bce is for one foreground class; this dataset has {num_classes - 1}: use ce")

@@ -27,7 +27,7 @@ from medseg.data import LoadedCase, PatchSampler, SliceSampler, load_cases
 from medseg.datasets import Dataset, find_cases, split_cases
 from medseg.errors import MedsegError
 from medseg.infer import predict_probabilities
-from medseg.losses import make_loss
+from medseg.losses import deep_supervision_loss, make_loss
 from medseg.metrics import case_metrics, confusion, mean_foreground_dice, metrics_from_counts
 from medseg.models import create_model
 
@@ -209,8 +209,11 @@ class _Loop:
                 break
             lr = self.set_lr((epoch - 1) * self.steps + step)
             image, label = image.to(self.trained.device), label.to(self.trained.device)
-            logits = model(image)
-            loss = self.loss_fn(logits, label)
+            outputs = model(image)
+            if isinstance(outputs, list):  # deep supervision: full resolution first
+                loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
+            else:
+                loss, logits = self.loss_fn(outputs, label), outputs
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -54,7 +54,8 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 64, depth: int = 4,
-                 dropout: float = 0.0, spatial_dims: int = 2, norm: str = "batch", activation: str = "relu"):
+                 dropout: float = 0.0, spatial_dims: int = 2, norm: str = "batch", activation: str = "relu",
+                 deep_supervision: bool = False):
         super().__init__()
         _, pool, up, _ = _layers(spatial_dims)
         block = {"spatial_dims": spatial_dims, "norm": norm, "activation": activation}
@@ -69,9 +70,16 @@ class UNet(nn.Module):
         self.bottleneck = ConvBlock(widths[-2], widths[-1], dropout=dropout, **block)
         self.up = nn.ModuleList(up(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
         self.decoder = nn.ModuleList(ConvBlock(2 * widths[i], widths[i], **block) for i in reversed(range(depth)))
-        self.head = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(widths[0], num_classes, 1)
+        conv1x1 = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.head = conv1x1(widths[0], num_classes, 1)
+        # Deep supervision (nnU-Net): extra heads on the coarser decoder levels, used in training only.
+        self.deep_supervision = deep_supervision
+        self.aux_heads = nn.ModuleList(conv1x1(widths[i], num_classes, 1) for i in range(1, depth)
+                                       if deep_supervision)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits at full resolution; in training with deep supervision, a list: full resolution first, then
+        each coarser decoder level (1/2, 1/4, ... of the padded input)."""
         spatial = x.shape[2:]
         multiple = 2**self.depth
         pads = []
@@ -86,8 +94,10 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
+        levels = []
         for up, block, skip in zip(self.up, self.decoder, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1))
+            levels.append(x)
         logits = self.head(x)
         if any(pads):
             index = [slice(None), slice(None)]
@@ -95,4 +105,7 @@ class UNet(nn.Module):
                 before = pads[2 * (len(spatial) - 1 - d)]
                 index.append(slice(before, before + size))
             logits = logits[tuple(index)]
+        if self.deep_supervision and self.training:
+            coarser = levels[-2::-1]  # 1/2, 1/4, ... (the decoder runs coarse to fine)
+            return [logits] + [head(level) for head, level in zip(self.aux_heads, coarser)]
         return logits
