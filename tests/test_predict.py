@@ -86,3 +86,27 @@ def test_cross_validation_folds_are_ensembled(phantoms_2d, tmp_path):
     np.testing.assert_array_equal(predict_image(models, image), mean.argmax(0))
     (mask,) = predict_files(tmp_path / "cv", [image.path], tmp_path / "out", progress=False)
     assert PILImage.open(mask).size == (32, 32)
+
+
+def test_nnunet_channel_files_are_one_input(tmp_path):
+    """A two-channel model gets `case_0000` + `case_0001` as one input and writes `case.nii.gz`."""
+    from medseg.train import train
+    from conftest import tiny_config
+
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "d" / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for case in ("a", "b", "c"):
+        label = (rng.random((16, 16, 8)) > 0.7).astype(np.uint8)
+        for channel in (0, 1):
+            image = label * (1.0 + channel) + rng.normal(0, 0.1, label.shape)
+            nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)),
+                     tmp_path / "d" / "imagesTr" / f"{case}_{channel:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "d" / "labelsTr" / f"{case}.nii.gz")
+    run = train(tiny_config(tmp_path / "d", tmp_path / "run", size=16, epochs=1, steps_per_epoch=1))
+    written = predict_files(run, [tmp_path / "d" / "imagesTr"], tmp_path / "out", progress=False)
+    assert [p.name for p in written] == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert nib.load(written[0]).shape == (16, 16, 8)
+    (tmp_path / "d" / "imagesTr" / "c_0001.nii.gz").unlink()
+    with pytest.raises(MedsegError, match="1 channel files, the model expects 2"):
+        predict_files(run, [tmp_path / "d" / "imagesTr"], tmp_path / "out2", progress=False)

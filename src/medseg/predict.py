@@ -1,11 +1,13 @@
 """Predict masks for files or folders with a trained run: one mask per input, same name, format and geometry."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tqdm import tqdm
 
 from medseg.checkpoint import load_models
+from medseg.data import read_case_image
 from medseg.errors import MedsegError
 from medseg.infer import predict_image
 from medseg.io import is_dicom_folder, is_supported, mask_path_for, read_image, stem_of, write_mask
@@ -34,6 +36,27 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
+def _is_channel_file(path: Path, channels: int) -> bool:
+    return channels > 1 and path.is_file() and re.fullmatch(r".+_\d{4}", stem_of(path)) is not None
+
+
+def group_channels(files: list[Path], channels: int) -> list[list[Path]]:
+    """Inputs as the model needs them: one file each, or, for a multi-channel model, nnU-Net channel files
+    `<case>_0000`, `<case>_0001`, ... grouped into one input per case (a single multi-channel file stays alone)."""
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        stem = stem_of(path)
+        if _is_channel_file(path, channels):
+            groups.setdefault(str(path.parent / stem[:-5]), []).append(path)
+        else:
+            groups[str(path)] = [path]
+    for key, group in groups.items():
+        if _is_channel_file(group[0], channels) and len(group) != channels:
+            raise MedsegError(f"{key}: {len(group)} channel files, the model expects {channels} (_0000 to "
+                              f"_{channels - 1:04d})")
+    return [sorted(group) for group in groups.values()]
+
+
 def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, overlays: bool = False,
                   device: str = "auto", progress: bool = True, series: str | None = None) -> list[Path]:
     """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
@@ -43,20 +66,24 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     """
     models = load_models(run, device=device)
     trained = models[0]
-    files = collect_inputs(inputs)
-    targets: dict[Path, Path] = {}
-    for path in files:
-        target = mask_path_for(path, out)
-        if target in targets.values():
-            raise MedsegError(f"{path}: another input also writes {target.name}; predict them into separate folders")
-        targets[path] = target
+    inputs_ = group_channels(collect_inputs(inputs), trained.in_channels)
+    targets: list[Path] = []
+    for group in inputs_:
+        target = mask_path_for(group[0], out)
+        if len(group) > 1:  # channel files: the mask is named after the case, without _0000
+            target = target.with_name(target.name.replace(stem_of(group[0]), stem_of(group[0])[:-5], 1))
+        if target in targets:
+            raise MedsegError(f"{group[0]}: another input also writes {target.name}; predict them into separate "
+                              "folders")
+        targets.append(target)
     written = []
-    for path in tqdm(files, desc="predicting", disable=not progress, leave=False):
-        image = read_image(path, color=trained.config.color, series=series)
+    for group, target in tqdm(list(zip(inputs_, targets)), desc="predicting", disable=not progress, leave=False):
+        image = (read_case_image(group, trained.config.color) if len(group) > 1
+                 else read_image(group[0], color=trained.config.color, series=series))
         labels = predict_image(models, image)
-        written.append(write_mask(labels, image, targets[path]))
+        written.append(write_mask(labels, image, target))
         if overlays:
             (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
             save_overlay_png(normalize_percentile(image.array), labels,
-                             Path(out) / "overlays" / f"{stem_of(path)}.png", trained.config.axis)
+                             Path(out) / "overlays" / f"{stem_of(target)}.png", trained.config.axis)
     return written
