@@ -41,3 +41,16 @@ def test_failed_evaluation_leaves_nothing(trained_2d, tmp_path):
     with pytest.raises(MedsegError, match="unknown to this model"):
         evaluate_run(trained_2d, data=data, out=tmp_path / "ev", progress=False)
     assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".ev-*"))
+
+
+def test_figures_draw_any_normalisation():
+    import warnings
+
+    from medseg.report import display_slice, overlay
+
+    z_scored = np.random.default_rng(0).normal(0, 2, size=(1, 16, 16)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shown = display_slice(z_scored)
+        blended = overlay(z_scored, np.eye(16, dtype=np.uint8))
+    assert shown.min() >= 0 and shown.max() <= 1 and blended.min() >= 0 and blended.max() <= 1

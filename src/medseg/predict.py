@@ -12,7 +12,6 @@ from medseg.errors import MedsegError
 from medseg.infer import predict_image
 from medseg.io import is_dicom_folder, is_supported, mask_path_for, read_image, stem_of, write_mask
 from medseg.report import save_overlay_png
-from medseg.transforms import normalize_percentile
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -84,6 +83,6 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
         written.append(write_mask(labels, image, target))
         if overlays:
             (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
-            save_overlay_png(normalize_percentile(image.array), labels,
+            save_overlay_png(image.array, labels,
                              Path(out) / "overlays" / f"{stem_of(target)}.png", trained.config.axis)
     return written

@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # files only; no display is needed or assumed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from medseg.transforms import normalize_percentile  # noqa: E402
+
 # Class colours for overlays (index 0, background, is transparent).
 PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240], [240, 200, 40],
                     [200, 80, 220], [60, 210, 220], [250, 140, 40]], dtype=np.float32) / 255
@@ -32,9 +34,10 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
 
 
 def display_slice(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> something imshow draws: grey (H, W) or RGB (H, W, 3)."""
+    """(C, H, W) under any normalisation -> [0, 1] for display: grey (H, W) or RGB (H, W, 3)."""
+    image = normalize_percentile(image)
     if image.shape[0] == 3:
-        return np.clip(np.moveaxis(image, 0, -1), 0, 1)
+        return np.moveaxis(image, 0, -1)
     return image[0]
 
 
