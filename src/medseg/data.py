@@ -76,6 +76,12 @@ def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list
     return loaded
 
 
+def stack_and_augment(pairs: list, cfg: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image (1, C, ...), label (1, ...)) samples -> one augmented batch."""
+    image, label = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    return augment(image, label, generator) if cfg.augment else (image, label)
+
+
 class SliceSampler:
     """Training slices of the loaded cases, served as augmented batches of fixed size (B, C, size, size).
 
@@ -103,11 +109,7 @@ class SliceSampler:
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         size = (self.cfg.size, self.cfg.size)
         pairs = [pad_or_crop(self.images[i][None], self.labels[i][None], size, self.generator) for i in indices]
-        image = torch.cat([p[0] for p in pairs])
-        label = torch.cat([p[1] for p in pairs])
-        if self.cfg.augment:
-            image, label = augment(image, label, self.generator)
-        return image, label
+        return stack_and_augment(pairs, self.cfg, self.generator)
 
     def epoch_batches(self, steps: int):
         """`steps` batches drawn without replacement, reshuffling whenever the slices run out."""
@@ -156,11 +158,7 @@ class PatchSampler:
         return image, label
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.patch(i) for i in indices]
-        image, label = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        if self.cfg.augment:
-            image, label = augment(image, label, self.generator)
-        return image, label
+        return stack_and_augment([self.patch(i) for i in indices], self.cfg, self.generator)
 
     def epoch_batches(self, steps: int):
         """`steps` batches of cases drawn uniformly at random, one patch per case."""

@@ -58,12 +58,17 @@ def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: b
     return total / len(combos)
 
 
+def _crop_centre(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Undo `pad_or_crop`'s centred zero padding: the central `spatial` region of the last axes."""
+    starts = [(n - s) // 2 for n, s in zip(tensor.shape[-len(spatial):], spatial)]
+    return tensor[(..., *(slice(b, b + s) for b, s in zip(starts, spatial)))]
+
+
 def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: bool) -> torch.Tensor:
     """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
     h, w = batch.shape[-2:]
     padded, _ = pad_or_crop(batch, None, (max(h, size), max(w, size)))
-    top, left = (padded.shape[-2] - h) // 2, (padded.shape[-1] - w) // 2
-    return forward_probabilities(model, padded, mirror)[..., top:top + h, left:left + w]
+    return _crop_centre(forward_probabilities(model, padded, mirror), (h, w))
 
 
 def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -106,9 +111,7 @@ def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[in
         for window, p in zip(windows, probs):
             total[(slice(None), *window)] += p * weights
             norm[window] += weights
-    total = total / norm
-    crop = tuple(slice((n_pad - n) // 2, (n_pad - n) // 2 + n) for n, n_pad in zip(spatial, padded.shape[2:]))
-    return total[(slice(None), *crop)]
+    return _crop_centre(total / norm, tuple(spatial))
 
 
 def native_probabilities(trained: TrainedModel, array: np.ndarray, spacing: tuple[float, ...] | None = None):
