@@ -158,3 +158,24 @@ def test_shared_brats_reads_in_place():
     assert len(dataset.cases) == 6 and dataset.modalities == ["flair", "t1ce"]
     case = load_case(dataset.cases[0])
     assert case.image.array.shape == (2, 240, 240, 155) and case.label.max() <= 4
+
+
+def test_drive_layout_labels_from_1st_manual_and_field_of_view_as_roi(tmp_path):
+    root = tmp_path / "DRIVE" / "training"
+    for n in ("21", "22"):
+        save_png(root / "images" / f"{n}_training.png", np.full((8, 8, 3), 100))
+        save_png(root / "1st_manual" / f"{n}_manual1.png", np.eye(8) * 255)
+        save_png(root / "mask" / f"{n}_training_mask.png", np.pad(np.full((6, 6), 255), 1))
+    dataset = find_cases(tmp_path / "DRIVE")
+    assert dataset.layout == "drive" and [c.case_id for c in dataset.cases] == ["21", "22"]
+    assert dataset.cases[0].mask.parent.name == "1st_manual" and dataset.cases[0].roi.parent.name == "mask"
+    from medseg.data import load_case
+
+    case = load_case(dataset.cases[0])
+    assert case.label.sum() == 8 and case.roi.sum() == 36 and not case.roi[0].any()
+
+
+def test_shared_drive_reads_in_place():
+    dataset = find_cases(shared_dataset("drive"))
+    assert dataset.layout == "drive" and len(dataset.cases) == 20
+    assert all(c.roi is not None and c.mask.name.endswith("_manual1.gif") for c in dataset.cases)

@@ -65,3 +65,14 @@ def test_focal_and_tversky_losses():
     assert tversky_loss(-everything, target) > tversky_loss(everything, target)
     for name in ("focal", "tversky"):
         assert make_loss(name, 3)(logits, labels) > 0
+
+
+def test_region_of_interest_limits_what_counts():
+    target = np.array([[1, 1, 0, 0], [0, 0, 0, 0]])
+    pred = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])  # false positives only in the second row
+    roi = np.array([[True] * 4, [False] * 4])
+    assert case_metrics(pred, target, 2, roi)[1]["dice"] == 1.0
+    assert case_metrics(pred, target, 2)[1]["dice"] == pytest.approx(4 / 8)
+    assert case_metrics(pred, target, 2, roi)[1]["accuracy"] == 1.0
+    with pytest.raises(ValueError):
+        case_metrics(pred, target, 2, roi[:1])

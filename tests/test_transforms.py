@@ -56,3 +56,23 @@ def test_augmentation_moves_image_and_label_together():
     assert set(aug_label.unique().tolist()) <= {0, 1, 2}
     agree = (aug_image[:, 0].round().long() == aug_label).float().mean()
     assert agree > 0.8  # bilinear image and nearest label differ only along edges
+
+
+def test_rotations_only_when_asked_and_jitter_keeps_negative_intensities():
+    label = torch.zeros(64, 8, 8, dtype=torch.long)
+    label[:, 0, 1] = 1  # a marker off every diagonal: flips move it to four places, rotations to eight
+    image = label[:, None].float()
+    generator = torch.Generator().manual_seed(0)
+    places = lambda out: {tuple(torch.nonzero(l)[0].tolist()) for l in out}  # noqa: E731
+    flipped = augment(image, label, generator, affine_p=0, intensity_p=0)[1]
+    rotated = augment(image, label, generator, affine_p=0, intensity_p=0, rotate90=True)[1]
+    assert len(places(flipped)) == 4 and len(places(rotated)) == 8
+    zscored = torch.randn(16, 1, 16, 16)
+    jittered = augment(zscored, torch.zeros(16, 16, 16, dtype=torch.long), generator, affine_p=0, intensity_p=1)[0]
+    assert (jittered < -0.5).float().mean() > 0.1  # z-scored data keep their negative half (no clamp at 0)
+    # flips aside, each jittered sample is a monotone remap of its original: ranks survive
+    for out, original in zip(jittered, zscored):
+        ranks = [np.argsort(np.argsort(v.flatten().numpy())) for v in (out, original)]
+        same = [np.array_equal(ranks[0], np.argsort(np.argsort(o.flatten().numpy())))
+                for o in (original, original.flip(-1), original.flip(-2), original.flip(-1).flip(-2))]
+        assert any(same)

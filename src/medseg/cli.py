@@ -17,6 +17,8 @@ TRAIN_OPTIONS = [
     ("--binary-masks", bool, "treat every non-zero mask value as foreground (instance masks)"),
     ("--color", str, "keep RGB channels (keep) or convert to luminance (gray)"),
     ("--class-names", "list", "comma-separated class names, background first"),
+    ("--regions", str, "train on label sets with a sigmoid each: 'brats' (whole tumour, tumour core, enhancing) "
+                       "or 'NAME=1,2,3;NAME=1,3'"),
     ("--dims", int, "2: train on slices (default); 3: train a 3D U-Net on patches of whole volumes"),
     ("--axis", int, "volumes are cut into 2D slices along this axis (default: last)"),
     ("--size", int, "slice size for training (default 128)"),
@@ -41,6 +43,7 @@ TRAIN_OPTIONS = [
     ("--steps-per-epoch", int, "batches per epoch (default: one pass, at least 50)"),
     ("--patience", int, "early stopping patience in epochs; 0 = off"),
     ("--no-augment", bool, "switch augmentation off"),
+    ("--rotate90", bool, "also rotate training samples by multiples of 90 degrees (data with no up, e.g. EM)"),
     ("--val-fraction", float, "share of cases for validation (default 0.2)"),
     ("--folds", int, "k-fold cross-validation: number of folds"),
     ("--fold", int, "k-fold cross-validation: which fold validates"),
@@ -82,6 +85,10 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
             continue
         if key == "no_augment":
             cfg.augment = False
+        elif key == "regions":
+            from medseg.regions import parse_regions
+
+            cfg.regions = parse_regions(value)
         elif key == "class_names":
             cfg.class_names = [n.strip() for n in value.split(",")]
         elif key == "patch":

@@ -28,6 +28,7 @@ class TrainConfig:
     binary_masks: bool = False
     color: str = "keep"  # keep RGB channels, or "gray"
     class_names: list[str] | None = None
+    regions: dict[str, list[int]] | None = None  # region-based training (e.g. BraTS): name -> labels, sigmoid each
     # preprocessing: the seed's 2D recipe
     dims: int = 2  # 2: slices of volumes (or 2D images); 3: whole volumes, trained on patches
     axis: int = -1  # volumes are cut into 2D slices along this spatial axis
@@ -59,6 +60,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: one pass over the training slices, at least 50 batches
     patience: int = 10  # early stopping on validation Dice; 0 switches it off
     augment: bool = True
+    rotate90: bool = False  # also rotate training samples by multiples of 90 degrees (EM, microscopy)
     # split
     val_fraction: float = 0.2
     folds: int = 0
@@ -97,6 +99,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise MedsegError(message)
+        if self.regions:
+            from medseg.regions import check_regions
+
+            if self.loss != "dice_ce":
+                raise MedsegError(f"--loss {self.loss}: region-based training uses BCE + soft Dice per region; "
+                                  "leave --loss at dice_ce")
+            self.regions = check_regions(self.regions)
         return self
 
     @property

@@ -24,6 +24,7 @@ class LoadedCase:
     case_id: str
     image: Image  # array normalised as configured, (C, *spatial)
     label: np.ndarray  # (*spatial) uint8 class indices
+    roi: np.ndarray | None = None  # (*spatial) bool: where metrics count (None: everywhere)
 
 
 def read_case_image(paths: list, color: str) -> Image:
@@ -52,12 +53,24 @@ def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True)
         raise MedsegError(f"{case.mask}: spacing, orientation or origin differ from the image {case.images[0]} "
                           "(affines differ); resample the mask onto the image grid")
     label = labels_to_classes(mask.array, case.mask, cfg.binary_masks)
+    roi = _read_roi(case, image.spatial_shape)
     image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
     if resample and cfg.target_spacing and image.ndim == 3:
         shape = resampled_shape(image.spatial_shape, image.spacing, cfg.target_spacing)
         image.array, label = resize_volume(image.array, shape), resize_volume(label, shape, label=True)
         image.spacing = tuple(float(t) for t in cfg.target_spacing)
-    return LoadedCase(case.case_id, image, label)
+        roi = None if roi is None else resize_volume(roi.astype(np.uint8), shape, label=True).astype(bool)
+    return LoadedCase(case.case_id, image, label, roi)
+
+
+def _read_roi(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:
+    if case.roi is None:
+        return None
+    roi = read_image(case.roi)
+    if roi.spatial_shape != shape:
+        raise MedsegError(f"{case.roi}: region-of-interest shape {roi.spatial_shape} differs from the image "
+                          f"{case.images[0]} {shape}")
+    return roi.array.max(0) > 0
 
 
 def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list[LoadedCase]:
@@ -79,7 +92,7 @@ def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list
 def stack_and_augment(pairs: list, cfg: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(image (1, C, ...), label (1, ...)) samples -> one augmented batch."""
     image, label = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    return augment(image, label, generator) if cfg.augment else (image, label)
+    return augment(image, label, generator, rotate90=cfg.rotate90) if cfg.augment else (image, label)
 
 
 class SliceSampler:

@@ -6,7 +6,9 @@ Layouts, tried in this order:
       directly in DATA or one level below it (e.g. `train/image`, `train/label`), matched by file name;
   (c) a CSV manifest with columns `image`, `mask` (or `label`) and an optional `case_id`;
   (d) BraTS: one folder per case holding `<case>_{flair,t1,t1ce,t2}.nii.gz` (any subset, the same in every case)
-      and `<case>_seg.nii.gz`; modalities are stacked as channels in that fixed order.
+      and `<case>_seg.nii.gz`; modalities are stacked as channels in that fixed order;
+  (e) DRIVE: `images/NN_*.tif`, `1st_manual/NN_manual1.gif` (the labels) and optionally `mask/NN_*_mask.gif`, the
+      field of view: a region of interest outside which nothing is scored. Found in DATA or one level below.
 """
 from __future__ import annotations
 
@@ -25,16 +27,19 @@ IMAGE_DIR_NAMES = ("images", "image", "img", "imgs", "imagesTr")
 MASK_DIR_NAMES = ("labels", "label", "masks", "mask", "gt", "groundtruth", "ground_truth", "labelsTr")
 MASK_SUFFIXES = ("", "_mask", "_label", "_labels", "_seg", "_gt", "_manual1")
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+DRIVE_LABELS = "1st_manual"
 BRATS_LABELS = ["background", "necrosis", "edema", "non-enhancing", "enhancing"]
 
 
 @dataclass
 class Case:
-    """One labelled case: its image file(s) (one per channel) and its mask file."""
+    """One labelled case: its image file(s) (one per channel), its mask file and, where the dataset has one, a
+    region-of-interest file (e.g. DRIVE's field of view): metrics count only the pixels inside it."""
 
     case_id: str
     images: list[Path]
     mask: Path
+    roi: Path | None = None
 
 
 @dataclass
@@ -63,6 +68,8 @@ def find_cases(data: str | Path, images: str | None = None, masks: str | None = 
         dataset = _from_msd(root)
     elif any(root.glob("*/*_seg.nii*")):
         dataset = _from_brats(root)
+    elif (root / DRIVE_LABELS).is_dir() or any(root.glob(f"*/{DRIVE_LABELS}")):
+        dataset = _from_drive(root if (root / DRIVE_LABELS).is_dir() else next(root.glob(f"*/{DRIVE_LABELS}")).parent)
     else:
         dataset = _from_detected_pairs(root)
     if not dataset.cases:
@@ -122,6 +129,17 @@ def _from_brats(root: Path) -> Dataset:
                               "the same modalities, so add or remove files, or leave this case out")
         cases.append(Case(folder.name, [files[m] for m in present], files["seg"]))
     return Dataset(cases, list(BRATS_LABELS), "brats", root, list(expected or []))
+
+
+def _from_drive(folder: Path) -> Dataset:
+    """DRIVE names files by a leading case number: `21_training.tif`, `21_manual1.gif`, `21_training_mask.gif`."""
+    def by_number(sub: str) -> dict[str, Path]:
+        path = folder / sub
+        return {p.name.split("_")[0]: p for p in path.iterdir() if is_supported(p)} if path.is_dir() else {}
+
+    images, labels, rois = by_number("images"), by_number(DRIVE_LABELS), by_number("mask")
+    cases = [Case(n, [images[n]], labels[n], rois.get(n)) for n in images if n in labels]
+    return Dataset(_natural_sort(cases), ["background", "vessel"], "drive", folder)
 
 
 def _from_detected_pairs(root: Path) -> Dataset:

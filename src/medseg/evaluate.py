@@ -22,7 +22,7 @@ from medseg.data import load_case
 from medseg.datasets import find_cases
 from medseg.errors import MedsegError
 from medseg.infer import predict_labels
-from medseg.metrics import METRICS, case_metrics
+from medseg.metrics import METRICS, scored_metrics
 from medseg.report import most_informative_slice, plot_case
 
 
@@ -66,14 +66,16 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
                               f"({len(names)} classes); evaluate on data labelled like the training data")
         pred = predict_labels(trained, loaded.image.array, spacing=loaded.image.spacing)
-        per_class = case_metrics(pred, loaded.label, len(names))
-        for k, metrics in per_class.items():
-            rows.append({"case": case.case_id, "class": names[k], **metrics})
+        scores = scored_metrics(pred, loaded.label, names, cfg.regions, loaded.roi)
+        for name, metrics in scores.items():
+            rows.append({"case": case.case_id, "class": name, **metrics})
         if len(shown) < figures:
-            dice = ", ".join(f"{names[k]} {m['dice']:.3f}" for k, m in per_class.items())
+            dice = ", ".join(f"{name} {m['dice']:.3f}" for name, m in scores.items())
             title = f"case {case.case_id}: Dice {dice}"
             shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", title))
-    summary = summarise(rows, names[1:], source, trained.run)
+    summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, trained.run)
+    if any(c.roi is not None for c in cases):
+        summary["region_of_interest"] = "metrics count only the pixels inside each case's region of interest"
     _write_outputs(out, rows, summary)
     return summary
 

@@ -15,20 +15,23 @@ from medseg.checkpoint import TrainedModel
 from medseg.errors import MedsegError
 from medseg.io import Image
 from medseg.postprocess import keep_largest_component
+from medseg.regions import paint
 from medseg.transforms import normalize, pad_or_crop, resampled_shape, resize_image, resize_volume, to_slices
 
 
 @torch.no_grad()
 def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities (K, *spatial) float32 for a normalised image (C, *spatial).
+    """Class probabilities (K, *spatial) float32 for a normalised image (C, *spatial); for a region-based run,
+    one independent (sigmoid) probability per region (R, *spatial).
 
     fit="resize": each slice is resized to the training size and probabilities resized back (bilinear);
     fit="pad": the network runs on slices at their native size (zero-padded up to the training size).
     """
-    cfg, model = trained.config, trained.model
+    cfg, model, sigmoid = trained.config, trained.model, bool(trained.config.regions)
     if cfg.dims == 3:
         volume = torch.from_numpy(np.ascontiguousarray(array))[None].to(trained.device)
-        return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=cfg.mirror_tta).cpu().numpy()
+        return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=cfg.mirror_tta,
+                              sigmoid=sigmoid).cpu().numpy()
     slices = to_slices(array, cfg.axis)
     native = slices[0].shape[-2:]
     out = []
@@ -36,9 +39,9 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
         batch = torch.from_numpy(np.stack(slices[start:start + batch_size])).to(trained.device)
         if cfg.fit == "resize":
             probs = resize_image(forward_probabilities(model, resize_image(batch, (cfg.size, cfg.size)),
-                                                       cfg.mirror_tta), native)
+                                                       cfg.mirror_tta, sigmoid), native)
         else:
-            probs = _at_least_training_size(model, batch, cfg.size, cfg.mirror_tta)
+            probs = _at_least_training_size(model, batch, cfg.size, cfg.mirror_tta, sigmoid)
         out.append(probs.cpu().numpy())
     probs = np.concatenate(out, 0)  # (S, K, H, W)
     if array.ndim == 3:
@@ -46,13 +49,16 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     return np.moveaxis(probs, 0, 1 + cfg.axis % 3)
 
 
-def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: bool = False) -> torch.Tensor:
-    """Softmax of the model for (B, C, *spatial); with `mirror`, averaged over every combination of flips."""
+def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: bool = False,
+                          sigmoid: bool = False) -> torch.Tensor:
+    """Softmax (or, for region outputs, sigmoid) of the model for (B, C, *spatial); with `mirror`, averaged over
+    every combination of flips."""
     axes = list(range(2, batch.ndim))
     combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if mirror else [()]
     total = None
     for flip in combos:
-        probs = model(batch.flip(flip) if flip else batch).softmax(1)
+        logits = model(batch.flip(flip) if flip else batch)
+        probs = logits.sigmoid() if sigmoid else logits.softmax(1)
         probs = probs.flip(flip) if flip else probs
         total = probs if total is None else total + probs
     return total / len(combos)
@@ -64,11 +70,12 @@ def _crop_centre(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor
     return tensor[(..., *(slice(b, b + s) for b, s in zip(starts, spatial)))]
 
 
-def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: bool) -> torch.Tensor:
+def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: bool,
+                            sigmoid: bool = False) -> torch.Tensor:
     """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
     h, w = batch.shape[-2:]
     padded, _ = pad_or_crop(batch, None, (max(h, size), max(w, size)))
-    return _crop_centre(forward_probabilities(model, padded, mirror), (h, w))
+    return _crop_centre(forward_probabilities(model, padded, mirror, sigmoid), (h, w))
 
 
 def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -91,7 +98,7 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 @torch.no_grad()
 def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[int, ...], overlap: float = 0.5,
-                   batch_size: int = 2, mirror: bool = False) -> torch.Tensor:
+                   batch_size: int = 2, mirror: bool = False, sigmoid: bool = False) -> torch.Tensor:
     """Gaussian-weighted sliding-window probabilities (K, *spatial) for one input (1, C, *spatial).
 
     Inputs smaller than the patch are zero-padded (as training patches are) and the result cropped back.
@@ -105,7 +112,7 @@ def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[in
     for first in range(0, len(corners), batch_size):
         chunk = corners[first:first + batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
-        probs = forward_probabilities(model, torch.cat([padded[(..., *w)] for w in windows]), mirror)
+        probs = forward_probabilities(model, torch.cat([padded[(..., *w)] for w in windows]), mirror, sigmoid)
         if total is None:
             total = torch.zeros((probs.shape[1], *padded.shape[2:]), device=volume.device)
         for window, p in zip(windows, probs):
@@ -129,10 +136,17 @@ def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool =
                    spacing: tuple[float, ...] | None = None) -> np.ndarray:
     """Class indices (*spatial) uint8 for a normalised image (C, *spatial) on its own grid (see
     `native_probabilities`), with the run's chosen post-processing."""
-    labels = native_probabilities(trained, array, spacing).argmax(0).astype(np.uint8)
+    labels = to_labels(native_probabilities(trained, array, spacing), trained)
     if postprocess and trained.postprocess_classes:
         labels = keep_largest_component(labels, trained.postprocess_classes)
     return labels
+
+
+def to_labels(probs: np.ndarray, trained: TrainedModel) -> np.ndarray:
+    """Probabilities -> label map (*spatial) uint8: argmax over classes, or regions above 0.5 painted largest
+    first (see `medseg.regions`)."""
+    regions = trained.config.regions
+    return paint(probs > 0.5, regions) if regions else probs.argmax(0).astype(np.uint8)
 
 
 def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np.ndarray:
@@ -152,7 +166,7 @@ def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np
     if len(models) == 1:
         return predict_labels(first, array, spacing=image.spacing)
     probs = sum(native_probabilities(m, array, image.spacing) for m in models) / len(models)
-    labels = probs.argmax(0).astype(np.uint8)
+    labels = to_labels(probs, first)
     votes = [k for k in range(1, len(first.class_names)) if 2 * sum(k in m.postprocess_classes for m in models)
              >= len(models)]
     return keep_largest_component(labels, votes) if votes else labels

@@ -57,7 +57,11 @@ def deep_supervision_loss(loss_fn, outputs: list[torch.Tensor], target: torch.Te
     return total
 
 
-def make_loss(name: str, num_classes: int):
+def make_loss(name: str, num_classes: int, regions: dict | None = None):
+    if regions:
+        from medseg.regions import region_loss
+
+        return lambda logits, target: region_loss(logits, target, regions)
     if name == "bce" and num_classes != 2:
         raise MedsegError(f"--loss bce is for one foreground class; this dataset has {num_classes - 1}: use ce")
     if name in ("ce", "bce"):

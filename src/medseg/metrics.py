@@ -45,16 +45,28 @@ def metrics_from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str,
     }
 
 
-def case_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[int, dict[str, float]]:
-    """Metrics for each foreground class (1..K-1) of one case."""
+def case_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
+                 roi: np.ndarray | None = None) -> dict[int, dict[str, float]]:
+    """Metrics for each foreground class (1..K-1) of one case; with a boolean `roi` of the same shape, only the
+    pixels inside it count (e.g. DRIVE's field of view)."""
+    if roi is not None:
+        if roi.shape != target.shape:
+            raise ValueError(f"region of interest {roi.shape} and target {target.shape} differ in shape")
+        pred, target = pred[roi], target[roi]
     counts = confusion(pred, target, num_classes)
     return {k: metrics_from_counts(*counts[k].tolist()) for k in range(1, num_classes)}
 
 
-def pixel_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
-    """Fraction of pixels with the right label, all classes together."""
-    return float((pred == target).mean())
+def scored_metrics(pred: np.ndarray, target: np.ndarray, class_names: list[str], regions: dict | None = None,
+                   roi: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Metrics by name for what a run is scored on: each foreground class, or each region (a set of labels,
+    e.g. BraTS whole tumour = labels 1-4) read from the label maps."""
+    if not regions:
+        return {class_names[k]: m for k, m in case_metrics(pred, target, len(class_names), roi).items()}
+    scores = {}
+    for name, labels in regions.items():
+        scores[name] = case_metrics(np.isin(pred, labels).astype(np.uint8), np.isin(target, labels).astype(np.uint8),
+                                    2, roi)[1]
+    return scores
 
 
-def mean_foreground_dice(per_class: dict[int, dict[str, float]]) -> float:
-    return float(np.mean([m["dice"] for m in per_class.values()]))

@@ -23,13 +23,16 @@ def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray
     return out
 
 
-def choose_classes(predictions: list[np.ndarray], truths: list[np.ndarray], num_classes: int) -> dict:
-    """Per foreground class: mean validation Dice without and with the rule; `classes` lists where it helped."""
+def choose_classes(predictions: list[np.ndarray], truths: list[np.ndarray], num_classes: int,
+                   rois: list | None = None) -> dict:
+    """Per foreground class: mean validation Dice without and with the rule; `classes` lists where it helped.
+    `rois` (one boolean array or None per case) restricts scoring to each case's region of interest."""
     report, chosen = {}, []
+    rois = rois or [None] * len(truths)
     for k in range(1, num_classes):
-        before = [case_metrics(p, t, num_classes)[k]["dice"] for p, t in zip(predictions, truths)]
-        after = [case_metrics(keep_largest_component(p, [k]), t, num_classes)[k]["dice"]
-                 for p, t in zip(predictions, truths)]
+        before = [case_metrics(p, t, num_classes, r)[k]["dice"] for p, t, r in zip(predictions, truths, rois)]
+        after = [case_metrics(keep_largest_component(p, [k]), t, num_classes, r)[k]["dice"]
+                 for p, t, r in zip(predictions, truths, rois)]
         report[str(k)] = {"dice_without": float(np.mean(before)), "dice_with": float(np.mean(after))}
         if np.mean(after) > np.mean(before):
             chosen.append(k)

@@ -26,10 +26,11 @@ from medseg.config import TrainConfig
 from medseg.data import LoadedCase, PatchSampler, SliceSampler, load_cases
 from medseg.datasets import Dataset, find_cases, split_cases
 from medseg.errors import MedsegError
-from medseg.infer import predict_probabilities
+from medseg.infer import predict_probabilities, to_labels
 from medseg.losses import deep_supervision_loss, make_loss
-from medseg.metrics import case_metrics, confusion, mean_foreground_dice, metrics_from_counts
+from medseg.metrics import confusion, metrics_from_counts, scored_metrics
 from medseg.models import create_model
+from medseg.regions import region_masks, region_targets
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "train_dice", "val_dice", "train_iou", "val_iou",
                    "train_accuracy", "val_accuracy", "lr", "seconds", "elapsed"]
@@ -81,14 +82,14 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     device = resolve_device(cfg.device)
     dataset, split, train_cases, val_cases, class_names = prepare_data(cfg)
     in_channels = train_cases[0].image.array.shape[0]
-    loss_fn = make_loss(cfg.loss, len(class_names))
+    loss_fn = make_loss(cfg.loss, len(class_names), cfg.regions)
     run = create_run_dir(cfg.out, overwrite)
     cfg.save(run / "config.json")
     (run / "split.json").write_text(json.dumps(split, indent=2))
     (run / "dataset.json").write_text(json.dumps({
         "data": str(cfg.data), "layout": dataset.layout, "class_names": class_names, "in_channels": in_channels,
         "train_cases": len(train_cases), "val_cases": len(val_cases)}, indent=2))
-    model_args = cfg.model_args(in_channels, len(class_names))
+    model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
     model = create_model(cfg.model, **model_args).to(device)
     trained = TrainedModel(model, cfg, class_names, in_channels, run, device)
     sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
@@ -123,8 +124,14 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
     from medseg.postprocess import choose_classes
 
     trained = load_run(run, device=str(device))
+    if trained.config.regions:
+        decision = {"rule": "keep largest connected component", "classes": [],
+                    "validation": "not tried: region-based runs keep their predictions as they are"}
+        (run / "postprocessing.json").write_text(json.dumps(decision, indent=2))
+        return []
     predictions = [predict_labels(trained, case.image.array, postprocess=False) for case in val_cases]
-    decision = choose_classes(predictions, [case.label for case in val_cases], len(trained.class_names))
+    decision = choose_classes(predictions, [case.label for case in val_cases], len(trained.class_names),
+                              [case.roi for case in val_cases])
     (run / "postprocessing.json").write_text(json.dumps(decision, indent=2))
     return decision["classes"]
 
@@ -197,9 +204,9 @@ class _Loop:
                 "stopped": reason}
 
     def train_epoch(self, epoch: int) -> dict:
-        model, num_classes = self.trained.model, len(self.trained.class_names)
+        model = self.trained.model
         model.train()
-        counts = np.zeros((num_classes, 4))
+        counts, pixels, correct = None, 0, 0
         losses, stopped, lr = [], False, self.cfg.lr
         bar = tqdm(self.sampler.epoch_batches(self.steps), total=self.steps, desc=f"epoch {epoch}",
                    disable=not self.cfg.progress, leave=False)
@@ -218,30 +225,47 @@ class _Loop:
             loss.backward()
             self.optimizer.step()
             losses.append(loss.item())
-            counts += confusion(logits.argmax(1).cpu().numpy(), label.cpu().numpy(), num_classes)
+            batch_counts, batch_correct = self.batch_counts(logits.detach(), label)
+            counts = batch_counts if counts is None else counts + batch_counts
+            pixels, correct = pixels + label.numel(), correct + batch_correct
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        pooled = [metrics_from_counts(*counts[k]) for k in range(1, num_classes)]
+        pooled = [metrics_from_counts(*row) for row in counts]
         return {"train_loss": float(np.mean(losses)), "train_dice": float(np.mean([m["dice"] for m in pooled])),
                 "train_iou": float(np.mean([m["iou"] for m in pooled])),
-                # every pixel is a TP of exactly one class; row 0 holds the pixel total
-                "train_accuracy": float(counts[:, 0].sum() / max(counts[0].sum(), 1)), "lr": lr, "stopped": stopped}
+                "train_accuracy": correct / max(pixels, 1), "lr": lr, "stopped": stopped}
+
+    def batch_counts(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[np.ndarray, int]:
+        """TP/FP/FN/TN per scored foreground class (or region) of one batch, and its correctly labelled pixels
+        (for regions: pixels whose every region is right)."""
+        regions = self.cfg.regions
+        if regions:
+            pred, target = (logits > 0).cpu().numpy(), region_targets(label, regions).bool().cpu().numpy()
+            counts = np.stack([confusion(p.astype(np.uint8), t.astype(np.uint8), 2)[1]
+                               for p, t in zip(pred.swapaxes(0, 1), target.swapaxes(0, 1))])
+            return counts, int((pred == target).all(1).sum())
+        pred, target = logits.argmax(1).cpu().numpy(), label.cpu().numpy()
+        return confusion(pred, target, len(self.trained.class_names))[1:], int((pred == target).sum())
 
     @torch.no_grad()
     def validate(self) -> dict:
         """Loss and metrics per validation case at the case's own resolution, then averaged over cases."""
         self.trained.model.eval()
-        num_classes = len(self.trained.class_names)
         losses, dice, iou, accuracy = [], [], [], []
         for case in self.val_cases:
             probs = predict_probabilities(self.trained, case.image.array)
             target = torch.from_numpy(case.label.astype(np.int64))[None]
-            log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-7))[None]
-            losses.append(float(self.loss_fn(log_probs, target)))  # softmax(log p) = p: the same loss
-            pred = probs.argmax(0)
-            per_class = case_metrics(pred, case.label, num_classes)
-            dice.append(mean_foreground_dice(per_class))
-            iou.append(float(np.mean([m["iou"] for m in per_class.values()])))
-            accuracy.append(float((pred == case.label).mean()))
+            p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)[None]
+            # logits that give back p: softmax(log p) = p, sigmoid(log p - log(1 - p)) = p
+            logits = torch.log(p) - torch.log1p(-p) if self.cfg.regions else torch.log(p)
+            losses.append(float(self.loss_fn(logits, target)))
+            pred = to_labels(probs, self.trained)
+            scores = scored_metrics(pred, case.label, self.trained.class_names, self.cfg.regions, case.roi)
+            dice.append(float(np.mean([m["dice"] for m in scores.values()])))
+            iou.append(float(np.mean([m["iou"] for m in scores.values()])))
+            inside = np.ones(case.label.shape, bool) if case.roi is None else case.roi
+            right = ((region_masks(pred, self.cfg.regions) == region_masks(case.label, self.cfg.regions)).all(0)
+                     if self.cfg.regions else pred == case.label)
+            accuracy.append(float(right[inside].mean()))
         return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(dice)),
                 "val_iou": float(np.mean(iou)), "val_accuracy": float(np.mean(accuracy))}
 

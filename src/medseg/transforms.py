@@ -129,11 +129,13 @@ def pad_or_crop(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int
 
 def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
             affine_p: float = 0.3, max_rotation_deg: float = 15.0, max_scale: float = 0.15,
-            intensity_p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips along every axis, 90-degree rotations in the last plane when it is square, a small affine
-    (2D only) and intensity jitter, per sample. The same spatial transform is applied to image and label.
+            intensity_p: float = 0.5, rotate90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips along every axis, a small affine (2D only), intensity jitter and, with `rotate90`, 90-degree
+    rotations in the last plane when it is square, per sample. The same spatial transform is applied to image
+    and label. Rotations by 90 degrees suit data without a canonical orientation (EM, microscopy); for anatomy
+    they ask the network to learn every orientation of a structure it only ever meets one way.
 
-    image: (B, C, *spatial) in roughly [0, 1]; label: (B, *spatial); 2D or 3D.
+    image: (B, C, *spatial), any normalisation; label: (B, *spatial); 2D or 3D.
     """
     def rand(*shape):
         return torch.rand(shape, generator=generator)
@@ -145,7 +147,7 @@ def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
         for axis in range(-spatial, 0):
             if rand(1) < 0.5:
                 image[i], label[i] = image[i].flip(axis), label[i].flip(axis)
-        if square:
+        if square and rotate90:
             k = int(rand(1) * 4) % 4
             image[i], label[i] = image[i].rot90(k, (-2, -1)), label[i].rot90(k, (-2, -1))
     if spatial == 2:
@@ -156,9 +158,24 @@ def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
         contrast = 1 + (rand(*shape) - 0.5) * 0.4
         brightness = (rand(*shape) - 0.5) * 0.2
         gamma = torch.exp((rand(*shape) - 0.5) * 0.6)
-        jittered = (image.clamp(min=0) ** gamma) * contrast + brightness
+        jittered = _gamma(image, gamma) * contrast + brightness * _spread(image)
         image = torch.where(jitter.view(shape), jittered, image)
     return image, label
+
+
+def _spread(image: torch.Tensor) -> torch.Tensor:
+    """Per-sample intensity range (B, 1, ...): jitter scales with it, so [0, 1] and z-scored data both work."""
+    flat = image.flatten(1)
+    span = flat.amax(1) - flat.amin(1)
+    return span.clamp(min=1e-6).view((-1,) + (1,) * (image.ndim - 1))
+
+
+def _gamma(image: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Gamma on each sample rescaled to [0, 1] and mapped back to its own range (as nnU-Net), so negative
+    z-scored intensities are curved, not clipped away."""
+    low = image.flatten(1).amin(1).view((-1,) + (1,) * (image.ndim - 1))
+    span = _spread(image)
+    return ((image - low) / span) ** gamma * span + low
 
 
 def _random_affine(image, label, rand, p, max_rotation_deg, max_scale):
