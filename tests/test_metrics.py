@@ -76,3 +76,43 @@ def test_region_of_interest_limits_what_counts():
     assert case_metrics(pred, target, 2, roi)[1]["accuracy"] == 1.0
     with pytest.raises(ValueError):
         case_metrics(pred, target, 2, roi[:1])
+
+
+def _brute_force_hd95(a, b, spacing):
+    """Reference: every boundary point against every other, no distance transform."""
+    from scipy import ndimage
+
+    def edge(m):
+        return np.argwhere(m & ~ndimage.binary_erosion(m, ndimage.generate_binary_structure(m.ndim, 1)))
+
+    pa, pb = edge(a) * np.array(spacing), edge(b) * np.array(spacing)
+    d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
+    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 0.7, 1.2)])
+def test_hd95_matches_brute_force_in_mm(spacing):
+    from medseg.metrics import hd95
+
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        a = np.zeros((12, 14, 10), bool)
+        b = np.zeros_like(a)
+        a[2:8, 3:11, 2:7] = True
+        b[3:9, 2:10, 3:9] = True
+        a &= rng.random(a.shape) > 0.1
+        assert hd95(a, b, spacing) == pytest.approx(_brute_force_hd95(a, b, spacing), abs=1e-9)
+    square = np.zeros((20, 20), bool)
+    square[5:15, 5:15] = True
+    assert hd95(square, square, (1, 1)) == 0
+    assert hd95(square, np.roll(square, 2, axis=0), (0.5, 1)) == pytest.approx(1.0)  # 2 rows of 0.5 mm
+    assert math.isnan(hd95(square, np.zeros_like(square)))
+
+
+def test_scored_metrics_with_boundary_per_class():
+    from medseg.metrics import scored_metrics
+
+    target = np.zeros((10, 10), np.uint8)
+    target[2:5, 2:5], target[6:9, 6:9] = 1, 2
+    scores = scored_metrics(target, target, ["background", "a", "b"], spacing=(1, 1), boundary=True)
+    assert list(scores) == ["a", "b"] and all(s["dice"] == 1 and s["hd95"] == 0 for s in scores.values())

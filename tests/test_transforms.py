@@ -76,3 +76,14 @@ def test_rotations_only_when_asked_and_jitter_keeps_negative_intensities():
         same = [np.array_equal(ranks[0], np.argsort(np.argsort(o.flatten().numpy())))
                 for o in (original, original.flip(-1), original.flip(-2), original.flip(-1).flip(-2))]
         assert any(same)
+
+
+def test_context_slices_stack_neighbours_as_channels():
+    volume = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)  # (C, D, H, W)
+    plain = to_slices(volume, axis=0)
+    stacked = to_slices(volume, axis=0, context=1)
+    assert len(stacked) == 3 and stacked[0].shape == (6, 2, 2)
+    # channel-major: for each image channel, slices i-1, i, i+1 (the edge slice repeated at the ends)
+    assert np.array_equal(stacked[1], np.concatenate([volume[0, 0:3], volume[1, 0:3]]))
+    assert np.array_equal(stacked[0][[0, 1, 2]], volume[0, [0, 0, 1]])
+    assert np.array_equal(stacked[1][[1, 4]], plain[1])

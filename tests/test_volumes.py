@@ -122,3 +122,19 @@ def test_deep_supervision_trains(phantoms_3d, tmp_path):
     trained = load_run(run)
     assert trained.model.deep_supervision and len(trained.model.aux_heads) == 1
     assert predict_probabilities(trained, np.random.rand(1, 16, 16, 16).astype(np.float32)).shape == (3, 16, 16, 16)
+
+
+def test_context_run_trains_and_predicts_volumes(phantoms_3d, tmp_path):
+    from medseg.checkpoint import load_run
+    from medseg.io import read_image
+    from medseg.datasets import find_cases
+    from medseg.infer import predict_image
+    from medseg.train import train
+
+    run = train(tiny_config(phantoms_3d, tmp_path / "ctx", fit="pad", context=2))
+    trained = load_run(run)
+    assert trained.in_channels == 1 and trained.model.encoder[0][0].in_channels == 5
+    image = read_image(find_cases(phantoms_3d).cases[0].images[0])
+    assert predict_image(trained, image).shape == image.spatial_shape
+    with pytest.raises(MedsegError, match="--context"):
+        tiny_config(phantoms_3d, tmp_path / "bad", dims=3, context=1).validate()

@@ -21,6 +21,7 @@ TRAIN_OPTIONS = [
                        "or 'NAME=1,2,3;NAME=1,3'"),
     ("--dims", int, "2: train on slices (default); 3: train a 3D U-Net on patches of whole volumes"),
     ("--axis", int, "volumes are cut into 2D slices along this axis (default: last)"),
+    ("--context", int, "2D on volumes: neighbouring slices on each side as extra channels (2.5D; default 0)"),
     ("--size", int, "slice size for training (default 128)"),
     ("--fit", str, f"how slices reach that size: {' or '.join(FITS)}"),
     ("--patch", "intlist", "3D training patch, e.g. 40,56,40 (default: size^3)"),

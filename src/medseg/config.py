@@ -32,6 +32,7 @@ class TrainConfig:
     # preprocessing: the seed's 2D recipe
     dims: int = 2  # 2: slices of volumes (or 2D images); 3: whole volumes, trained on patches
     axis: int = -1  # volumes are cut into 2D slices along this spatial axis
+    context: int = 0  # 2D on volumes: neighbouring slices on each side given as extra channels (2.5D)
     size: int = 128
     fit: str = "resize"  # "resize" every slice to size x size, or "pad": pad/crop to size, predict at full size
     normalization: str = "percentile"  # or zscore, ct, unit: see medseg.transforms.normalize
@@ -94,6 +95,8 @@ class TrainConfig:
             (0 < self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must lie between 0 and 1"),
             (self.batch_size >= 1 and self.epochs >= 1, "--batch-size and --epochs must be at least 1"),
             (self.axis in (-3, -2, -1, 0, 1, 2), f"--axis {self.axis}: a volume has axes 0, 1, 2"),
+            (self.context == 0 or (self.context > 0 and self.dims == 2),
+             f"--context {self.context}: neighbouring slices are for 2D training on volumes (--dims 2)"),
             (self.time_budget is None or self.time_budget > 0, "--time-budget must be positive (minutes)"),
         ]
         for ok, message in checks:
@@ -134,6 +137,7 @@ class TrainConfig:
         return cls(**values)
 
     def model_args(self, in_channels: int, num_classes: int) -> dict:
-        return {"in_channels": in_channels, "num_classes": num_classes, "base_channels": self.base_channels,
+        """Network arguments for images of `in_channels` channels (times the 2.5D stack of slices)."""
+        return {"in_channels": in_channels * (2 * self.context + 1), "num_classes": num_classes, "base_channels": self.base_channels,
                 "depth": self.depth, "dropout": self.dropout, "spatial_dims": self.dims, "norm": self.norm,
                 "activation": self.activation, "deep_supervision": self.deep_supervision}

@@ -106,7 +106,7 @@ class SliceSampler:
         self.cfg, self.generator = cfg, generator
         images, labels = [], []
         for case in cases:
-            images += to_slices(case.image.array, cfg.axis)
+            images += to_slices(case.image.array, cfg.axis, cfg.context)
             labels += [s[0] for s in to_slices(case.label[None], cfg.axis)]
         size = (cfg.size, cfg.size)
         if cfg.fit == "resize":

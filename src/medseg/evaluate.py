@@ -22,7 +22,9 @@ from medseg.data import load_case
 from medseg.datasets import find_cases
 from medseg.errors import MedsegError
 from medseg.infer import predict_labels
-from medseg.metrics import METRICS, scored_metrics
+from medseg.metrics import BOUNDARY_METRICS, METRICS, scored_metrics
+
+COLUMNS = METRICS + BOUNDARY_METRICS
 from medseg.report import most_informative_slice, plot_case
 
 
@@ -66,7 +68,8 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
                               f"({len(names)} classes); evaluate on data labelled like the training data")
         pred = predict_labels(trained, loaded.image.array, spacing=loaded.image.spacing)
-        scores = scored_metrics(pred, loaded.label, names, cfg.regions, loaded.roi)
+        scores = scored_metrics(pred, loaded.label, names, cfg.regions, loaded.roi, loaded.image.spacing,
+                                boundary=True)
         for name, metrics in scores.items():
             rows.append({"case": case.case_id, "class": name, **metrics})
         if len(shown) < figures:
@@ -83,13 +86,14 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
 def summarise(rows: list[dict], class_names: list[str], source: str, run: Path) -> dict:
     per_class = {}
     for name in class_names:
-        values = {m: np.array([r[m] for r in rows if r["class"] == name], dtype=float) for m in METRICS}
+        values = {m: np.array([r[m] for r in rows if r["class"] == name], dtype=float) for m in COLUMNS}
         per_class[name] = {m: _stats(v) for m, v in values.items()}
     mean_dice = float(np.mean([per_class[n]["dice"]["mean"] for n in class_names]))
     return {"run": str(run), "data": source, "cases": len({r["case"] for r in rows}), "mean_dice": mean_dice,
             "per_class": per_class,
             "policy": "Dice/IoU: both empty = 1, one empty = 0; precision/recall/specificity with a zero "
-                      "denominator are undefined (NaN) and left out of means, counted as 'undefined'"}
+                      "denominator, and HD95 (mm) with either mask empty, are undefined (NaN) and left out of "
+                      "means, counted as 'undefined'"}
 
 
 def _stats(values: np.ndarray) -> dict:
@@ -111,15 +115,15 @@ def _draw(loaded, pred: np.ndarray, axis: int, path: Path, title: str) -> Path:
 
 def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
     with open(out / "per_case.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["case", "class", *METRICS])
+        writer = csv.DictWriter(handle, fieldnames=["case", "class", *COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = [f"# Evaluation of {summary['run']}", "", f"Data: {summary['data']}; {summary['cases']} cases.", "",
              f"**Mean foreground Dice: {summary['mean_dice']:.4f}**", "",
-             "| class | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+             "| class | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, metrics in summary["per_class"].items():
-        cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" for m in METRICS]
+        cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" for m in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Empty-case policy: {summary['policy']}.", "", "Per-case values: per_case.csv."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -32,7 +32,7 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
         volume = torch.from_numpy(np.ascontiguousarray(array))[None].to(trained.device)
         return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=cfg.mirror_tta,
                               sigmoid=sigmoid).cpu().numpy()
-    slices = to_slices(array, cfg.axis)
+    slices = to_slices(array, cfg.axis, cfg.context)
     native = slices[0].shape[-2:]
     out = []
     for start in range(0, len(slices), batch_size):

@@ -52,6 +52,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
     val_cases = load_cases([c for c in dataset.cases if c.case_id in val_ids], cfg, "validation cases")
     if train_cases[0].image.array.shape[0] != val_cases[0].image.array.shape[0]:
         raise MedsegError(f"{val_cases[0].image.path}: channel count differs from the training cases; use --color gray")
+    if cfg.context and train_cases[0].image.ndim != 3:
+        raise MedsegError(f"{train_cases[0].image.path}: --context stacks neighbouring slices of volumes, and this "
+                          "dataset holds 2D images")
     if cfg.dims == 3 and train_cases[0].image.ndim != 3:
         raise MedsegError(f"{train_cases[0].image.path}: --dims 3 trains on volumes, and this dataset holds 2D images")
     largest = max(int(c.label.max()) for c in train_cases + val_cases)

@@ -71,12 +71,16 @@ def resize_volume(array: np.ndarray, shape: tuple[int, ...], label: bool = False
     return F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0].numpy()
 
 
-def to_slices(array: np.ndarray, axis: int) -> list[np.ndarray]:
-    """(C, *spatial) -> list of (C, H, W). A 2D image is one slice; a volume is cut along spatial `axis`."""
+def to_slices(array: np.ndarray, axis: int, context: int = 0) -> list[np.ndarray]:
+    """(C, *spatial) -> list of (C * (2 * context + 1), H, W). A 2D image is one slice; a volume is cut along
+    spatial `axis`, and with `context` each slice brings its neighbours on both sides as extra channels
+    ("2.5D": some 3D context at 2D cost; at the volume's ends the edge slice is repeated)."""
     if array.ndim == 3:
         return [array]
     moved = np.moveaxis(array, 1 + (axis % 3), 1)
-    return [np.ascontiguousarray(moved[:, i]) for i in range(moved.shape[1])]
+    n = moved.shape[1]
+    return [np.ascontiguousarray(moved[:, np.clip(np.arange(i - context, i + context + 1), 0, n - 1)]
+                                 .reshape(-1, *moved.shape[2:])) for i in range(n)]
 
 
 def from_slices(slices: list[np.ndarray], axis: int) -> np.ndarray:

@@ -1,0 +1,221 @@
+"""Accuracy on the real datasets in ../shared/datasets, each trained under a stated CPU budget; write the table.
+
+    python benchmarks/accuracy.py                          # every dataset, in order (about 95 minutes here)
+    python benchmarks/accuracy.py --only drive,dsb2018     # some of them
+    python benchmarks/accuracy.py --minutes 0.5 --out /tmp/smoke   # every step, tiny budgets (checks the script)
+
+Each dataset is trained with `medseg train` (the recipe's flags are printed in the table's commands), evaluated
+with `medseg evaluate` on the run's own held-out cases, and judged against the bar of the volumes issue.
+The DICOM row segments a DICOM series with the hippocampus run and checks the NIfTI it writes against the
+series geometry read independently with SimpleITK. Results go to docs/benchmarks/accuracy.json (merged with
+earlier results, so datasets can be re-run one at a time) and to docs/benchmarks.md between the ACCURACY
+markers, with the machine and the exact commands. Runs stay in --out for `medseg evaluate`/`predict`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.cli import main as medseg_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+DOCS = ROOT / "docs" / "benchmarks"
+
+# One recipe per dataset: a CPU-sized U-Net at native resolution (2D crops for training, whole images for
+# validation), Adam 1e-3 with a poly decay over the budget. The reasons for each choice are in docs/benchmarks.md.
+RECIPES = {
+    "isbi2012_em": {
+        "data": SHARED / "isbi2012_em", "minutes": 15,
+        "plan": "2D, native 512x512 (256 crops), width 16, depth 4, 90-degree rotations",
+        "args": "--fit pad --size 256 --base-channels 16 --depth 4 --batch-size 8 --lr 1e-3 --lr-schedule poly "
+                "--epochs 500 --steps-per-epoch 50 --patience 0 --rotate90 --class-names background,cell",
+        "reference": "U-Net (Ronneberger 2015): Rand error 0.0382, warping error 0.000353 (hidden test set)",
+    },
+    "drive": {
+        "data": SHARED / "drive", "minutes": 20,
+        "plan": "2D RGB, native 584x565 (256 crops), width 16, depth 4, 90-degree rotations",
+        "args": "--fit pad --size 256 --base-channels 16 --depth 4 --batch-size 8 --lr 1e-3 --lr-schedule poly "
+                "--epochs 500 --steps-per-epoch 50 --patience 0 --rotate90",
+        "reference": "U-Net baselines: F1 0.81-0.82, AUC 0.979 inside the FOV (DRIVE test set)",
+    },
+    "dsb2018": {
+        "data": SHARED / "dsb2018", "minutes": 15,
+        "plan": "2D RGB, nine native sizes (256 crops), instance masks as foreground, width 16, depth 4",
+        "args": "--binary-masks --class-names background,nucleus --fit pad --size 256 --base-channels 16 --depth 4 "
+                "--batch-size 8 --lr 1e-3 --lr-schedule poly --epochs 500 --steps-per-epoch 50 --patience 0 "
+                "--rotate90",
+        "reference": "no standard semantic-IoU figure (the challenge scored instance mAP)",
+    },
+    "brats2015": {
+        "data": SHARED / "brats2015", "minutes": 6,
+        "plan": "2D axial slices resized to 128, FLAIR + T1c, regions WT/TC/ET (sigmoid), width 16",
+        "args": "--regions brats --size 128 --base-channels 16 --depth 4 --batch-size 16 --lr 1e-3 "
+                "--lr-schedule poly --epochs 500 --steps-per-epoch 50 --patience 0",
+        "reference": "BraTS 2015 top methods: Dice about 0.85 / 0.70 / 0.65 (WT/TC/ET) on the challenge test set",
+    },
+    "msd_hippocampus": {
+        "data": SHARED / "msd_hippocampus" / "Task04_Hippocampus", "minutes": 30,
+        "plan": "2D slices, native (padded to 64), width 16, depth 4, mirror TTA",
+        "args": "--fit pad --size 64 --base-channels 16 --depth 4 --batch-size 32 --lr 1e-3 --lr-schedule poly "
+                "--epochs 500 --steps-per-epoch 100 --patience 0 --normalization zscore --mirror-tta",
+        "reference": "nnU-Net: Dice 0.90 / 0.89 (5-fold CV, GPU-days)",
+    },
+}
+DICOM_SERIES = SHARED / "dicom_mr_study" / "11_HCropVolume"
+
+
+def bar_for(name: str, summary: dict) -> tuple[str, str, bool]:
+    """(what the bar asks, what was measured, met?) for one dataset's evaluation summary."""
+    per_class = summary["per_class"]
+    if name == "msd_hippocampus":
+        a, p = per_class["Anterior"]["dice"]["mean"], per_class["Posterior"]["dice"]["mean"]
+        return "Dice >= 0.89 / 0.88", f"{a:.3f} / {p:.3f}", a >= 0.89 and p >= 0.88
+    if name == "drive":
+        f1 = per_class["vessel"]["dice"]["mean"]
+        return "F1 inside FOV >= 0.82", f"{f1:.3f}", f1 >= 0.82
+    if name == "isbi2012_em":
+        error = 1 - per_class["cell"]["accuracy"]["mean"]
+        return "pixel error <= 0.07", f"{error:.4f}", error <= 0.07
+    if name == "dsb2018":
+        iou = per_class["nucleus"]["iou"]["mean"]
+        return "foreground IoU >= 0.85", f"{iou:.3f}", iou >= 0.85
+    if name == "brats2015":
+        dice = " / ".join(f"{m['dice']['mean']:.3f}" for m in per_class.values())
+        return "trains, Dice per region", f"WT/TC/ET {dice}", len(per_class) == 3
+    raise KeyError(name)
+
+
+def run_dataset(name: str, out: Path, minutes: float | None) -> dict:
+    recipe = RECIPES[name]
+    budget = minutes or recipe["minutes"]
+    run = out / name
+    train_args = [str(recipe["data"]), "--out", str(run), "--overwrite", "--time-budget", f"{budget:g}", "--quiet",
+                  *shlex.split(recipe["args"])]
+    started = time.monotonic()
+    if medseg_main(["train", *train_args]) != 0:
+        raise SystemExit(f"training on {name} failed")
+    train_minutes = (time.monotonic() - started) / 60
+    started = time.monotonic()
+    if medseg_main(["evaluate", str(run), "--quiet", "--figures", "0"]) != 0:
+        raise SystemExit(f"evaluating {name} failed")
+    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    asks, measured, met = bar_for(name, summary)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "curves.png", DOCS / f"accuracy_{name}_curves.png")
+    return {
+        "dataset": name, "plan": recipe["plan"], "budget_min": budget, "train_min": round(train_minutes, 1),
+        "evaluate_min": round((time.monotonic() - started) / 60, 1),
+        "epochs": len(json.loads((run / "history.json").read_text())), "val_cases": summary["cases"],
+        "dice": {k: [v["dice"]["mean"], v["dice"]["std"]] for k, v in summary["per_class"].items()},
+        "hd95_mm": {k: [v["hd95"]["mean"], v["hd95"]["std"]] for k, v in summary["per_class"].items()},
+        "bar": asks, "measured": measured, "met": bool(met), "reference": recipe["reference"],
+        "command": "medseg train " + " ".join(shlex.quote(_relative(a)) for a in train_args),
+    }
+
+
+def run_dicom(out: Path) -> dict:
+    """Segment the DICOM series with the hippocampus run; compare the NIfTI's grid with SimpleITK's reading."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    run, target = out / "msd_hippocampus", out / "dicom_prediction"
+    if not (run / "best.pt").exists():
+        raise SystemExit(f"{run}: train the hippocampus first (--only msd_hippocampus)")
+    if medseg_main(["predict", str(run), str(DICOM_SERIES), "--out", str(target), "--quiet"]) != 0:
+        raise SystemExit("predicting the DICOM series failed")
+    written = nib.load(next(target.glob("*.nii.gz")))
+    reader = sitk.ImageSeriesReader()
+    series = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(DICOM_SERIES)))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    direction = np.array(series.GetDirection()).reshape(3, 3) * np.array(series.GetSpacing())
+    expected = np.eye(4)
+    expected[:3, :3], expected[:3, 3] = lps_to_ras @ direction, lps_to_ras @ np.array(series.GetOrigin())
+    labels = np.asarray(written.dataobj)
+    same_shape = tuple(written.shape) == tuple(series.GetSize())
+    same_affine = bool(np.allclose(written.affine, expected, atol=1e-3))
+    counts = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True)) if k}
+    return {
+        "dataset": "dicom_mr_study", "plan": "the msd_hippocampus run on series 11_HCropVolume", "budget_min": 0,
+        "series_size": list(series.GetSize()), "nifti_shape": list(written.shape), "voxels_per_label": counts,
+        "bar": "NIfTI grid = series grid", "measured": f"shape {'=' if same_shape else '!='}, affine "
+        f"{'=' if same_affine else '!='}; labels {counts}", "met": same_shape and same_affine and bool(counts),
+        "reference": "geometry read independently with SimpleITK (LPS -> RAS)",
+        "command": f"medseg predict {_relative(str(run))} {_relative(str(DICOM_SERIES))} --out "
+                   f"{_relative(str(target))}",
+    }
+
+
+def _relative(arg: str) -> str:
+    return os.path.relpath(arg, ROOT) if arg.startswith("/") else arg
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU"
+
+
+def _cells(per_class: dict, digits: int) -> str:
+    return "; ".join(f"{k} {m:.{digits}f} ± {s:.{digits}f}" for k, (m, s) in per_class.items()) or "-"
+
+
+def write_docs(results: dict) -> None:
+    lines = ["<!-- ACCURACY:START (written by benchmarks/accuracy.py) -->", f"Machine: {machine()}.", "",
+             "| dataset | plan | budget (min) | trained (min) | val cases | Dice per class (mean ± sd) | "
+             "HD95 mm (mean ± sd) | bar | measured | met | published reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        lines.append(f"| {r['dataset']} | {r['plan']} | {r['budget_min']:g} | {r.get('train_min', '-')} | "
+                     f"{r.get('val_cases', '-')} | {_cells(r.get('dice', {}), 3)} | {_cells(r.get('hd95_mm', {}), 2)} "
+                     f"| {r['bar']} | {r['measured']} | {'yes' if r['met'] else 'NO'} | {r['reference']} |")
+    lines += ["", "Commands (each run then `medseg evaluate RUN`):", ""]
+    lines += [f"- {r['dataset']}: `{r['command']}`" for r in results.values()]
+    lines += ["", "Training curves:", ""]
+    lines += [f"![{n}](benchmarks/accuracy_{n}_curves.png)" for n in results if n in RECIPES]
+    lines.append("<!-- ACCURACY:END -->")
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
+    start, end = "<!-- ACCURACY:START", "<!-- ACCURACY:END -->"
+    if start in text:
+        text = text[: text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
+    else:
+        text += "\n## Accuracy on real data (benchmarks/accuracy.py)\n\n" + "\n".join(lines) + "\n"
+    doc.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join([*RECIPES, "dicom_mr_study"]))
+    parser.add_argument("--minutes", type=float, help="override every budget (a smoke test of the script)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "accuracy"))
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in RECIPES and n != "dicom_mr_study"]
+    missing = [n for n in names if n in RECIPES and not RECIPES[n]["data"].exists()]
+    if unknown or missing:
+        sys.exit(f"unknown: {', '.join(unknown) or '-'}; not found under {SHARED}: {', '.join(missing) or '-'}")
+    smoke = args.minutes is not None
+    store = Path(args.out) / "accuracy.json" if smoke else DOCS / "accuracy.json"
+    results = json.loads(store.read_text())["results"] if store.exists() else {}
+    for name in names:
+        result = run_dicom(Path(args.out)) if name == "dicom_mr_study" else run_dataset(name, Path(args.out),
+                                                                                        args.minutes)
+        results[name] = result
+        print(json.dumps(result, indent=2), flush=True)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        if not smoke:  # a smoke test never overwrites the documented figures
+            write_docs(results)
+
+
+if __name__ == "__main__":
+    main()
