@@ -66,9 +66,9 @@ RECIPES = {
     },
     "msd_hippocampus": {
         "data": SHARED / "msd_hippocampus" / "Task04_Hippocampus", "minutes": 30,
-        "plan": "2D slices, native (padded to 64), width 16, depth 4, mirror TTA",
+        "plan": "2D slices, native (padded to 64), z-score, width 16, depth 4, mirror TTA",
         "args": "--fit pad --size 64 --base-channels 16 --depth 4 --batch-size 32 --lr 1e-3 --lr-schedule poly "
-                "--epochs 500 --steps-per-epoch 100 --patience 0 --normalization zscore --mirror-tta",
+                "--epochs 500 --steps-per-epoch 250 --patience 0 --normalization zscore --mirror-tta",
         "reference": "nnU-Net: Dice 0.90 / 0.89 (5-fold CV, GPU-days)",
     },
 }

@@ -105,3 +105,16 @@ def test_console_script_end_to_end(tmp_path):
     assert predicted.returncode == 0 and len(list((tmp_path / "p").glob("*.png"))) == 6
     failed = run("evaluate", tmp_path / "nothing")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr and len(failed.stderr.splitlines()) == 1
+
+
+def test_every_training_setting_has_a_flag():
+    """A recipe written in the docs must be typeable: each TrainConfig field is a train flag, except the few
+    set another way (positional DATA, --out, --quiet, --no-augment) or only by a plan (dataset statistics)."""
+    from dataclasses import fields
+
+    from medseg.cli import TRAIN_OPTIONS
+    from medseg.config import TrainConfig
+
+    flags = {flag[2:].replace("-", "_") for flag, _, _ in TRAIN_OPTIONS}
+    set_elsewhere = {"data", "out", "progress", "augment", "intensity_stats", "target_spacing", "model"}
+    assert {f.name for f in fields(TrainConfig)} - set_elsewhere - flags == set()

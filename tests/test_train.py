@@ -97,6 +97,9 @@ def test_config_checks():
         TrainConfig(loss="hinge").validate()
     with pytest.raises(MedsegError, match="--size"):
         TrainConfig(size=8, depth=4).validate()
+    with pytest.raises(MedsegError, match="--flip-axes"):
+        TrainConfig(flip_axes=[2]).validate()
+    assert TrainConfig(dims=3, size=16, flip_axes=[2]).validate().flip_axes == [2]
 
 
 def test_multiclass_rejects_bce(phantoms_2d, tmp_path):

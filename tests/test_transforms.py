@@ -67,6 +67,9 @@ def test_rotations_only_when_asked_and_jitter_keeps_negative_intensities():
     flipped = augment(image, label, generator, affine_p=0, intensity_p=0)[1]
     rotated = augment(image, label, generator, affine_p=0, intensity_p=0, rotate90=True)[1]
     assert len(places(flipped)) == 4 and len(places(rotated)) == 8
+    columns_only = augment(image, label, generator, affine_p=0, intensity_p=0, flip_axes=[1])[1]
+    assert places(columns_only) == {(0, 1), (0, 6)}
+    assert places(augment(image, label, generator, affine_p=0, intensity_p=0, flip_axes=[])[1]) == {(0, 1)}
     zscored = torch.randn(16, 1, 16, 16)
     jittered = augment(zscored, torch.zeros(16, 16, 16, dtype=torch.long), generator, affine_p=0, intensity_p=1)[0]
     assert (jittered < -0.5).float().mean() > 0.1  # z-scored data keep their negative half (no clamp at 0)

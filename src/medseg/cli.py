@@ -23,6 +23,7 @@ TRAIN_OPTIONS = [
     ("--axis", int, "volumes are cut into 2D slices along this axis (default: last)"),
     ("--context", int, "2D on volumes: neighbouring slices on each side as extra channels (2.5D; default 0)"),
     ("--size", int, "slice size for training (default 128)"),
+    ("--normalization", str, "intensities: percentile (seed), zscore (MRI), ct (needs a plan), unit ([0, 1])"),
     ("--fit", str, f"how slices reach that size: {' or '.join(FITS)}"),
     ("--patch", "intlist", "3D training patch, e.g. 40,56,40 (default: size^3)"),
     ("--foreground-fraction", float, "3D: share of patches centred on foreground (default 0.33)"),
@@ -44,6 +45,8 @@ TRAIN_OPTIONS = [
     ("--steps-per-epoch", int, "batches per epoch (default: one pass, at least 50)"),
     ("--patience", int, "early stopping patience in epochs; 0 = off"),
     ("--no-augment", bool, "switch augmentation off"),
+    ("--flip-axes", "intlist", "mirror training samples only along these axes (2D: 0 rows, 1 columns), "
+                               "'none' for no mirroring (default: every axis)"),
     ("--rotate90", bool, "also rotate training samples by multiples of 90 degrees (data with no up, e.g. EM)"),
     ("--val-fraction", float, "share of cases for validation (default 0.2)"),
     ("--folds", int, "k-fold cross-validation: number of folds"),
@@ -92,6 +95,11 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
             cfg.regions = parse_regions(value)
         elif key == "class_names":
             cfg.class_names = [n.strip() for n in value.split(",")]
+        elif key == "flip_axes":
+            try:
+                cfg.flip_axes = [] if value.strip().lower() == "none" else [int(v) for v in value.split(",")]
+            except ValueError as exc:
+                raise MedsegError(f"--flip-axes {value}: give axes like 0 or 0,1, or none") from exc
         elif key == "patch":
             try:
                 cfg.patch = [int(v) for v in value.split(",")]

@@ -62,6 +62,7 @@ class TrainConfig:
     patience: int = 10  # early stopping on validation Dice; 0 switches it off
     augment: bool = True
     rotate90: bool = False  # also rotate training samples by multiples of 90 degrees (EM, microscopy)
+    flip_axes: list[int] | None = None  # axes of a training sample to mirror at random (None: all; []: none)
     # split
     val_fraction: float = 0.2
     folds: int = 0
@@ -95,6 +96,8 @@ class TrainConfig:
             (0 < self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must lie between 0 and 1"),
             (self.batch_size >= 1 and self.epochs >= 1, "--batch-size and --epochs must be at least 1"),
             (self.axis in (-3, -2, -1, 0, 1, 2), f"--axis {self.axis}: a volume has axes 0, 1, 2"),
+            (self.flip_axes is None or all(0 <= a < self.dims for a in self.flip_axes),
+             f"--flip-axes {self.flip_axes}: axes of a training sample run from 0 to {self.dims - 1}"),
             (self.context == 0 or (self.context > 0 and self.dims == 2),
              f"--context {self.context}: neighbouring slices are for 2D training on volumes (--dims 2)"),
             (self.time_budget is None or self.time_budget > 0, "--time-budget must be positive (minutes)"),

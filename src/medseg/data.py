@@ -92,7 +92,9 @@ def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list
 def stack_and_augment(pairs: list, cfg: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(image (1, C, ...), label (1, ...)) samples -> one augmented batch."""
     image, label = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    return augment(image, label, generator, rotate90=cfg.rotate90) if cfg.augment else (image, label)
+    if not cfg.augment:
+        return image, label
+    return augment(image, label, generator, rotate90=cfg.rotate90, flip_axes=cfg.flip_axes)
 
 
 class SliceSampler:

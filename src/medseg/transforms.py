@@ -133,8 +133,10 @@ def pad_or_crop(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int
 
 def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
             affine_p: float = 0.3, max_rotation_deg: float = 15.0, max_scale: float = 0.15,
-            intensity_p: float = 0.5, rotate90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips along every axis, a small affine (2D only), intensity jitter and, with `rotate90`, 90-degree
+            intensity_p: float = 0.5, rotate90: bool = False,
+            flip_axes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips along every spatial axis (or only `flip_axes`, counted from 0 over the sample's spatial
+    axes), a small affine (2D only), intensity jitter and, with `rotate90`, 90-degree
     rotations in the last plane when it is square, per sample. The same spatial transform is applied to image
     and label. Rotations by 90 degrees suit data without a canonical orientation (EM, microscopy); for anatomy
     they ask the network to learn every orientation of a structure it only ever meets one way.
@@ -148,8 +150,9 @@ def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
     b, spatial = image.shape[0], image.ndim - 2
     square = image.shape[-1] == image.shape[-2]
     for i in range(b):
-        for axis in range(-spatial, 0):
+        for axis in range(spatial) if flip_axes is None else flip_axes:
             if rand(1) < 0.5:
+                axis = axis - spatial  # spatial index -> negative tensor axis
                 image[i], label[i] = image[i].flip(axis), label[i].flip(axis)
         if square and rotate90:
             k = int(rand(1) * 4) % 4
