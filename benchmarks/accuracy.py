@@ -96,7 +96,7 @@ def bar_for(name: str, summary: dict) -> tuple[str, str, bool]:
     raise KeyError(name)
 
 
-def run_dataset(name: str, out: Path, minutes: float | None) -> dict:
+def run_dataset(name: str, out: Path, minutes: float | None, figures: Path = DOCS) -> dict:
     recipe = RECIPES[name]
     budget = minutes or recipe["minutes"]
     run = out / name
@@ -111,8 +111,8 @@ def run_dataset(name: str, out: Path, minutes: float | None) -> dict:
         raise SystemExit(f"evaluating {name} failed")
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     asks, measured, met = bar_for(name, summary)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run / "curves.png", DOCS / f"accuracy_{name}_curves.png")
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "curves.png", figures / f"accuracy_{name}_curves.png")
     return {
         "dataset": name, "plan": recipe["plan"], "budget_min": budget, "train_min": round(train_minutes, 1),
         "evaluate_min": round((time.monotonic() - started) / 60, 1),
@@ -207,8 +207,9 @@ def main() -> None:
     store = Path(args.out) / "accuracy.json" if smoke else DOCS / "accuracy.json"
     results = json.loads(store.read_text())["results"] if store.exists() else {}
     for name in names:
-        result = run_dicom(Path(args.out)) if name == "dicom_mr_study" else run_dataset(name, Path(args.out),
-                                                                                        args.minutes)
+        out = Path(args.out)
+        result = (run_dicom(out) if name == "dicom_mr_study"
+                  else run_dataset(name, out, args.minutes, out if smoke else DOCS))
         results[name] = result
         print(json.dumps(result, indent=2), flush=True)
         store.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,18 @@ def test_region_of_interest_limits_what_counts():
         case_metrics(pred, target, 2, roi[:1])
 
 
+def _brute_force_distances(a, b, spacing):
+    """Reference: distances of every boundary point to the nearest boundary point of the other mask, both ways."""
+    from scipy import ndimage
+
+    def edge(m):
+        return np.argwhere(m & ~ndimage.binary_erosion(m, ndimage.generate_binary_structure(m.ndim, 1)))
+
+    pa, pb = edge(a) * np.array(spacing), edge(b) * np.array(spacing)
+    d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
+    return np.concatenate([d.min(1), d.min(0)])
+
+
 def _brute_force_hd95(a, b, spacing):
     """Reference: every boundary point against every other, no distance transform."""
     from scipy import ndimage
@@ -106,7 +118,23 @@ def test_hd95_matches_brute_force_in_mm(spacing):
     square[5:15, 5:15] = True
     assert hd95(square, square, (1, 1)) == 0
     assert hd95(square, np.roll(square, 2, axis=0), (0.5, 1)) == pytest.approx(1.0)  # 2 rows of 0.5 mm
-    assert math.isnan(hd95(square, np.zeros_like(square)))
+    empty = np.zeros_like(square)
+    assert hd95(square, empty, (2, 1)) == pytest.approx(math.hypot(40, 20))  # one empty: the worst, the diagonal
+    assert hd95(empty, empty) == 0
+
+
+def test_assd_and_nsd_on_shifted_squares():
+    from medseg.metrics import surface_metrics
+
+    square = np.zeros((20, 20), bool)
+    square[5:15, 5:15] = True
+    shifted = np.roll(square, 2, axis=0)  # rows 7..16: top and bottom edges 2 apart, side edges overlap
+    result = surface_metrics(square, shifted, (1, 1), tolerance=1.0)
+    assert 0 < result["nsd"] < 1 and result["assd"] > 0
+    bf = _brute_force_distances(square, shifted, (1, 1))
+    assert result["assd"] == pytest.approx(bf.mean()) and result["nsd"] == pytest.approx((bf <= 1).mean())
+    assert surface_metrics(square, np.zeros_like(square))["nsd"] == 0
+    assert surface_metrics(np.zeros_like(square), np.zeros_like(square)) == {"hd95": 0, "assd": 0, "nsd": 1}
 
 
 def test_scored_metrics_with_boundary_per_class():

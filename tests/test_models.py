@@ -53,3 +53,69 @@ def test_deep_supervision_loss_weights_levels():
 
     assert float(deep_supervision_loss(record, outputs, target)) == pytest.approx((2 / 3) * 8 + (1 / 3) * 4)
     assert seen == [((8, 8), (8, 8)), ((4, 4), (4, 4))]
+
+
+ALL_MODELS = ["unet", "attention_unet", "resenc_unet", "deeplabv3plus", "segnet", "fcn"]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_model_takes_any_size_in_2d_and_3d(name):
+    from medseg.models import MODELS
+
+    assert list(MODELS) == ALL_MODELS
+    for dims, shape in ((2, (2, 3, 37, 53)), (2, (1, 3, 17, 16)), (3, (1, 3, 12, 18, 10))):
+        model = create_model(name, in_channels=3, num_classes=4, base_channels=4, depth=3, spatial_dims=dims).eval()
+        with torch.no_grad():
+            assert model(torch.rand(shape)).shape == (shape[0], 4, *shape[2:])
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_model_fits_one_batch(name):
+    """Gradients reach every model's output: 40 Adam steps on one batch halve the loss."""
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, num_classes=2, base_channels=8, depth=3)
+    image = torch.rand(4, 1, 32, 32)
+    target = (image > 0.5).long()[:, 0]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(image), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_architectures_are_what_their_names_say():
+    from medseg.models import AttentionUNet, DeepLabV3Plus, FCN8s, ResEncUNet, SegNet
+    from medseg.models.blocks import ResidualBlock
+
+    attention = AttentionUNet(1, 2, base_channels=4, depth=3).eval()
+    weights = []
+    attention.gates[0].psi.register_forward_hook(lambda m, i, o: weights.append(o))
+    with torch.no_grad():
+        attention(torch.rand(1, 1, 16, 16))
+    assert len(attention.gates) == 3 and weights[0].shape == (1, 1, 4, 4) and 0 <= weights[0].min() <= 1
+    resenc = ResEncUNet(1, 2, base_channels=4, depth=3)
+    assert [len(stage) for stage in resenc.encoder] == [1, 2, 3] and isinstance(resenc.pool, torch.nn.Identity)
+    assert all(isinstance(b, ResidualBlock) for stage in resenc.encoder for b in stage)
+    segnet = SegNet(1, 2, base_channels=4, depth=3)
+    assert segnet.pool.return_indices and isinstance(segnet.unpool, torch.nn.MaxUnpool2d)
+    assert segnet.decoder[0][0].in_channels == segnet.encoder[-1][-3].out_channels  # no concatenated skip
+    deeplab = DeepLabV3Plus(1, 2, base_channels=4)
+    assert [b[0].dilation for b in deeplab.aspp.branches[1:]] == [(6, 6), (12, 12), (18, 18)]
+    fcn = FCN8s(1, 3, base_channels=4)
+    assert fcn.score_pool3.in_channels == 16 and fcn.score_pool4.in_channels == 32 and fcn.up8.stride == (8, 8)
+    for cls in (DeepLabV3Plus, SegNet, FCN8s):
+        with pytest.raises(ValueError, match="deep supervision"):
+            cls(1, 2, deep_supervision=True)
+
+
+def test_flops_of_the_seed_unet():
+    """The brief measures the seed's U-Net at 72 GFLOP per 128x128 training image: a forward pass is a third."""
+    from medseg.models import count_flops, describe_models
+
+    assert count_flops(UNet(), (1, 1, 128, 128)) / 1e9 == pytest.approx(24, rel=0.1)
+    rows = describe_models(size=32, base_channels=4, depth=3)
+    assert [r["name"] for r in rows] == ALL_MODELS and all(r["gflops"] > 0 and r["parameters"] > 0 for r in rows)

@@ -29,6 +29,8 @@ TRAIN_OPTIONS = [
     ("--foreground-fraction", float, "3D: share of patches centred on foreground (default 0.33)"),
     ("--overlap", float, "3D: sliding-window overlap at inference (default 0.5)"),
     ("--mirror-tta", bool, "average predictions over mirrored inputs"),
+    ("--model", str, "network: unet (default), attention_unet, resenc_unet, deeplabv3plus, segnet, fcn "
+                     "(see 'medseg models')"),
     ("--base-channels", int, "width of the first level (seed: 64)"),
     ("--depth", int, "number of poolings (seed: 4)"),
     ("--dropout", float, "dropout in the bottleneck"),
@@ -143,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="auto", help="device to calibrate on (auto, cpu, cuda, mps)")
     plan.add_argument("--no-calibrate", action="store_true", help="skip timing; use width 16")
 
+    models = sub.add_parser("models", help="list the networks with parameters and FLOPs at an input size")
+    models.add_argument("--size", type=int, default=128, help="input side in pixels/voxels (default 128)")
+    models.add_argument("--dims", type=int, default=2, choices=(2, 3))
+    models.add_argument("--in-channels", type=int, default=1)
+    models.add_argument("--classes", type=int, default=2, help="output classes, background included")
+    models.add_argument("--base-channels", type=int, default=16)
+    models.add_argument("--depth", type=int, default=4)
+
     download = sub.add_parser("download", help="fetch a Medical Segmentation Decathlon task (resumable, verified)")
     download.add_argument("task", help="e.g. Task04_Hippocampus, Task04, 4 or hippocampus")
     download.add_argument("--out", default="data", help="folder to unpack into (default: data)")
@@ -196,6 +206,15 @@ def run_command(args: argparse.Namespace) -> None:
         result = make_plan(args.data, args.budget, device, calibrate=not args.no_calibrate)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"configurations {', '.join(result['configurations'])} (default {result['default']}); plan: {args.out}")
+    elif args.command == "models":
+        from medseg.models import describe_models
+
+        rows = describe_models(args.size, args.dims, args.in_channels, args.classes, args.base_channels, args.depth)
+        shape = "x".join([str(args.size)] * args.dims)
+        print(f"{'name':<16}{'parameters':>12}{'GFLOPs':>10}  (forward, one {shape} input, width "
+              f"{args.base_channels}, depth {args.depth})")
+        for row in rows:
+            print(f"{row['name']:<16}{row['parameters']:>12,}{row['gflops']:>10.2f}  {row['description']}")
     elif args.command == "download":
         from medseg.download import MSD_URL, download_task
 

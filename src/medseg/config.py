@@ -18,6 +18,12 @@ SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
 
 
+def _model_names() -> list[str]:
+    from medseg.models import MODELS
+
+    return list(MODELS)
+
+
 @dataclass
 class TrainConfig:
     data: str = ""
@@ -81,6 +87,7 @@ class TrainConfig:
             (self.lr_schedule in SCHEDULES, f"--lr-schedule {self.lr_schedule}: choose from {', '.join(SCHEDULES)}"),
             (self.color in ("keep", "gray"), f"--color {self.color}: choose keep or gray"),
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}"),
+            (self.model in _model_names(), f"--model {self.model}: choose from {', '.join(_model_names())}"),
             (self.norm in ("batch", "instance"), f"--norm {self.norm}: choose batch or instance"),
             (self.activation in ("relu", "leaky_relu"), f"--activation {self.activation}: choose relu or leaky_relu"),
             (self.dims in (2, 3), f"--dims {self.dims}: choose 2 (slices) or 3 (volumes)"),

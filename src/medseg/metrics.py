@@ -6,8 +6,9 @@ Empty-case policy (per class, per case):
 - Precision (TP / (TP + FP)) with nothing predicted, recall (TP / (TP + FN)) with nothing to find, and
   specificity (TN / (TN + FP)) with no negatives are undefined: NaN, left out of means and counted apart.
 - Accuracy is always defined.
-- HD95 (`hd95`, in mm from the spacing) needs a boundary on both sides: with either mask empty it is undefined
-  (NaN), left out of means and counted apart, like precision and recall.
+- Boundary metrics (HD95 and ASSD in mm from the spacing; NSD at a tolerance in mm): both empty -> 0, 0, 1;
+  exactly one empty -> the worst value (HD95 = ASSD = the image diagonal in mm, NSD = 0), so, as for Dice,
+  a miss or a false alarm is charged, never left out of the mean.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
-BOUNDARY_METRICS = ("hd95",)
+BOUNDARY_METRICS = ("hd95", "assd", "nsd")
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
@@ -61,18 +62,34 @@ def case_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
     return {k: metrics_from_counts(*counts[k].tolist()) for k in range(1, num_classes)}
 
 
-def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
-    """95th-percentile Hausdorff distance between the boundaries of two boolean masks, in the units of
-    `spacing` (mm): the larger of the two directed 95th percentiles, as MONAI and the surface-distance package
-    define it. Distance transforms run once per mask, and only boundary voxels are looked up."""
+def surface_metrics(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] | None = None,
+                    tolerance: float = 1.0) -> dict[str, float]:
+    """Boundary metrics of two boolean masks in the units of `spacing` (mm), defined as MONAI defines them:
+
+    hd95: the larger of the two directed 95th percentiles of boundary-to-boundary distances;
+    assd: the mean of all those distances, both directions pooled;
+    nsd:  normalised surface Dice, the share of both boundaries lying within `tolerance` of the other.
+    Both empty: 0, 0 and 1 (perfect agreement). Only one empty: there is no distance to measure, so the worst
+    possible is charged (hd95 = assd = the image diagonal, nsd = 0) and a miss or false alarm is never hidden.
+    Distance transforms run once per mask and only boundary voxels are looked up.
+    """
     pred, target = pred.astype(bool), target.astype(bool)
+    spacing = tuple(float(s) for s in spacing) if spacing else (1.0,) * pred.ndim
+    if not pred.any() and not target.any():
+        return {"hd95": 0.0, "assd": 0.0, "nsd": 1.0}
     if not pred.any() or not target.any():
-        return math.nan
-    spacing = tuple(spacing) if spacing else (1.0,) * pred.ndim
+        diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
+        return {"hd95": diagonal, "assd": diagonal, "nsd": 0.0}
     pred_edge, target_edge = _boundary(pred), _boundary(target)
     to_target = ndimage.distance_transform_edt(~target_edge, sampling=spacing)[pred_edge]
     to_pred = ndimage.distance_transform_edt(~pred_edge, sampling=spacing)[target_edge]
-    return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
+    both = np.concatenate([to_target, to_pred])
+    return {"hd95": float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95))),
+            "assd": float(both.mean()), "nsd": float((both <= tolerance).mean())}
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
+    return surface_metrics(pred, target, spacing)["hd95"]
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -83,9 +100,10 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 def scored_metrics(pred: np.ndarray, target: np.ndarray, class_names: list[str], regions: dict | None = None,
                    roi: np.ndarray | None = None, spacing: tuple[float, ...] | None = None,
-                   boundary: bool = False) -> dict[str, dict[str, float]]:
+                   boundary: bool = False, tolerance: float = 1.0) -> dict[str, dict[str, float]]:
     """Metrics by name for what a run is scored on: each foreground class, or each region (a set of labels,
-    e.g. BraTS whole tumour = labels 1-4) read from the label maps. With `boundary`, also HD95 in mm."""
+    e.g. BraTS whole tumour = labels 1-4) read from the label maps. With `boundary`, also HD95, ASSD and NSD
+    (at `tolerance` mm)."""
     units = regions or {class_names[k]: [k] for k in range(1, len(class_names))}
     scores = {}
     for name, labels in units.items():
@@ -93,7 +111,7 @@ def scored_metrics(pred: np.ndarray, target: np.ndarray, class_names: list[str],
         scores[name] = case_metrics(pred_mask.astype(np.uint8), target_mask.astype(np.uint8), 2, roi)[1]
         if boundary:
             inside = np.ones_like(target_mask) if roi is None else roi
-            scores[name]["hd95"] = hd95(pred_mask & inside, target_mask & inside, spacing)
+            scores[name].update(surface_metrics(pred_mask & inside, target_mask & inside, spacing, tolerance))
     return scores
 
 
