@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--base-channels", type=int, default=16)
     models.add_argument("--depth", type=int, default=4)
 
+    compare = sub.add_parser("compare", help="evaluated runs side by side: Dice with CI, paired test, costs")
+    compare.add_argument("runs", nargs="+", help="two or more evaluated run folders; the first is the reference")
+    compare.add_argument("--out", help="also write the table to this Markdown file")
+
     download = sub.add_parser("download", help="fetch a Medical Segmentation Decathlon task (resumable, verified)")
     download.add_argument("task", help="e.g. Task04_Hippocampus, Task04, 4 or hippocampus")
     download.add_argument("--out", default="data", help="folder to unpack into (default: data)")
@@ -215,6 +219,13 @@ def run_command(args: argparse.Namespace) -> None:
               f"{args.base_channels}, depth {args.depth})")
         for row in rows:
             print(f"{row['name']:<16}{row['parameters']:>12,}{row['gflops']:>10.2f}  {row['description']}")
+    elif args.command == "compare":
+        from medseg.compare import compare_runs, comparison_table
+
+        table = comparison_table(compare_runs(args.runs))
+        print(table, end="")
+        if args.out:
+            Path(args.out).write_text(table)
     elif args.command == "download":
         from medseg.download import MSD_URL, download_task
 

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from medseg.metrics import BOUNDARY_METRICS, METRICS, scored_metrics
 
 COLUMNS = METRICS + BOUNDARY_METRICS
 from medseg.report import most_informative_slice, plot_case
+from medseg.stats import bootstrap_ci
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
@@ -61,13 +63,15 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
 
 def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progress: bool) -> dict:
     cfg, names = trained.config, trained.class_names
-    rows, shown = [], []
+    rows, shown, seconds = [], [], []
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
         loaded = load_case(case, cfg, resample=False)  # metrics on the case's own grid
         if int(loaded.label.max()) >= len(names):
             raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
                               f"({len(names)} classes); evaluate on data labelled like the training data")
+        started = time.perf_counter()
         pred = predict_labels(trained, loaded.image.array, spacing=loaded.image.spacing)
+        seconds.append(time.perf_counter() - started)
         scores = scored_metrics(pred, loaded.label, names, cfg.regions, loaded.roi, loaded.image.spacing,
                                 boundary=True)
         for name, metrics in scores.items():
@@ -77,6 +81,7 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             title = f"case {case.case_id}: Dice {dice}"
             shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", title))
     summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, trained.run)
+    summary["inference_seconds_per_case"] = float(np.median(seconds))
     if any(c.roi is not None for c in cases):
         summary["region_of_interest"] = "metrics count only the pixels inside each case's region of interest"
     _write_outputs(out, rows, summary)
@@ -100,7 +105,8 @@ def _stats(values: np.ndarray) -> dict:
     defined = values[~np.isnan(values)]
     mean = float(defined.mean()) if defined.size else math.nan
     std = float(defined.std()) if defined.size else math.nan
-    return {"mean": mean, "std": std, "n": int(defined.size), "undefined": int(values.size - defined.size)}
+    return {"mean": mean, "std": std, "ci95": list(bootstrap_ci(defined)), "n": int(defined.size),
+            "undefined": int(values.size - defined.size)}
 
 
 def _draw(loaded, pred: np.ndarray, axis: int, path: Path, title: str) -> Path:

@@ -1,0 +1,40 @@
+"""Statistics for evaluation results: bootstrap confidence intervals of a mean, paired tests between runs.
+
+Cases are the unit: a volume is one observation however many voxels it has, so intervals reflect how much the
+mean would move with another sample of cases from the same population.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def bootstrap_ci(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval for the mean of `values` (NaNs left out); (nan, nan) with no values."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return (math.nan, math.nan)
+    if values.size == 1:
+        return (float(values[0]), float(values[0]))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+def paired_wilcoxon(a, b) -> float:
+    """Two-sided Wilcoxon signed-rank p-value for paired per-case values (pairs with a NaN left out);
+    1.0 when every difference is zero, NaN with fewer than two pairs."""
+    from scipy.stats import wilcoxon
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    if a.size < 2:
+        return math.nan
+    if np.all(a == b):
+        return 1.0
+    return float(wilcoxon(a, b).pvalue)

@@ -1,0 +1,47 @@
+import json
+
+import numpy as np
+import pytest
+
+from medseg.cli import main
+from medseg.errors import MedsegError
+from medseg.stats import bootstrap_ci, paired_wilcoxon
+from conftest import tiny_config
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_cases():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(0.8, 0.1, 10), rng.normal(0.8, 0.1, 400)
+    low, high = bootstrap_ci(few)
+    assert low < few.mean() < high
+    low_many, high_many = bootstrap_ci(many)
+    assert high_many - low_many < (high - low) / 3  # about 1/sqrt(40) as wide
+    assert bootstrap_ci([0.5]) == (0.5, 0.5) and all(np.isnan(bootstrap_ci([np.nan])))
+
+
+def test_paired_wilcoxon():
+    a = np.linspace(0.7, 0.9, 20)
+    assert paired_wilcoxon(a, a) == 1.0
+    assert paired_wilcoxon(a, a + 0.05) < 0.001  # every case better: significant
+    assert paired_wilcoxon(a, a + np.where(np.arange(20) % 2, 0.01, -0.01)) > 0.5  # no systematic shift
+
+
+def test_compare_two_runs(phantoms_2d, tmp_path, capsys):
+    from medseg.evaluate import evaluate_run
+    from medseg.train import train
+
+    runs = [train(tiny_config(phantoms_2d, tmp_path / name, model=name)) for name in ("unet", "segnet")]
+    with pytest.raises(MedsegError, match="not evaluated"):
+        from medseg.compare import compare_runs
+
+        compare_runs(runs)
+    for run in runs:
+        evaluate_run(run, progress=False, figures=0)
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "table.md")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / "table.md").read_text()
+    assert "| unet |" in printed and "| segnet |" in printed and printed.count("\n") == 4
+    summary = json.loads((runs[0] / "evaluation" / "summary.json").read_text())
+    ci = summary["per_class"]["ellipse"]["dice"]["ci95"]
+    assert ci[0] <= summary["per_class"]["ellipse"]["dice"]["mean"] <= ci[1]
+    assert summary["inference_seconds_per_case"] > 0
