@@ -45,3 +45,24 @@ def test_compare_two_runs(phantoms_2d, tmp_path, capsys):
     ci = summary["per_class"]["ellipse"]["dice"]["ci95"]
     assert ci[0] <= summary["per_class"]["ellipse"]["dice"]["mean"] <= ci[1]
     assert summary["inference_seconds_per_case"] > 0
+
+
+def test_subgroups_flag_the_group_that_falls_behind(tmp_path):
+    from medseg.groups import groups_markdown, read_groups, subgroup_report
+
+    rows = []
+    for i in range(30):
+        site = "B" if i % 3 == 0 else "A"
+        dice = (0.6 if site == "B" else 0.9) + 0.01 * (i % 5)
+        rows.append({"case": f"c{i}", "class": "x", "dice": dice, "iou": dice / (2 - dice), "hd95": float("nan")})
+    (tmp_path / "groups.csv").write_text("case,site,sex\n" + "".join(
+        f"c{i},{'B' if i % 3 == 0 else 'A'},{'F' if i % 2 else 'M'}\n" for i in range(29)))
+    report = subgroup_report(rows, read_groups(tmp_path / "groups.csv"), ("dice", "iou", "hd95"))
+    site, sex = report["attributes"]["site"], report["attributes"]["sex"]
+    assert site["B"]["behind"] and not site["A"]["behind"] and site["B"]["cases"] == 10
+    assert not any(g["behind"] for g in sex.values())
+    assert site["B"]["dice"]["ci95"][0] <= site["B"]["dice"]["mean"] <= site["B"]["dice"]["ci95"][1]
+    assert report["missing_cases"] == ["c29"] and "**behind**" in groups_markdown(report)
+    with pytest.raises(MedsegError, match="case"):
+        (tmp_path / "bad.csv").write_text("site\nA\n")
+        read_groups(tmp_path / "bad.csv")

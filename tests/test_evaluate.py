@@ -54,3 +54,17 @@ def test_figures_draw_any_normalisation():
         shown = display_slice(z_scored)
         blended = overlay(z_scored, np.eye(16, dtype=np.uint8))
     assert shown.min() >= 0 and shown.max() <= 1 and blended.min() >= 0 and blended.max() <= 1
+
+
+def test_evaluate_with_groups_writes_subgroup_tables(trained_2d, tmp_path):
+    val = json.loads((trained_2d / "split.json").read_text())["val"]
+    groups = tmp_path / "groups.csv"
+    groups.write_text("case_id,scanner\n" + "".join(f"{c},{'old' if i % 2 else 'new'}\n" for i, c in enumerate(val)))
+    summary = evaluate_run(trained_2d, out=tmp_path / "ev", figures=0, progress=False, groups=groups)
+    report = json.loads((tmp_path / "ev" / "groups.json").read_text())
+    assert set(report["attributes"]["scanner"]) == {"old", "new"} and report["missing_cases"] == []
+    assert sum(g["cases"] for g in report["attributes"]["scanner"].values()) == summary["cases"]
+    assert "hd95" in report["attributes"]["scanner"]["new"] and isinstance(summary["groups_behind"], list)
+    with pytest.raises(MedsegError, match="groups file not found"):
+        evaluate_run(trained_2d, out=tmp_path / "ev2", groups=tmp_path / "none.csv", progress=False)
+    assert not (tmp_path / "ev2").exists()

@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="labelled dataset to evaluate on (default: the run's validation cases)")
     evaluate.add_argument("--out", help="output folder (default: RUN/evaluation)")
     evaluate.add_argument("--figures", type=int, default=4, help="number of case panels to draw")
+    evaluate.add_argument("--groups", help="CSV of case id -> attributes (site, scanner, sex, ...): metrics per group")
     evaluate.add_argument("--device", default="auto")
 
     predict = sub.add_parser("predict", help="write masks for new images or volumes")
@@ -233,7 +234,7 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         from medseg.evaluate import evaluate_run
 
-        summary = evaluate_run(args.run, args.data, args.out, args.figures, args.device, not args.quiet)
+        summary = evaluate_run(args.run, args.data, args.out, args.figures, args.device, not args.quiet, args.groups)
         print(f"mean foreground Dice {summary['mean_dice']:.4f} over {summary['cases']} cases; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
     elif args.command == "predict":

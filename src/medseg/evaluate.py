@@ -31,8 +31,12 @@ from medseg.stats import bootstrap_ci
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
-                 figures: int = 4, device: str = "auto", progress: bool = True) -> dict:
-    """Evaluate RUN's best checkpoint on its validation cases, or on every case of `data` if given."""
+                 figures: int = 4, device: str = "auto", progress: bool = True, groups: str | Path | None = None) -> dict:
+    """Evaluate RUN's best checkpoint on its validation cases, or on every case of `data` if given; with
+    `groups` (a CSV of case -> attributes), also every metric per subgroup (groups.json, groups.md)."""
+    from medseg.groups import read_groups
+
+    group_of = read_groups(groups) if groups else None  # a bad file fails before any work
     trained = load_run(run, device=device)
     cfg = trained.config
     if data is None:
@@ -52,7 +56,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     staging.chmod(0o755)
     try:
-        summary = _evaluate_cases(trained, cases, source, staging, figures, progress)
+        summary = _evaluate_cases(trained, cases, source, staging, figures, progress, group_of)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)  # a failed evaluation leaves no half-written folder behind
@@ -61,7 +65,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
     return summary
 
 
-def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progress: bool) -> dict:
+def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progress: bool, group_of=None) -> dict:
     cfg, names = trained.config, trained.class_names
     rows, shown, seconds = [], [], []
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
@@ -82,6 +86,14 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", title))
     summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, trained.run)
     summary["inference_seconds_per_case"] = float(np.median(seconds))
+    if group_of is not None:
+        from medseg.groups import groups_markdown, subgroup_report
+
+        report = subgroup_report(rows, group_of, COLUMNS)
+        (out / "groups.json").write_text(json.dumps(report, indent=2))
+        (out / "groups.md").write_text(groups_markdown(report))
+        summary["groups_behind"] = [f"{a}={g}" for a, by in report["attributes"].items()
+                                    for g, v in by.items() if v["behind"]]
     if any(c.roi is not None for c in cases):
         summary["region_of_interest"] = "metrics count only the pixels inside each case's region of interest"
     _write_outputs(out, rows, summary)

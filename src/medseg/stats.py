@@ -38,3 +38,15 @@ def paired_wilcoxon(a, b) -> float:
     if np.all(a == b):
         return 1.0
     return float(wilcoxon(a, b).pvalue)
+
+
+def behind_the_rest(group, rest) -> float:
+    """One-sided Mann-Whitney U p-value that a group's per-case values are lower than the rest's; NaN when
+    either side has no values."""
+    from scipy.stats import mannwhitneyu
+
+    group, rest = np.asarray(group, dtype=float), np.asarray(rest, dtype=float)
+    group, rest = group[~np.isnan(group)], rest[~np.isnan(rest)]
+    if group.size == 0 or rest.size == 0:
+        return math.nan
+    return float(mannwhitneyu(group, rest, alternative="less").pvalue)
