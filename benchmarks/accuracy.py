@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from docs_section import write_section
 from medseg.cli import main as medseg_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,12 +149,17 @@ def run_dicom(out: Path) -> dict:
     return {
         "dataset": "dicom_mr_study", "plan": "the msd_hippocampus run on series 11_HCropVolume", "budget_min": 0,
         "series_size": list(series.GetSize()), "nifti_shape": list(written.shape), "voxels_per_label": counts,
-        "bar": "NIfTI grid = series grid", "measured": f"shape {'=' if same_shape else '!='}, affine "
-        f"{'=' if same_affine else '!='}; labels {counts}", "met": same_shape and same_affine and bool(counts),
+        "bar": "NIfTI grid = series grid", "measured": dicom_measured(written.shape, same_shape, same_affine, counts),
+        "met": same_shape and same_affine and bool(counts),
         "reference": "geometry read independently with SimpleITK (LPS -> RAS)",
         "command": f"medseg predict {_relative(str(run))} {_relative(str(DICOM_SERIES))} --out "
                    f"{_relative(str(target))}",
     }
+
+
+def dicom_measured(shape, same_shape: bool, same_affine: bool, counts: dict) -> str:
+    return (f"shape {'x'.join(map(str, shape))} {'matches' if same_shape else 'differs from'} the series, affine "
+            f"{'matches' if same_affine else 'differs'}; voxels per label {counts}")
 
 
 def _relative(arg: str) -> str:
@@ -169,7 +175,7 @@ def _cells(per_class: dict, digits: int) -> str:
 
 
 def write_docs(results: dict) -> None:
-    lines = ["<!-- ACCURACY:START (written by benchmarks/accuracy.py) -->", f"Machine: {machine()}.", "",
+    lines = [f"Machine: {machine()}.", "",
              "| dataset | plan | budget (min) | trained (min) | val cases | Dice per class (mean ± sd) | "
              "HD95 mm (mean ± sd) | bar | measured | met | published reference |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -181,15 +187,7 @@ def write_docs(results: dict) -> None:
     lines += [f"- {r['dataset']}: `{r['command']}`" for r in results.values()]
     lines += ["", "Training curves:", ""]
     lines += [f"![{n}](benchmarks/accuracy_{n}_curves.png)" for n in results if n in RECIPES]
-    lines.append("<!-- ACCURACY:END -->")
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    start, end = "<!-- ACCURACY:START", "<!-- ACCURACY:END -->"
-    if start in text:
-        text = text[: text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
-    else:
-        text += "\n## Accuracy on real data (benchmarks/accuracy.py)\n\n" + "\n".join(lines) + "\n"
-    doc.write_text(text)
+    write_section("ACCURACY", "benchmarks/accuracy.py", lines, "Accuracy on real data (benchmarks/accuracy.py)")
 
 
 def main() -> None:

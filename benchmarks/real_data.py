@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from docs_section import write_section
 from medseg.cli import main as medseg_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +94,7 @@ def write_docs(results: list[dict]) -> None:
     previous = json.loads((out / "real_data.json").read_text()) if (out / "real_data.json").exists() else {}
     merged = {**previous.get("results", {}), **{r["dataset"]: r for r in results}}
     (out / "real_data.json").write_text(json.dumps({"machine": machine(), "results": merged}, indent=2))
-    lines = ["<!-- REAL-DATA:START (written by benchmarks/real_data.py) -->",
-             f"Machine: {machine()}.", "",
+    lines = [f"Machine: {machine()}.", "",
              "| dataset | budget (min) | trained (min) | epochs | val cases | Dice per class (mean ± sd) | "
              "mean Dice | bar | met |", "|---|---|---|---|---|---|---|---|---|"]
     for r in merged.values():
@@ -105,15 +105,7 @@ def write_docs(results: list[dict]) -> None:
     lines += ["", "Commands:", ""] + [f"- {r['dataset']}: `{r['command']}`" for r in merged.values()]
     lines += ["", "Training curves and one validation case per dataset:", ""]
     lines += [f"![{n} curves](benchmarks/{n}_curves.png)\n![{n} case](benchmarks/{n}_case.png)\n" for n in merged]
-    lines.append("<!-- REAL-DATA:END -->")
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    start, end = "<!-- REAL-DATA:START", "<!-- REAL-DATA:END -->"
-    if start in text:
-        text = text[: text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
-    else:
-        text += "\n".join(lines) + "\n"
-    doc.write_text(text)
+    write_section("REAL-DATA", "benchmarks/real_data.py", lines, "Real data, 2D, 15 CPU minutes each")
 
 
 def main() -> None:
