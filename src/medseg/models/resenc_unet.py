@@ -24,6 +24,8 @@ class ResEncUNet(UNet):
                  deep_supervision: bool = False):
         super().__init__(in_channels, num_classes, base_channels, depth, dropout, spatial_dims, norm, activation,
                          deep_supervision)
+        # UNet built the plain encoder; it is replaced here (a cost at construction only), so the decoder, heads
+        # and forward stay the U-Net's own.
         block = {"spatial_dims": spatial_dims, "norm": norm, "activation": activation}
         widths = [base_channels * 2**i for i in range(depth + 1)]
         stages, channels = [], in_channels
