@@ -19,7 +19,7 @@ class TrainedModel:
     model: torch.nn.Module
     config: TrainConfig
     class_names: list[str]
-    in_channels: int  # channels of the input image (a 2.5D network sees (2 * context + 1) times as many)
+    in_channels: int  # channels of the input image (a 2.5D network sees config.slices_per_input times as many)
     run: Path
     device: torch.device
     postprocess_classes: list[int] = field(default_factory=list)  # keep-largest-component, chosen on validation
@@ -69,7 +69,7 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto") -> Trai
     postprocessing = path.parent / "postprocessing.json"
     classes = json.loads(postprocessing.read_text())["classes"] if postprocessing.exists() else []
     config = TrainConfig(**state["config"])
-    in_channels = state["model_args"]["in_channels"] // (2 * config.context + 1)  # the image's own channels
+    in_channels = state["model_args"]["in_channels"] // config.slices_per_input  # the image's own channels
     return TrainedModel(model, config, state["class_names"], in_channels, path.parent, target, classes)
 
 

@@ -36,7 +36,7 @@ def describe_run(run: Path) -> dict:
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     trained = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
     model = load_run(run, device="cpu")
-    shape = (1, model.in_channels * (2 * model.config.context + 1), *model.config.patch_size)
+    shape = (1, model.in_channels * model.config.slices_per_input, *model.config.patch_size)
     values = np.array(list(dice.values()))
     return {
         "run": str(run), "model": model.config.model, "cases": len(dice), "dice_mean": float(values.mean()),

@@ -122,6 +122,11 @@ class TrainConfig:
         return self
 
     @property
+    def slices_per_input(self) -> int:
+        """How many slices one network input stacks as channels: the slice and its neighbours (2.5D)."""
+        return 2 * self.context + 1
+
+    @property
     def patch_size(self) -> tuple[int, ...]:
         """The spatial size of a training sample: (size, size) in 2D, the patch (default size^3) in 3D."""
         if self.dims == 2:
@@ -148,6 +153,7 @@ class TrainConfig:
 
     def model_args(self, in_channels: int, num_classes: int) -> dict:
         """Network arguments for images of `in_channels` channels (times the 2.5D stack of slices)."""
-        return {"in_channels": in_channels * (2 * self.context + 1), "num_classes": num_classes, "base_channels": self.base_channels,
+        return {"in_channels": in_channels * self.slices_per_input, "num_classes": num_classes,
+                "base_channels": self.base_channels,
                 "depth": self.depth, "dropout": self.dropout, "spatial_dims": self.dims, "norm": self.norm,
                 "activation": self.activation, "deep_supervision": self.deep_supervision}

@@ -23,11 +23,11 @@ from medseg.data import load_case
 from medseg.datasets import find_cases
 from medseg.errors import MedsegError
 from medseg.infer import predict_labels
-from medseg.metrics import BOUNDARY_METRICS, METRICS, scored_metrics
-
-COLUMNS = METRICS + BOUNDARY_METRICS
+from medseg.metrics import BOUNDARY_METRICS, METRICS, POLICY, scored_metrics
 from medseg.report import most_informative_slice, plot_case
 from medseg.stats import bootstrap_ci
+
+COLUMNS = METRICS + BOUNDARY_METRICS
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
@@ -107,10 +107,7 @@ def summarise(rows: list[dict], class_names: list[str], source: str, run: Path) 
         per_class[name] = {m: _stats(v) for m, v in values.items()}
     mean_dice = float(np.mean([per_class[n]["dice"]["mean"] for n in class_names]))
     return {"run": str(run), "data": source, "cases": len({r["case"] for r in rows}), "mean_dice": mean_dice,
-            "per_class": per_class,
-            "policy": "Dice/IoU: both empty = 1, one empty = 0; precision/recall/specificity with a zero "
-                      "denominator, and HD95 (mm) with either mask empty, are undefined (NaN) and left out of "
-                      "means, counted as 'undefined'"}
+            "per_class": per_class, "policy": POLICY}
 
 
 def _stats(values: np.ndarray) -> dict:

@@ -19,6 +19,9 @@ from scipy import ndimage
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
 BOUNDARY_METRICS = ("hd95", "assd", "nsd")
+POLICY = ("Dice/IoU: both empty = 1, one empty = 0; precision/recall/specificity with a zero denominator are "
+          "undefined (NaN), left out of means and counted as 'undefined'; HD95/ASSD (mm) and NSD: both empty = "
+          "0, 0, 1, one empty = the worst value (the image diagonal in mm, NSD 0)")
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
@@ -86,10 +89,6 @@ def surface_metrics(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, 
     both = np.concatenate([to_target, to_pred])
     return {"hd95": float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95))),
             "assd": float(both.mean()), "nsd": float((both <= tolerance).mean())}
-
-
-def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
-    return surface_metrics(pred, target, spacing)["hd95"]
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:

@@ -165,24 +165,19 @@ def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
         contrast = 1 + (rand(*shape) - 0.5) * 0.4
         brightness = (rand(*shape) - 0.5) * 0.2
         gamma = torch.exp((rand(*shape) - 0.5) * 0.6)
-        jittered = _gamma(image, gamma) * contrast + brightness * _spread(image)
+        low, span = _intensity_range(image)
+        # gamma on each sample rescaled to [0, 1] and mapped back (as nnU-Net): z-scored negatives are curved,
+        # not clipped; brightness scales with the range, so [0, 1] and z-scored data both work
+        jittered = (((image - low) / span) ** gamma * span + low) * contrast + brightness * span
         image = torch.where(jitter.view(shape), jittered, image)
     return image, label
 
 
-def _spread(image: torch.Tensor) -> torch.Tensor:
-    """Per-sample intensity range (B, 1, ...): jitter scales with it, so [0, 1] and z-scored data both work."""
-    flat = image.flatten(1)
-    span = flat.amax(1) - flat.amin(1)
-    return span.clamp(min=1e-6).view((-1,) + (1,) * (image.ndim - 1))
-
-
-def _gamma(image: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Gamma on each sample rescaled to [0, 1] and mapped back to its own range (as nnU-Net), so negative
-    z-scored intensities are curved, not clipped away."""
-    low = image.flatten(1).amin(1).view((-1,) + (1,) * (image.ndim - 1))
-    span = _spread(image)
-    return ((image - low) / span) ** gamma * span + low
+def _intensity_range(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample minimum and (non-zero) range, shaped (B, 1, ...) to broadcast over the sample."""
+    flat, shape = image.flatten(1), (-1,) + (1,) * (image.ndim - 1)
+    low = flat.amin(1)
+    return low.view(shape), (flat.amax(1) - low).clamp(min=1e-6).view(shape)
 
 
 def _random_affine(image, label, rand, p, max_rotation_deg, max_scale):
