@@ -51,11 +51,12 @@ RECIPES = {
         "reference": "U-Net baselines: F1 0.81-0.82, AUC 0.979 inside the FOV (DRIVE test set)",
     },
     "dsb2018": {
-        "data": SHARED / "dsb2018", "minutes": 15,
-        "plan": "2D RGB, nine native sizes (256 crops), instance masks as foreground, width 16, depth 4",
+        "data": SHARED / "dsb2018", "minutes": 60,
+        "plan": "2D RGB, nine native sizes (256 crops), per-image z-score, instance masks as foreground, width 16, "
+                "depth 4",
         "args": "--binary-masks --class-names background,nucleus --fit pad --size 256 --base-channels 16 --depth 4 "
                 "--batch-size 8 --lr 1e-3 --lr-schedule poly --epochs 500 --steps-per-epoch 50 --patience 0 "
-                "--rotate90",
+                "--rotate90 --normalization zscore",
         "reference": "no standard semantic-IoU figure (the challenge scored instance mAP)",
     },
     "brats2015": {
