@@ -46,7 +46,7 @@ def test_failed_evaluation_leaves_nothing(trained_2d, tmp_path):
 def test_figures_draw_any_normalisation():
     import warnings
 
-    from medseg.report import display_slice, overlay
+    from medseg.figures import display_slice, overlay
 
     z_scored = np.random.default_rng(0).normal(0, 2, size=(1, 16, 16)).astype(np.float32)
     with warnings.catch_warnings():

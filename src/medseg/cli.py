@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--groups", help="CSV of case id -> attributes (site, scanner, sex, ...): metrics per group")
     evaluate.add_argument("--device", default="auto")
 
+    report = sub.add_parser("report", help="one self-contained HTML page (and a Markdown twin) about a run")
+    report.add_argument("run")
+    report.add_argument("--out", help="HTML file to write (default: RUN/report.html; the .md beside it)")
+    report.add_argument("--device", default="auto")
+
     predict = sub.add_parser("predict", help="write masks for new images or volumes")
     predict.add_argument("run")
     predict.add_argument("inputs", nargs="+", help="files or folders")
@@ -178,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--series", help="DICOM series UID or description, where a folder holds several")
     predict.add_argument("--device", default="auto")
 
-    for p in (demo, train, evaluate, predict, download):
+    for p in (demo, train, evaluate, predict, download, report):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -231,6 +236,11 @@ def run_command(args: argparse.Namespace) -> None:
         from medseg.download import MSD_URL, download_task
 
         print(download_task(args.task, args.out, args.url or MSD_URL, progress=not args.quiet))
+    elif args.command == "report":
+        from medseg.report import write_report
+
+        page, markdown = write_report(args.run, args.out, args.device, not args.quiet)
+        print(f"report: {page.resolve()} (Markdown: {markdown.resolve()})")
     elif args.command == "evaluate":
         from medseg.evaluate import evaluate_run
 

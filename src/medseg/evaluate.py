@@ -24,7 +24,7 @@ from medseg.datasets import find_cases
 from medseg.errors import MedsegError
 from medseg.infer import predict_labels
 from medseg.metrics import BOUNDARY_METRICS, METRICS, POLICY, scored_metrics
-from medseg.report import most_informative_slice, plot_case
+from medseg.figures import most_informative_slice, plot_case
 from medseg.stats import bootstrap_ci
 
 COLUMNS = METRICS + BOUNDARY_METRICS
@@ -38,6 +38,23 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
 
     group_of = read_groups(groups) if groups else None  # a bad file fails before any work
     trained = load_run(run, device=device)
+    cases, source = evaluation_cases(trained, data)
+    out = Path(out) if out else trained.run / "evaluation"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    staging.chmod(0o755)
+    try:
+        summary = _evaluate_cases(trained, cases, source, staging, figures, progress, group_of, data)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)  # a failed evaluation leaves no half-written folder behind
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def evaluation_cases(trained, data: str | Path | None = None) -> tuple[list, str]:
+    """The cases to evaluate (the run's validation split, or every case of `data`) and a line that names them."""
     cfg = trained.config
     if data is None:
         split_path = trained.run / "split.json"
@@ -51,21 +68,11 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
         source = str(data)
     if not cases:
         raise MedsegError(f"{cfg.data}: none of the run's validation cases were found; pass --data")
-    out = Path(out) if out else trained.run / "evaluation"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    staging.chmod(0o755)
-    try:
-        summary = _evaluate_cases(trained, cases, source, staging, figures, progress, group_of)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)  # a failed evaluation leaves no half-written folder behind
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
+    return cases, source
 
 
-def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progress: bool, group_of=None) -> dict:
+def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progress: bool, group_of=None,
+                    data: str | Path | None = None) -> dict:
     cfg, names = trained.config, trained.class_names
     rows, shown, seconds = [], [], []
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
@@ -86,6 +93,7 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", title))
     summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, trained.run)
     summary["inference_seconds_per_case"] = float(np.median(seconds))
+    summary["data_path"] = str(data) if data else None  # for `medseg report`: where the cases came from
     if group_of is not None:
         from medseg.groups import groups_markdown, subgroup_report
 

@@ -136,10 +136,25 @@ def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool =
                    spacing: tuple[float, ...] | None = None) -> np.ndarray:
     """Class indices (*spatial) uint8 for a normalised image (C, *spatial) on its own grid (see
     `native_probabilities`), with the run's chosen post-processing."""
-    labels = to_labels(native_probabilities(trained, array, spacing), trained)
+    return labels_from_probabilities(native_probabilities(trained, array, spacing), trained, postprocess)
+
+
+def labels_from_probabilities(probs: np.ndarray, trained: TrainedModel, postprocess: bool = True) -> np.ndarray:
+    """The label map of `predict_labels` from probabilities already computed."""
+    labels = to_labels(probs, trained)
     if postprocess and trained.postprocess_classes:
         labels = keep_largest_component(labels, trained.postprocess_classes)
     return labels
+
+
+def uncertainty(probs: np.ndarray, regions: bool = False) -> np.ndarray:
+    """Entropy of the predicted probabilities (C, *spatial) scaled to [0, 1]: 0 where the model is certain, 1
+    where it is evenly split (over the classes; for sigmoid regions, the mean over regions of each one's entropy)."""
+    p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
+    if regions:
+        q = np.clip(1 - probs.astype(np.float64), 1e-12, 1.0)
+        return (-(p * np.log2(p) + q * np.log2(q))).mean(0)
+    return -(p * np.log(p)).sum(0) / np.log(probs.shape[0])
 
 
 def to_labels(probs: np.ndarray, trained: TrainedModel) -> np.ndarray:

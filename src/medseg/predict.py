@@ -11,7 +11,7 @@ from medseg.data import read_case_image
 from medseg.errors import MedsegError
 from medseg.infer import predict_image
 from medseg.io import is_dicom_folder, is_supported, mask_path_for, read_image, stem_of, write_mask
-from medseg.report import save_overlay_png
+from medseg.figures import save_overlay_png
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:

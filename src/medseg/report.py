@@ -1,93 +1,233 @@
-"""Figures: training curves, and input / ground truth / prediction / overlay panels."""
+"""`medseg report RUN`: one self-contained HTML page (every figure inlined) and its Markdown twin.
+
+What a colleague needs to judge a run, read from the files the run already holds: the metrics with their
+confidence intervals, the training curves and stopping reason, the configuration and plan, the per-class metric
+distributions, the best, median and worst cases (input, ground truth, prediction, contours and the model's
+uncertainty), and the per-case table. A run that has not been evaluated yet is evaluated first.
+
+The page is built once as a list of blocks (heading, paragraph, table, figure) and written twice: as HTML with the
+figures as data URIs (one file to mail or archive) and as Markdown with the figures beside it in REPORT_files/.
+"""
 from __future__ import annotations
 
+import base64
+import csv
+import html
+import json
+import math
+import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display is needed or assumed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from medseg.errors import MedsegError
 
-from medseg.transforms import normalize_percentile  # noqa: E402
-
-# Class colours for overlays (index 0, background, is transparent).
-PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240], [240, 200, 40],
-                    [200, 80, 220], [60, 210, 220], [250, 140, 40]], dtype=np.float32) / 255
+DISTRIBUTION_METRICS = ["dice", "hd95", "assd", "nsd"]
+SUMMARY_METRICS = ["dice", "iou", "precision", "recall", "hd95", "assd", "nsd"]
+UNCERTAINTY_NOTE = ("Uncertainty is the entropy of the predicted probabilities scaled to [0, 1]: 0 where the model "
+                    "is certain, 1 where it is evenly split between the classes.")
 
 
-def plot_curves(history: list[dict], path: str | Path) -> Path:
-    """Loss, Dice and accuracy per epoch, training against validation, in one PNG."""
-    epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ("loss", "dice", "accuracy"), ("Loss", "Dice (foreground mean)", "Accuracy")):
-        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train", ms=3)
-        ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="validation", ms=3)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+def write_report(run: str | Path, out: str | Path | None = None, device: str = "auto",
+                 progress: bool = True) -> tuple[Path, Path]:
+    """Write RUN/report.html and RUN/report.md (or OUT and its .md twin); return both paths."""
+    from medseg.figures import plot_curves, plot_distributions
+
+    run = Path(run)
+    if not (run / "best.pt").exists():
+        raise MedsegError(f"{run}: not a training run (no best.pt); train first or point at a run folder")
+    if not evaluated(run):
+        from medseg.evaluate import evaluate_run
+
+        evaluate_run(run, figures=0, device=device, progress=progress)
+    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    rows = read_rows(run / "evaluation" / "per_case.csv")
+    out = Path(out) if out else run / "report.html"
+    files = out.parent / f"{out.stem}_files"
+    files.mkdir(parents=True, exist_ok=True)
+    classes = list(summary["per_class"])
+
+    history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
+    curves = plot_curves(history, files / "curves.png") if history else None
+    distributions = plot_distributions(rows, classes, DISTRIBUTION_METRICS, files / "distributions.png")
+    shown = draw_chosen_cases(run, summary, rows, files, device)
+
+    blocks = [("h1", f"medseg report: {run.name}"),
+              ("p", f"Run {run.resolve()}; evaluated on the {summary['data']} ({summary['cases']} cases); "
+                    f"written {time.strftime('%Y-%m-%d %H:%M')}."),
+              ("p", f"Mean foreground Dice {summary['mean_dice']:.4f}; median inference time "
+                    f"{summary.get('inference_seconds_per_case', math.nan):.3f} s per case."),
+              ("h2", "Metrics per class"), ("table", summary_table(summary)),
+              ("p", "Mean ± sd over cases, with the bootstrap 95% confidence interval of the mean. Distances in mm. "
+                    + summary.get("policy", ""))]
+    blocks += training_blocks(run, curves)
+    blocks += [("h2", "Metric distributions"), ("figure", (distributions, "per-case values, one box per class"))]
+    blocks += [("h2", "Best, median and worst cases"),
+               ("p", "Ranked by the case's mean Dice over classes. Contours: ground truth solid, prediction dashed. "
+                     + UNCERTAINTY_NOTE)]
+    blocks += [("figure", (path, caption)) for path, caption in shown]
+    blocks += [("h2", "Configuration and plan"), ("table", settings_table(run))]
+    blocks += [("h2", "Every case"), ("table", case_table(rows))]
+    out.write_text(to_html(blocks))
+    markdown = out.with_suffix(".md")
+    markdown.write_text(to_markdown(blocks, markdown.parent))
+    return out, markdown
 
 
-def display_slice(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) under any normalisation -> [0, 1] for display: grey (H, W) or RGB (H, W, 3)."""
-    image = normalize_percentile(image)
-    if image.shape[0] == 3:
-        return np.moveaxis(image, 0, -1)
-    return image[0]
+def evaluated(run: Path) -> bool:
+    """True when RUN/evaluation holds every metric this version computes (older evaluations are redone)."""
+    from medseg.evaluate import COLUMNS
+
+    table = run / "evaluation" / "per_case.csv"
+    if not (table.exists() and (run / "evaluation" / "summary.json").exists()):
+        return False
+    with open(table, newline="") as handle:
+        return set(COLUMNS) <= set(next(csv.reader(handle), []))
 
 
-def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend class colours over a (C, H, W) image; returns RGB (H, W, 3) float in [0, 1]."""
-    base = display_slice(image)
-    rgb = np.repeat(base[..., None], 3, -1) if base.ndim == 2 else base.copy()
-    colours = PALETTE[np.asarray(label) % len(PALETTE)]
-    mask = (np.asarray(label) > 0)[..., None]
-    return np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return [{k: (v if k in ("case", "class") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
 
 
-def plot_case(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, path: str | Path,
-              title: str = "") -> Path:
-    """One row: input, ground truth, prediction, prediction overlaid on the input. image (C, H, W)."""
-    panels = [("input", display_slice(image))]
-    if truth is not None:
-        panels.append(("ground truth", truth))
-    panels += [("prediction", pred), ("overlay", overlay(image, pred))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5))
-    for ax, (name, data) in zip(axes, panels):
-        if name in ("ground truth", "prediction"):  # the overlay's colours, on black
-            ax.imshow(PALETTE[np.asarray(data) % len(PALETTE)], interpolation="nearest")
-        else:
-            ax.imshow(data, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(name)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+def case_scores(rows: list[dict]) -> list[tuple[str, float]]:
+    """(case, mean Dice over its classes), worst first."""
+    by_case: dict[str, list[float]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], []).append(row["dice"])
+    return sorted(((case, float(np.mean(d))) for case, d in by_case.items()), key=lambda item: (item[1], item[0]))
 
 
-def most_informative_slice(label: np.ndarray, axis: int) -> int:
-    """Index of the slice along `axis` with the most foreground (the middle one when all are empty)."""
-    moved = np.moveaxis(label, axis % label.ndim, 0)
-    counts = (moved > 0).reshape(moved.shape[0], -1).sum(1)
-    return int(counts.argmax()) if counts.any() else moved.shape[0] // 2
+def chosen_cases(rows: list[dict]) -> list[tuple[str, str, float]]:
+    """(which, case, mean Dice) for the best, median and worst case (fewer when there are fewer cases)."""
+    ranked = case_scores(rows)
+    picks = [("best", ranked[-1]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[0])]
+    seen, chosen = set(), []
+    for which, (case, dice) in picks:
+        if case not in seen:
+            seen.add(case)
+            chosen.append((which, case, dice))
+    return chosen
 
 
-def save_overlay_png(image: np.ndarray, label: np.ndarray, path: str | Path, axis: int = -1) -> Path:
-    """An overlay PNG for a 2D image (C, H, W) or for the most informative slice of a volume (C, X, Y, Z)."""
-    from PIL import Image as PILImage
+def draw_chosen_cases(run: Path, summary: dict, rows: list[dict], files: Path, device: str) -> list[tuple]:
+    """Predict the chosen cases again (probabilities are not stored) and draw each one's row of panels."""
+    from medseg.checkpoint import load_run
+    from medseg.data import load_case
+    from medseg.evaluate import evaluation_cases
+    from medseg.figures import most_informative_slice, plot_contours
+    from medseg.infer import labels_from_probabilities, native_probabilities, uncertainty
 
-    if image.ndim == 4:
-        index = most_informative_slice(label, axis)
-        image = np.take(image, index, axis=1 + axis % 3)
-        label = np.take(label, index, axis=axis % 3)
-    rgb = (overlay(image, label) * 255).round().astype(np.uint8)
-    PILImage.fromarray(rgb).save(path)
-    return Path(path)
+    trained = load_run(run, device=device)
+    cfg = trained.config
+    cases = {c.case_id: c for c in evaluation_cases(trained, summary.get("data_path"))[0]}
+    shown = []
+    for which, case_id, dice in chosen_cases(rows):
+        loaded = load_case(cases[case_id], cfg, resample=False)
+        probs = native_probabilities(trained, loaded.image.array, loaded.image.spacing)
+        pred = labels_from_probabilities(probs, trained)
+        image, truth, doubt = loaded.image.array, loaded.label, uncertainty(probs, bool(cfg.regions))
+        where = ""
+        if truth.ndim == 3:  # the slice with the most ground truth
+            index = most_informative_slice(truth, cfg.axis)
+            image = np.take(image, index, axis=1 + cfg.axis % 3)
+            truth, pred, doubt = (np.take(a, index, axis=cfg.axis % 3) for a in (truth, pred, doubt))
+            where = f", slice {index} along axis {cfg.axis % 3}"
+        caption = f"{which}: case {case_id}, mean Dice {dice:.3f}{where}"
+        shown.append((plot_contours(image, truth, pred, doubt, files / f"case_{which}.png", caption), caption))
+    return shown
+
+
+def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for name, metrics in summary["per_class"].items():
+        cells = []
+        for m in SUMMARY_METRICS:
+            s = metrics[m]
+            low, high = s.get("ci95", [math.nan, math.nan])
+            cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} [{low:.3f}, {high:.3f}]")
+        rows.append([name, *cells])
+    return ["class", *SUMMARY_METRICS], rows
+
+
+def training_blocks(run: Path, curves: Path | None) -> list[tuple]:
+    path = run / "train_summary.json"
+    facts = json.loads(path.read_text()) if path.exists() else {}
+    keep = ["epochs_run", "best_epoch", "best_val_dice", "stopped", "seconds", "device", "parameters",
+            "train_samples", "postprocessing"]
+    table = (["", "value"], [[k, _text(facts[k])] for k in keep if k in facts])
+    blocks = [("h2", "Training"), ("table", table)]
+    if curves:
+        blocks.append(("figure", (curves, "loss, Dice and accuracy per epoch, training against validation")))
+    return blocks
+
+
+def settings_table(run: Path) -> tuple[list[str], list[list[str]]]:
+    """Every training setting, then the dataset facts the run recorded (the plan is what these settings are)."""
+    rows = []
+    for name in ("config.json", "dataset.json"):
+        path = run / name
+        if path.exists():
+            rows += [[f"{name[:-5]}: {k}", _text(v)] for k, v in json.loads(path.read_text()).items()
+                     if v is not None]
+    return ["setting", "value"], rows
+
+
+def case_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    metrics = [k for k in rows[0] if k not in ("case", "class")] if rows else []
+    return ["case", "class", *metrics], [[r["case"], r["class"], *(f"{r[m]:.4f}" for m in metrics)] for r in rows]
+
+
+def _text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:left}th{background:#f0f0f0}figure{margin:1em 0}img{max-width:100%}figcaption{color:#555}
+.scroll{max-height:30em;overflow:auto}"""
+
+
+def to_html(blocks: list[tuple]) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{html.escape(blocks[0][1])}</title><style>{STYLE}</style></head><body>"]
+    for kind, content in blocks:
+        if kind in ("h1", "h2", "p"):
+            parts.append(f"<{kind}>{html.escape(content)}</{kind}>")
+        elif kind == "table":
+            header, rows = content
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            wrap = ' class="scroll"' if len(rows) > 20 else ""
+            parts.append(f"<div{wrap}><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+        elif kind == "figure":
+            path, caption = content
+            data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def to_markdown(blocks: list[tuple], root: Path) -> str:
+    lines = []
+    for kind, content in blocks:
+        if kind == "h1":
+            lines += [f"# {content}", ""]
+        elif kind == "h2":
+            lines += [f"## {content}", ""]
+        elif kind == "p":
+            lines += [content, ""]
+        elif kind == "table":
+            header, rows = content
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
+        elif kind == "figure":
+            path, caption = content
+            lines += [f"![{caption}]({Path(path).relative_to(root).as_posix()})", ""]
+    return "\n".join(lines)

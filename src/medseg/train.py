@@ -102,7 +102,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
                    device=str(device), seconds=round(time.monotonic() - started, 1))
     (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    from medseg.report import plot_curves
+    from medseg.figures import plot_curves
 
     plot_curves(loop.history, run / "curves.png")
     return run
