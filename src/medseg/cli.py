@@ -50,6 +50,8 @@ TRAIN_OPTIONS = [
     ("--flip-axes", "intlist", "mirror training samples only along these axes (2D: 0 rows, 1 columns), "
                                "'none' for no mirroring (default: every axis)"),
     ("--rotate90", bool, "also rotate training samples by multiples of 90 degrees (data with no up, e.g. EM)"),
+    ("--init-from", str, "start from the weights of this run (or .pt) that match by name and shape"),
+    ("--freeze-encoder-epochs", int, "hold the encoder still for this many first epochs (with --init-from)"),
     ("--val-fraction", float, "share of cases for validation (default 0.2)"),
     ("--folds", int, "k-fold cross-validation: number of folds"),
     ("--fold", int, "k-fold cross-validation: which fold validates"),
@@ -57,6 +59,8 @@ TRAIN_OPTIONS = [
     ("--time-budget", float, "minutes; training ends cleanly when they are spent"),
     ("--device", str, "auto, cpu, cuda, cuda:N or mps"),
     ("--threads", int, "CPU threads for PyTorch"),
+    ("--tensorboard", str, "also write TensorBoard scalars under DIR/<run name> (needs tensorboard)"),
+    ("--mlflow", str, "also log to this MLflow tracking URI, e.g. sqlite:///mlflow.db (needs mlflow)"),
 ]
 
 

@@ -69,6 +69,9 @@ class TrainConfig:
     augment: bool = True
     rotate90: bool = False  # also rotate training samples by multiples of 90 degrees (EM, microscopy)
     flip_axes: list[int] | None = None  # axes of a training sample to mirror at random (None: all; []: none)
+    # transfer learning
+    init_from: str | None = None  # a run folder or checkpoint: its tensors that match by name and shape start training
+    freeze_encoder_epochs: int = 0  # hold the encoder still for this many first epochs
     # split
     val_fraction: float = 0.2
     folds: int = 0
@@ -79,6 +82,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
+    # optional experiment tracking (off by default; the packages are not needed otherwise)
+    tensorboard: str | None = None  # write TensorBoard scalars under DIR/<run name>
+    mlflow: str | None = None  # log settings, metrics per epoch and artifacts to this MLflow tracking URI
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -108,6 +114,7 @@ class TrainConfig:
             (self.context == 0 or (self.context > 0 and self.dims == 2),
              f"--context {self.context}: neighbouring slices are for 2D training on volumes (--dims 2)"),
             (self.time_budget is None or self.time_budget > 0, "--time-budget must be positive (minutes)"),
+            (self.freeze_encoder_epochs >= 0, "--freeze-encoder-epochs must be 0 or more"),
         ]
         for ok, message in checks:
             if not ok:

@@ -31,6 +31,8 @@ from medseg.losses import deep_supervision_loss, make_loss
 from medseg.metrics import confusion, metrics_from_counts, scored_metrics
 from medseg.models import create_model
 from medseg.regions import region_masks, region_targets
+from medseg.tracking import Tracker
+from medseg.transfer import describe, encoder_parameters, load_matching, set_encoder_frozen, write_account
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "train_dice", "val_dice", "train_iou", "val_iou",
                    "train_accuracy", "val_accuracy", "lr", "seconds", "elapsed"]
@@ -78,6 +80,7 @@ def create_run_dir(out: str | Path, overwrite: bool) -> Path:
 def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     """Train as configured and return the run folder."""
     cfg.validate()
+    tracker = Tracker(cfg)  # a tracking package asked for but missing fails here, before any work
     started = time.monotonic()
     generator = seed_everything(cfg.seed)
     if cfg.threads:
@@ -93,19 +96,42 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         "data": str(cfg.data), "layout": dataset.layout, "class_names": class_names, "in_channels": in_channels,
         "train_cases": len(train_cases), "val_cases": len(val_cases)}, indent=2))
     model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
-    model = create_model(cfg.model, **model_args).to(device)
+    model = create_model(cfg.model, **model_args)
+    init = initialise(model, cfg, run)
+    model.to(device)
     trained = TrainedModel(model, cfg, class_names, in_channels, run, device)
     sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
-    loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started)
-    summary = loop.run(model_args)
+    tracker.start(run)
+    loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started, tracker)
+    try:
+        summary = loop.run(model_args)
+    except BaseException:
+        tracker.abort()
+        raise
     summary["postprocessing"] = choose_postprocessing(run, val_cases, device)
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
                    device=str(device), seconds=round(time.monotonic() - started, 1))
+    if init:
+        summary["init_from"] = {k: init[k] for k in ("source", "loaded", "of")} | {"skipped": len(init["skipped"])}
     (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
     from medseg.figures import plot_curves
 
     plot_curves(loop.history, run / "curves.png")
+    tracker.finish(summary, [run / "curves.png", run / "train_summary.json", run / "config.json"])
     return run
+
+
+def initialise(model: torch.nn.Module, cfg: TrainConfig, run: Path) -> dict | None:
+    """Load the matching weights of --init-from (if given), record the account in RUN/init.json and say it."""
+    if cfg.freeze_encoder_epochs:
+        encoder_parameters(model)  # fails now, not after an epoch, for a model without a named encoder
+    if not cfg.init_from:
+        return None
+    account = load_matching(model, cfg.init_from)
+    write_account(account, run)
+    if cfg.progress:
+        tqdm.write(describe(account))
+    return account
 
 
 def train_folds(cfg: TrainConfig, overwrite: bool = False) -> list[Path]:
@@ -142,9 +168,9 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
 class _Loop:
     """The epoch loop: optimise, validate per case, checkpoint, stop early or when the budget is spent."""
 
-    def __init__(self, cfg, trained, loss_fn, sampler, val_cases, started):
+    def __init__(self, cfg, trained, loss_fn, sampler, val_cases, started, tracker: Tracker | None = None):
         self.cfg, self.trained, self.loss_fn, self.sampler = cfg, trained, loss_fn, sampler
-        self.val_cases, self.started = val_cases, started
+        self.val_cases, self.started, self.tracker = val_cases, started, tracker
         params = trained.model.parameters()
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True,
@@ -187,6 +213,8 @@ class _Loop:
             row.update(seconds=round(time.monotonic() - epoch_start, 2), elapsed=round(self.elapsed(), 1))
             self.history.append(row)
             self.write_history()
+            if self.tracker:
+                self.tracker.log_epoch(row)
             state = self.state(model_args, epoch, row["val_dice"])
             save_checkpoint(self.trained.run / "last.pt", {**state, "optimizer": self.optimizer.state_dict()})
             if row["val_dice"] > best:
@@ -209,6 +237,8 @@ class _Loop:
     def train_epoch(self, epoch: int) -> dict:
         model = self.trained.model
         model.train()
+        if self.cfg.freeze_encoder_epochs:
+            set_encoder_frozen(model, epoch <= self.cfg.freeze_encoder_epochs)
         counts, pixels, correct = None, 0, 0
         losses, stopped, lr = [], False, self.cfg.lr
         bar = tqdm(self.sampler.epoch_batches(self.steps), total=self.steps, desc=f"epoch {epoch}",

@@ -36,6 +36,7 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """Input (B, in_channels, *spatial), any size -> logits (B, num_classes, *spatial). Widths: stem
     base_channels, stages base_channels * (1, 2, 4, 8); `depth` is accepted for a common signature and unused."""
+    encoder_modules = ("stem", "low", "mid", "high")  # the ResNet-style backbone (--freeze-encoder-epochs)
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 16, depth: int = 4,
                  dropout: float = 0.0, spatial_dims: int = 2, norm: str = "batch", activation: str = "relu",

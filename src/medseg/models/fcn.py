@@ -14,6 +14,7 @@ class FCN8s(nn.Module):
     """Input (B, in_channels, *spatial), any size (padded to a multiple of 32 and cropped back) -> logits
     (B, num_classes, *spatial). Widths base_channels * (1, 2, 4, 8, 8); the "fc" layers have 16 * base_channels.
     `depth` is accepted for a common signature; FCN-8s has five poolings by definition."""
+    encoder_modules = ("stages",)  # the VGG-style feature stages (--freeze-encoder-epochs)
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 16, depth: int = 5,
                  dropout: float = 0.0, spatial_dims: int = 2, norm: str = "batch", activation: str = "relu",

@@ -13,6 +13,7 @@ class SegNet(nn.Module):
     """Input (B, in_channels, *spatial), any size -> logits (B, num_classes, *spatial). Widths
     base_channels * 2**i for `depth` levels; each level is two 3x3 conv + norm + activation, then a 2x max-pool
     whose indices the mirrored decoder level unpools with."""
+    encoder_modules = ("encoder",)  # what --freeze-encoder-epochs holds still
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 16, depth: int = 4,
                  dropout: float = 0.0, spatial_dims: int = 2, norm: str = "batch", activation: str = "relu",

@@ -18,6 +18,7 @@ class UNet(nn.Module):
     Inputs whose sides are not multiples of 2**depth are padded (edge values) and the output cropped back.
     Encoder widths are base_channels * 2**i for i < depth; the bottleneck has base_channels * 2**depth.
     """
+    encoder_modules = ("encoder", "bottleneck")  # what --freeze-encoder-epochs holds still
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 64, depth: int = 4,
                  dropout: float = 0.0, spatial_dims: int = 2, norm: str = "batch", activation: str = "relu",
