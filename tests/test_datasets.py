@@ -105,6 +105,16 @@ def test_split_is_by_case_seeded_and_twenty_percent():
     assert split["val"] != split_cases(ids, seed=2)["val"]
 
 
+def test_train_fraction_keeps_the_validation_cases():
+    ids = [f"c{i}" for i in range(50)]
+    full, tenth = split_cases(ids, seed=1), split_cases(ids, seed=1, train_fraction=0.1)
+    assert tenth["val"] == full["val"] and len(tenth["train"]) == 4 and set(tenth["train"]) < set(full["train"])
+    assert tenth["train"] != split_cases(ids, seed=2, train_fraction=0.1)["train"]
+    assert len(split_cases(ids[:3], train_fraction=0.01)["train"]) == 1
+    with pytest.raises(MedsegError, match="--train-fraction"):
+        split_cases(ids, train_fraction=0)
+
+
 def test_kfold_partitions_the_cases():
     ids = [f"c{i}" for i in range(11)]
     folds = [split_cases(ids, folds=3, fold=k)["val"] for k in range(3)]

@@ -53,6 +53,7 @@ TRAIN_OPTIONS = [
     ("--init-from", str, "start from the weights of this run (or .pt) that match by name and shape"),
     ("--freeze-encoder-epochs", int, "hold the encoder still for this many first epochs (with --init-from)"),
     ("--val-fraction", float, "share of cases for validation (default 0.2)"),
+    ("--train-fraction", float, "train on this share of the training cases, same validation (default 1)"),
     ("--folds", int, "k-fold cross-validation: number of folds"),
     ("--fold", int, "k-fold cross-validation: which fold validates"),
     ("--seed", int, "random seed"),
@@ -142,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--all-folds", action="store_true", help="with --folds K: train every fold into OUT/fold_i")
     _add_train_options(train)
 
+    bench = sub.add_parser("benchmark-architectures",
+                           help="train every network on DATA under one split and time budget, then compare them")
+    bench.add_argument("data", help="dataset folder or CSV manifest")
+    bench.add_argument("--models", default="unet,attention_unet,resenc_unet,deeplabv3plus,segnet,fcn",
+                       help="comma-separated model names (default: all); the first is the reference")
+    bench.add_argument("--budget", type=float, default=5.0, help="training minutes per model (default 5)")
+    bench.add_argument("--out", default="runs/architectures", help="folder for the runs and the comparison")
+    bench.add_argument("--overwrite", action="store_true", help="replace existing run folders")
+    bench.set_defaults(config=None, plan=None, configuration=None)
+    _add_train_options(bench)
+
     plan = sub.add_parser("plan", help="fingerprint a dataset and write a readable training plan (JSON)")
     plan.add_argument("data", help="dataset folder or CSV manifest")
     plan.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")
@@ -187,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--series", help="DICOM series UID or description, where a folder holds several")
     predict.add_argument("--device", default="auto")
 
-    for p in (demo, train, evaluate, predict, download, report):
+    for p in (demo, train, evaluate, predict, download, report, bench):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -229,6 +241,17 @@ def run_command(args: argparse.Namespace) -> None:
               f"{args.base_channels}, depth {args.depth})")
         for row in rows:
             print(f"{row['name']:<16}{row['parameters']:>12,}{row['gflops']:>10.2f}  {row['description']}")
+    elif args.command == "benchmark-architectures":
+        from medseg.architectures import benchmark_architectures
+        from medseg.compare import comparison_table
+
+        if args.model or args.time_budget:
+            raise MedsegError("benchmark-architectures takes --models and --budget (not --model, --time-budget)")
+        cfg = _config_from_args(args)
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        rows = benchmark_architectures(cfg, models, args.budget, args.out, args.overwrite)
+        print(comparison_table(rows), end="")
+        print(f"comparison: {(Path(args.out) / 'comparison.md').resolve()}")
     elif args.command == "compare":
         from medseg.compare import compare_runs, comparison_table
 

@@ -74,6 +74,7 @@ class TrainConfig:
     freeze_encoder_epochs: int = 0  # hold the encoder still for this many first epochs
     # split
     val_fraction: float = 0.2
+    train_fraction: float = 1.0  # train on this share of the training cases (validation unchanged)
     folds: int = 0
     fold: int = 0
     seed: int = 0

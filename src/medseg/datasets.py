@@ -236,10 +236,12 @@ def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False) 
 
 
 def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
-                folds: int = 0, fold: int = 0) -> dict:
+                folds: int = 0, fold: int = 0, train_fraction: float = 1.0) -> dict:
     """Split unique case ids (never slices) into train and validation, reproducibly.
 
     folds=0: a random `val_fraction` split. folds=k: k-fold cross-validation, `fold` in [0, k) is validation.
+    train_fraction < 1 keeps that share of the training cases (at least one, chosen with the seed) and the same
+    validation cases: learning curves and few-label fine-tuning are measured on one held-out set.
     """
     unique = sorted(set(case_ids))
     if len(unique) < 2:
@@ -254,5 +256,9 @@ def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
         n_val = min(len(unique) - 1, max(1, round(len(unique) * val_fraction)))
         val = order[:n_val]
     val_set = set(val)
+    train = [c for c in order if c not in val_set]
+    if not 0 < train_fraction <= 1:
+        raise MedsegError(f"--train-fraction {train_fraction}: must lie in (0, 1]")
+    kept = train[:max(1, round(len(train) * train_fraction))]
     return {"seed": seed, "folds": folds, "fold": fold, "val_fraction": val_fraction,
-            "train": [c for c in unique if c not in val_set], "val": sorted(val_set)}
+            "train_fraction": train_fraction, "train": sorted(kept), "val": sorted(val_set)}

@@ -48,9 +48,10 @@ def seed_everything(seed: int) -> torch.Generator:
 def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], list[LoadedCase], list[str]]:
     """Find, split and load the cases; every input error surfaces here, before anything is written."""
     dataset = find_cases(cfg.data, cfg.images, cfg.masks)
-    split = split_cases([c.case_id for c in dataset.cases], cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
-    val_ids = set(split["val"])
-    train_cases = load_cases([c for c in dataset.cases if c.case_id not in val_ids], cfg, "training cases")
+    split = split_cases([c.case_id for c in dataset.cases], cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold,
+                        cfg.train_fraction)
+    train_ids, val_ids = set(split["train"]), set(split["val"])
+    train_cases = load_cases([c for c in dataset.cases if c.case_id in train_ids], cfg, "training cases")
     val_cases = load_cases([c for c in dataset.cases if c.case_id in val_ids], cfg, "validation cases")
     if train_cases[0].image.array.shape[0] != val_cases[0].image.array.shape[0]:
         raise MedsegError(f"{val_cases[0].image.path}: channel count differs from the training cases; use --color gray")
