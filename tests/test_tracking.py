@@ -19,9 +19,11 @@ def test_tensorboard_scalars_per_epoch(phantoms_2d, tmp_path):
     assert [e.step for e in events.Scalars("val_dice")] == [1, 2]
 
 
-def test_mlflow_run_with_params_metrics_and_artifacts(phantoms_2d, tmp_path):
+def test_mlflow_run_with_params_metrics_and_artifacts(phantoms_2d, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's database store keeps artifacts in ./mlruns
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train(tiny_config(phantoms_2d, tmp_path / "ml_run", mlflow=uri, patience=0))
