@@ -1,6 +1,6 @@
 """Accuracy on the real datasets in ../shared/datasets, each trained under a stated CPU budget; write the table.
 
-    python benchmarks/accuracy.py                          # every dataset, in order (about 95 minutes here)
+    python benchmarks/accuracy.py                          # every dataset, in order (about 2.5 hours here)
     python benchmarks/accuracy.py --only drive,dsb2018     # some of them
     python benchmarks/accuracy.py --minutes 0.5 --out /tmp/smoke   # every step, tiny budgets (checks the script)
 

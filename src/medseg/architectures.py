@@ -60,7 +60,7 @@ def write_comparison(named: list[dict], cfg: TrainConfig, budget: float, out: Pa
 
 def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path:
     """Mean Dice (with its 95% interval) against median inference seconds per case, one point per model."""
-    from medseg.figures import plt
+    from medseg.figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for r in rows:
@@ -74,7 +74,4 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("mean Dice (95% CI)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 110)

@@ -28,8 +28,15 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    return save_figure(fig, path, 110)
+
+
+def save_figure(fig, path: str | Path, dpi: int, title: str = "") -> Path:
+    """Title, tighten, write and close (figures are files here, never windows)."""
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
 
@@ -66,12 +73,7 @@ def plot_case(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, pat
             ax.imshow(data, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name)
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, 100, title)
 
 
 def most_informative_slice(label: np.ndarray, axis: int) -> int:
@@ -119,12 +121,7 @@ def plot_contours(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, uncert
                         ax.contour(mask, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2)
         ax.set_title(name)
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, 90, title)
 
 
 def plot_distributions(rows: list[dict], classes: list[str], metrics: list[str], path: str | Path) -> Path:
@@ -137,7 +134,4 @@ def plot_distributions(rows: list[dict], classes: list[str], metrics: list[str],
         ax.set_xticks(range(1, len(classes) + 1), classes, rotation=20)
         ax.set_title(f"{metric} (mm)" if metric in ("hd95", "assd") else metric)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, 100)
