@@ -40,6 +40,8 @@ def run(name: str, budget: float, out: Path, threads: int | None) -> dict:
     DOCS.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / name / "dice_vs_inference_time.png", DOCS / f"architectures_{name}.png")
     rows = json.loads((out / name / "comparison.json").read_text())["rows"]
+    for row in rows:  # how far each model got in the budget says as much as its Dice
+        row["epochs"] = len(json.loads((out / name / row["run"] / "history.json").read_text()))
     return {"dataset": name, "budget_min": budget, "threads": threads, "minutes": (time.monotonic() - started) / 60,
             "rows": rows, "command": "medseg benchmark-architectures " + " ".join(
                 shlex.quote(os.path.relpath(a, ROOT) if a.startswith("/") else a) for a in args)}
@@ -51,13 +53,13 @@ def write_docs(results: dict) -> None:
         lines += [f"### {r['dataset']}: {r['budget_min']:g} minutes per model"
                   + (f" on {r['threads']} thread(s)" if r["threads"] else ""), "",
                   f"`{r['command']}`", "",
-                  "| model | parameters | GFLOPs (forward, one sample) | epochs' time (min) | Dice mean ± sd | 95% CI | "
-                  "p vs unet (Wilcoxon) | inference s/case |", "|---|---|---|---|---|---|---|---|"]
+                  "| model | parameters | GFLOPs (forward, one sample) | epochs | train min | Dice mean ± sd | 95% CI | "
+                  "p vs unet (Wilcoxon) | inference s/case |", "|---|---|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
             low, high = row["dice_ci95"]
             p = "-" if row is r["rows"][0] else f"{row['p_vs_first']:.3g}"
             lines.append(f"| {row['model']} | {row['parameters']:,} | {row['gflops']:.2f} ({row['sample']}) | "
-                         f"{row['train_minutes']:.1f} | {row['dice_mean']:.4f} ± {row['dice_sd']:.4f} | "
+                         f"{row.get('epochs', '-')} | {row['train_minutes']:.1f} | {row['dice_mean']:.4f} ± {row['dice_sd']:.4f} | "
                          f"{low:.4f}-{high:.4f} | {p} | {row['inference_seconds']:.3f} |")
         lines += ["", f"![Dice against inference time, {r['dataset']}](benchmarks/architectures_{r['dataset']}.png)",
                   ""]
@@ -71,8 +73,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=2.5, help="training minutes per model")
     parser.add_argument("--threads", type=int, help="CPU threads per training (to run datasets side by side)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "architectures"))
+    parser.add_argument("--write-docs", action="store_true", help="only rewrite the docs from the stored results")
     args = parser.parse_args()
     store = DOCS / "architectures.json"
+    if args.write_docs:
+        return write_docs(json.loads(store.read_text()))
     for name in args.only.split(","):
         if not RECIPES[name]["data"].exists():
             raise SystemExit(f"{RECIPES[name]['data']} not found (the shared datasets live beside the repository)")
