@@ -27,3 +27,16 @@ def test_mixing_2d_and_3d_is_refused(tmp_path):
              Case("i", [tmp_path / "img.png"], tmp_path / "img_seg.png")]
     with pytest.raises(MedsegError, match="img.png: a 2D image among 3D volumes"):
         load_cases(cases, TrainConfig(progress=False))
+
+
+def test_batches_keep_their_size_with_fewer_slices_than_a_batch():
+    import torch
+
+    from medseg.data import LoadedCase, SliceSampler
+    from medseg.io import Image
+
+    cases = [LoadedCase(f"c{i}", Image(np.random.rand(1, 40, 40).astype(np.float32), (1.0, 1.0)),
+                        (np.random.rand(40, 40) > 0.5).astype(np.uint8)) for i in range(2)]
+    cfg = TrainConfig(size=32, batch_size=8, fit="pad")
+    batches = list(SliceSampler(cases, cfg, torch.Generator().manual_seed(0)).epoch_batches(3))
+    assert [tuple(image.shape) for image, _ in batches] == [(8, 1, 32, 32)] * 3

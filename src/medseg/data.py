@@ -127,11 +127,13 @@ class SliceSampler:
         return stack_and_augment(pairs, self.cfg, self.generator)
 
     def epoch_batches(self, steps: int):
-        """`steps` batches drawn without replacement, reshuffling whenever the slices run out."""
+        """`steps` batches of the configured size drawn without replacement, reshuffling whenever the slices run
+        out; with fewer slices than a batch (a few-image fine-tune), a batch repeats slices, each with its own
+        random crop and augmentation, so every run takes the same batch size."""
         order: list[int] = []
-        bs = min(self.cfg.batch_size, len(self))
+        bs = self.cfg.batch_size
         for _ in range(steps):
-            if len(order) < bs:
+            while len(order) < bs:
                 order += torch.randperm(len(self), generator=self.generator).tolist()
             yield self.batch(order[:bs])
             del order[:bs]
