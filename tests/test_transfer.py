@@ -57,6 +57,13 @@ def test_every_model_names_its_encoder(name):
     assert 0 < sum(p.numel() for p in encoder) < sum(p.numel() for p in model.parameters())
 
 
+def test_a_checkpoint_that_does_not_fit_fails_before_the_run_folder(trained_2d, phantoms_2d, tmp_path):
+    cfg = tiny_config(phantoms_2d, tmp_path / "run", init_from=str(trained_2d), model="fcn")
+    with pytest.raises(MedsegError, match="no tensor matches"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_errors(trained_2d, tmp_path):
     model = create_model("unet", in_channels=1, num_classes=3, base_channels=4, depth=2)
     with pytest.raises(MedsegError, match="no checkpoint there"):

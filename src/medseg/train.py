@@ -90,15 +90,17 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     dataset, split, train_cases, val_cases, class_names = prepare_data(cfg)
     in_channels = train_cases[0].image.array.shape[0]
     loss_fn = make_loss(cfg.loss, len(class_names), cfg.regions)
+    model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
+    model = create_model(cfg.model, **model_args)
+    init = initialise(model, cfg)  # a checkpoint that does not fit fails here, before the run folder is made
     run = create_run_dir(cfg.out, overwrite)
     cfg.save(run / "config.json")
     (run / "split.json").write_text(json.dumps(split, indent=2))
     (run / "dataset.json").write_text(json.dumps({
         "data": str(cfg.data), "layout": dataset.layout, "class_names": class_names, "in_channels": in_channels,
         "train_cases": len(train_cases), "val_cases": len(val_cases)}, indent=2))
-    model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
-    model = create_model(cfg.model, **model_args)
-    init = initialise(model, cfg, run)
+    if init:
+        write_account(init, run)
     model.to(device)
     trained = TrainedModel(model, cfg, class_names, in_channels, run, device)
     sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
@@ -122,14 +124,13 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     return run
 
 
-def initialise(model: torch.nn.Module, cfg: TrainConfig, run: Path) -> dict | None:
-    """Load the matching weights of --init-from (if given), record the account in RUN/init.json and say it."""
+def initialise(model: torch.nn.Module, cfg: TrainConfig) -> dict | None:
+    """Load the matching weights of --init-from (if given) and say what was loaded; return the account."""
     if cfg.freeze_encoder_epochs:
         encoder_parameters(model)  # fails now, not after an epoch, for a model without a named encoder
     if not cfg.init_from:
         return None
     account = load_matching(model, cfg.init_from)
-    write_account(account, run)
     if cfg.progress:
         tqdm.write(describe(account))
     return account
