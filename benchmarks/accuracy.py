@@ -104,26 +104,33 @@ def run_dataset(name: str, out: Path, minutes: float | None, figures: Path = DOC
     run = out / name
     train_args = [str(recipe["data"]), "--out", str(run), "--overwrite", "--time-budget", f"{budget:g}", "--quiet",
                   *shlex.split(recipe["args"])]
-    started = time.monotonic()
-    if medseg_main(["train", *train_args]) != 0:
-        raise SystemExit(f"training on {name} failed")
-    train_minutes = (time.monotonic() - started) / 60
-    started = time.monotonic()
-    if medseg_main(["evaluate", str(run), "--quiet", "--figures", "0"]) != 0:
-        raise SystemExit(f"evaluating {name} failed")
-    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    summary, epochs, train_seconds, evaluate_seconds = train_then_evaluate(train_args, run)
     asks, measured, met = bar_for(name, summary)
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "curves.png", figures / f"accuracy_{name}_curves.png")
     return {
-        "dataset": name, "plan": recipe["plan"], "budget_min": budget, "train_min": round(train_minutes, 1),
-        "evaluate_min": round((time.monotonic() - started) / 60, 1),
-        "epochs": len(json.loads((run / "history.json").read_text())), "val_cases": summary["cases"],
+        "dataset": name, "plan": recipe["plan"], "budget_min": budget, "train_min": round(train_seconds / 60, 1),
+        "evaluate_min": round(evaluate_seconds / 60, 1), "epochs": epochs, "val_cases": summary["cases"],
         "dice": {k: [v["dice"]["mean"], v["dice"]["std"]] for k, v in summary["per_class"].items()},
         "hd95_mm": {k: [v["hd95"]["mean"], v["hd95"]["std"]] for k, v in summary["per_class"].items()},
         "bar": asks, "measured": measured, "met": bool(met), "reference": recipe["reference"],
         "command": "medseg train " + " ".join(shlex.quote(_relative(a)) for a in train_args),
     }
+
+
+def train_then_evaluate(train_args: list[str], run: Path, device: str = "auto") -> tuple[dict, int, float, float]:
+    """`medseg train TRAIN_ARGS` then `medseg evaluate RUN` on its held-out cases: (evaluation summary, epochs
+    trained, training seconds, evaluation seconds)."""
+    started = time.monotonic()
+    if medseg_main(["train", *train_args]) != 0:
+        raise SystemExit(f"training {run} failed")
+    trained = time.monotonic() - started
+    started = time.monotonic()
+    if medseg_main(["evaluate", str(run), "--quiet", "--figures", "0", "--device", device]) != 0:
+        raise SystemExit(f"evaluating {run} failed")
+    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    epochs = len(json.loads((run / "history.json").read_text()))
+    return summary, epochs, trained, time.monotonic() - started
 
 
 def run_dicom(out: Path) -> dict:

@@ -23,8 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import RECIPES, SHARED, bar_for  # noqa: E402
-from medseg.cli import main as medseg_main  # noqa: E402
+from accuracy import RECIPES, SHARED, bar_for, train_then_evaluate  # noqa: E402
 from medseg.models import count_flops, create_model  # noqa: E402
 
 # (name, model arguments, input size, batch): the seed's full-width U-Net and the networks the CPU recipes use.
@@ -92,18 +91,10 @@ def train_and_evaluate(data: Path, run: Path, recipe: str, minutes: float, devic
     """Train with `medseg train DATA RECIPE` on `device` for `minutes`, then evaluate the run's held-out cases."""
     args = [str(data), "--out", str(run), "--overwrite", "--time-budget", f"{minutes:g}", "--quiet",
             "--device", device, *shlex.split(recipe)]
-    started = time.monotonic()
-    if medseg_main(["train", *args]) != 0:
-        raise SystemExit("training failed")
-    trained = time.monotonic() - started
-    started = time.monotonic()
-    if medseg_main(["evaluate", str(run), "--quiet", "--figures", "0", "--device", device]) != 0:
-        raise SystemExit("evaluation failed")
-    summary = json.loads((run / "evaluation" / "summary.json").read_text())
-    history = json.loads((run / "history.json").read_text())
+    summary, epochs, trained, evaluated = train_then_evaluate(args, run, device)
     steps = int(recipe.split("--steps-per-epoch")[1].split()[0]) if "--steps-per-epoch" in recipe else None
-    return {"budget_min": minutes, "train_s": round(trained, 1), "evaluate_s": round(time.monotonic() - started, 1),
-            "epochs": len(history), "steps_per_epoch": steps, "val_cases": summary["cases"],
+    return {"budget_min": minutes, "train_s": round(trained, 1), "evaluate_s": round(evaluated, 1),
+            "epochs": epochs, "steps_per_epoch": steps, "val_cases": summary["cases"],
             "dice": {k: round(v["dice"]["mean"], 4) for k, v in summary["per_class"].items()},
             "hd95_mm": {k: round(v["hd95"]["mean"], 3) for k, v in summary["per_class"].items()},
             "inference_s_per_case": summary.get("inference_seconds_per_case"), "summary": summary,

@@ -8,7 +8,7 @@ comparison.json hold the table, OUT/dice_vs_inference_time.png the plot.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from medseg.config import TrainConfig
@@ -33,7 +33,7 @@ def benchmark_architectures(cfg: TrainConfig, models: list[str], budget: float, 
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for name in models:
-        run_cfg = TrainConfig(**{**asdict(cfg), "model": name, "out": str(out / name), "time_budget": budget})
+        run_cfg = replace(cfg, model=name, out=str(out / name), time_budget=budget)
         run = train(run_cfg.validate(), overwrite=overwrite)
         evaluate_run(run, figures=0, device=cfg.device, progress=cfg.progress)
         runs.append(run)

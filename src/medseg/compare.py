@@ -5,26 +5,19 @@ Every run must have been evaluated (`medseg evaluate RUN`) on the same cases; pe
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.evaluate import mean_dice_per_case, read_per_case
 from medseg.stats import bootstrap_ci, paired_wilcoxon
 
 
 def case_dice(run: Path) -> dict[str, float]:
     """Mean Dice over the scored classes (or regions) of each case, from RUN/evaluation/per_case.csv."""
-    path = run / "evaluation" / "per_case.csv"
-    if not path.exists():
-        raise MedsegError(f"{run}: not evaluated yet ({path} missing); run 'medseg evaluate {run}' first")
-    per_case: dict[str, list[float]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            per_case.setdefault(row["case"], []).append(float(row["dice"]))
-    return {case: float(np.mean(values)) for case, values in per_case.items()}
+    return mean_dice_per_case(read_per_case(run))
 
 
 def describe_run(run: Path) -> dict:

@@ -136,6 +136,24 @@ def _draw(loaded, pred: np.ndarray, axis: int, path: Path, title: str) -> Path:
     return plot_case(image, truth, pred, path, title=title)
 
 
+def read_per_case(run: Path) -> list[dict]:
+    """RUN/evaluation/per_case.csv as rows: case and class as text, every metric a float (NaN where undefined)."""
+    path = Path(run) / "evaluation" / "per_case.csv"
+    if not path.exists():
+        raise MedsegError(f"{run}: not evaluated yet ({path} missing); run 'medseg evaluate {run}' first")
+    with open(path, newline="") as handle:
+        return [{k: (v if k in ("case", "class") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
+def mean_dice_per_case(rows: list[dict]) -> dict[str, float]:
+    """Mean Dice over the scored classes (or regions) of each case."""
+    per_case: dict[str, list[float]] = {}
+    for row in rows:
+        per_case.setdefault(row["case"], []).append(row["dice"])
+    return {case: float(np.mean(values)) for case, values in per_case.items()}
+
+
 def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
     with open(out / "per_case.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["case", "class", *COLUMNS])

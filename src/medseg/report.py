@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.evaluate import COLUMNS, mean_dice_per_case, read_per_case
 
 DISTRIBUTION_METRICS = ["dice", "hd95", "assd", "nsd"]
 SUMMARY_METRICS = ["dice", "iou", "precision", "recall", "hd95", "assd", "nsd"]
@@ -41,7 +42,7 @@ def write_report(run: str | Path, out: str | Path | None = None, device: str = "
 
         evaluate_run(run, figures=0, device=device, progress=progress)
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
-    rows = read_rows(run / "evaluation" / "per_case.csv")
+    rows = read_per_case(run)
     out = Path(out) if out else run / "report.html"
     files = out.parent / f"{out.stem}_files"
     files.mkdir(parents=True, exist_ok=True)
@@ -76,8 +77,6 @@ def write_report(run: str | Path, out: str | Path | None = None, device: str = "
 
 def evaluated(run: Path) -> bool:
     """True when RUN/evaluation holds every metric this version computes (older evaluations are redone)."""
-    from medseg.evaluate import COLUMNS
-
     table = run / "evaluation" / "per_case.csv"
     if not (table.exists() and (run / "evaluation" / "summary.json").exists()):
         return False
@@ -85,18 +84,9 @@ def evaluated(run: Path) -> bool:
         return set(COLUMNS) <= set(next(csv.reader(handle), []))
 
 
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return [{k: (v if k in ("case", "class") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
-
-
 def case_scores(rows: list[dict]) -> list[tuple[str, float]]:
     """(case, mean Dice over its classes), worst first."""
-    by_case: dict[str, list[float]] = {}
-    for row in rows:
-        by_case.setdefault(row["case"], []).append(row["dice"])
-    return sorted(((case, float(np.mean(d))) for case, d in by_case.items()), key=lambda item: (item[1], item[0]))
+    return sorted(mean_dice_per_case(rows).items(), key=lambda item: (item[1], item[0]))
 
 
 def chosen_cases(rows: list[dict]) -> list[tuple[str, str, float]]:
