@@ -9,7 +9,9 @@ from medseg.checkpoint import load_run
 from medseg.data import PatchSampler, load_cases
 from medseg.datasets import find_cases
 from medseg.errors import MedsegError
-from medseg.infer import gaussian_weights, predict_probabilities, sliding_window, window_starts
+from medseg.config import TrainConfig
+from medseg.infer import (forward_probabilities, gaussian_weights, predict_probabilities, sliding_window, tta_axes,
+                          window_starts)
 from medseg.models import UNet
 from medseg.train import train
 from conftest import tiny_config
@@ -41,9 +43,25 @@ def test_sliding_window_equals_one_pass_when_the_patch_covers_the_input():
 def test_mirroring_is_symmetric():
     model = UNet(1, 2, base_channels=4, depth=1, spatial_dims=3).eval()
     volume = torch.rand(1, 1, 8, 8, 8)
-    mirrored = sliding_window(model, volume, (8, 8, 8), mirror=True)
-    flipped = sliding_window(model, volume.flip(2), (8, 8, 8), mirror=True).flip(1)
+    mirrored = sliding_window(model, volume, (8, 8, 8), mirror=(0, 1, 2))
+    flipped = sliding_window(model, volume.flip(2), (8, 8, 8), mirror=(0, 1, 2)).flip(1)
     np.testing.assert_allclose(mirrored, flipped, atol=1e-5)
+
+
+def test_mirroring_only_along_the_axes_trained_with_flips():
+    """TTA must not flip where training never did (the hippocampus' anterior and posterior lie along one axis)."""
+    cfg = TrainConfig(data="x", dims=2, mirror_tta=True, flip_axes=[0])
+    assert tta_axes(cfg) == (0,)
+    assert tta_axes(TrainConfig(data="x", dims=3, mirror_tta=True)) == (0, 1, 2)
+    assert tta_axes(TrainConfig(data="x", dims=2, mirror_tta=False)) == ()
+    model = UNet(1, 2, base_channels=4, depth=1).eval()
+    image = torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        rows_only = forward_probabilities(model, image, mirror=(0,))
+        expected = (model(image).softmax(1) + model(image.flip(2)).softmax(1).flip(2)) / 2
+        both = forward_probabilities(model, image, mirror=(0, 1))
+    np.testing.assert_allclose(rows_only, expected, atol=1e-6)
+    assert not torch.allclose(both, expected)
 
 
 def test_foreground_oversampling(phantoms_3d, tmp_path):

@@ -30,7 +30,7 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     cfg, model, sigmoid = trained.config, trained.model, bool(trained.config.regions)
     if cfg.dims == 3:
         volume = torch.from_numpy(np.ascontiguousarray(array))[None].to(trained.device)
-        return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=cfg.mirror_tta,
+        return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=tta_axes(cfg),
                               sigmoid=sigmoid).cpu().numpy()
     slices = to_slices(array, cfg.axis, cfg.context)
     native = slices[0].shape[-2:]
@@ -39,9 +39,9 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
         batch = torch.from_numpy(np.stack(slices[start:start + batch_size])).to(trained.device)
         if cfg.fit == "resize":
             probs = resize_image(forward_probabilities(model, resize_image(batch, (cfg.size, cfg.size)),
-                                                       cfg.mirror_tta, sigmoid), native)
+                                                       tta_axes(cfg), sigmoid), native)
         else:
-            probs = _at_least_training_size(model, batch, cfg.size, cfg.mirror_tta, sigmoid)
+            probs = _at_least_training_size(model, batch, cfg.size, tta_axes(cfg), sigmoid)
         out.append(probs.cpu().numpy())
     probs = np.concatenate(out, 0)  # (S, K, H, W)
     if array.ndim == 3:
@@ -49,12 +49,20 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     return np.moveaxis(probs, 0, 1 + cfg.axis % 3)
 
 
-def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: bool = False,
+def tta_axes(cfg) -> tuple[int, ...]:
+    """Spatial axes that mirroring TTA flips: those the network was trained to be mirrored along (a structure
+    whose side carries its label, like the anterior and posterior hippocampus, must not be flipped there)."""
+    if not cfg.mirror_tta:
+        return ()
+    return tuple(range(cfg.dims)) if cfg.flip_axes is None else tuple(cfg.flip_axes)
+
+
+def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: tuple[int, ...] = (),
                           sigmoid: bool = False) -> torch.Tensor:
-    """Softmax (or, for region outputs, sigmoid) of the model for (B, C, *spatial); with `mirror`, averaged over
-    every combination of flips."""
-    axes = list(range(2, batch.ndim))
-    combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if mirror else [()]
+    """Softmax (or, for region outputs, sigmoid) of the model for (B, C, *spatial); averaged over every
+    combination of flips along the spatial axes `mirror` (counted from 0)."""
+    axes = [2 + a for a in mirror]
+    combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
     total = None
     for flip in combos:
         logits = model(batch.flip(flip) if flip else batch)
@@ -70,7 +78,7 @@ def _crop_centre(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor
     return tensor[(..., *(slice(b, b + s) for b, s in zip(starts, spatial)))]
 
 
-def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: bool,
+def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: tuple[int, ...],
                             sigmoid: bool = False) -> torch.Tensor:
     """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
     h, w = batch.shape[-2:]
@@ -98,7 +106,7 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 @torch.no_grad()
 def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[int, ...], overlap: float = 0.5,
-                   batch_size: int = 2, mirror: bool = False, sigmoid: bool = False) -> torch.Tensor:
+                   batch_size: int = 2, mirror: tuple[int, ...] = (), sigmoid: bool = False) -> torch.Tensor:
     """Gaussian-weighted sliding-window probabilities (K, *spatial) for one input (1, C, *spatial).
 
     Inputs smaller than the patch are zero-padded (as training patches are) and the result cropped back.
