@@ -1,11 +1,16 @@
-"""When does transfer learning help? Fine-tune on ISBI 2012 EM from a network trained on DSB 2018 nuclei, with
-10% and 100% of ISBI's training cases, against training from scratch under the same budget and held-out cases.
+"""When does transfer learning help? Fine-tune a target dataset from a network trained on another one, with 10%
+and 100% of the target's training cases, against training from scratch under the same budget and held-out cases;
+optionally also with the encoder frozen for the first epochs.
 
-    python benchmarks/transfer.py --source runs/accuracy/dsb2018 [--budget 3] [--threads 1] [--parallel 2]
+    python benchmarks/transfer.py --target drive --source runs/accuracy/dsb2018 --budget 5 --freeze-epochs 2 \
+        --threads 1 --parallel 2
+    python benchmarks/transfer.py --target isbi2012_em --source runs/accuracy/dsb2018 --budget 5
 
-The source is any run trained with the ISBI recipe's network (width 16, depth 4); the DSB run of
-benchmarks/accuracy.py is one (colour input, so its first convolution does not fit ISBI's grey images and is
-skipped: init.json says so). Results go to docs/benchmarks/transfer.json and docs/benchmarks.md (TRANSFER markers).
+The target is trained with its benchmarks/accuracy.py recipe (per-image z-score, epochs of 25 steps so that a
+few minutes still hold several validations); the source must be a run of the same network (width 16, depth 4),
+such as the DSB run of benchmarks/accuracy.py. Tensors that do not fit (a colour source for a grey target: the
+first convolution) are skipped, and init.json says so. Results go to docs/benchmarks/transfer_<target>.json and
+docs/benchmarks.md (TRANSFER_<TARGET> markers).
 """
 from __future__ import annotations
 
@@ -22,65 +27,85 @@ from docs_section import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
-# ISBI's accuracy recipe with per-image z-score (as the DSB source was trained) and shorter epochs, so that a few
-# minutes still hold several validations.
-SETTINGS = RECIPES["isbi2012_em"]["args"].replace("--steps-per-epoch 50", "--steps-per-epoch 25") + \
-    " --normalization zscore"
-ARMS = [("scratch", 0.1, False), ("fine-tuned", 0.1, True), ("scratch", 1.0, False), ("fine-tuned", 1.0, True)]
+TARGETS = {"isbi2012_em": "ISBI 2012 EM", "drive": "DRIVE vessels"}
 
 
-def command(arm: str, fraction: float, source: Path, budget: float, out: Path, threads: int | None) -> list[str]:
-    args = ["train", str(RECIPES["isbi2012_em"]["data"]), "--out", str(out), "--overwrite", "--quiet",
-            "--time-budget", f"{budget:g}", "--train-fraction", f"{fraction:g}", *shlex.split(SETTINGS)]
-    if arm == "fine-tuned":
-        args += ["--init-from", str(source)]
+def settings(target: str) -> str:
+    """The target's accuracy recipe with per-image z-score (as the DSB source was trained) and 25-step epochs."""
+    args = shlex.split(RECIPES[target]["args"])
+    args[args.index("--steps-per-epoch") + 1] = "25"
+    if "--normalization" not in args:
+        args += ["--normalization", "zscore"]
+    return shlex.join(args)
+
+
+def arms(freeze_epochs: int) -> list[tuple[str, float, int | None]]:
+    """(name, share of the training cases, frozen encoder epochs or None for scratch)."""
+    kinds = [("scratch", None), ("fine-tuned", 0)] + ([(f"fine-tuned, encoder frozen {freeze_epochs} epochs",
+                                                        freeze_epochs)] if freeze_epochs else [])
+    return [(name, fraction, frozen) for fraction in (0.1, 1.0) for name, frozen in kinds]
+
+
+def command(target: str, fraction: float, frozen: int | None, source: Path, budget: float, out: Path,
+            threads: int | None) -> list[str]:
+    args = ["train", str(RECIPES[target]["data"]), "--out", str(out), "--overwrite", "--quiet",
+            "--time-budget", f"{budget:g}", "--train-fraction", f"{fraction:g}", *shlex.split(settings(target))]
+    if frozen is not None:
+        args += ["--init-from", str(source)] + (["--freeze-encoder-epochs", str(frozen)] if frozen else [])
     return args + (["--threads", str(threads)] if threads else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="isbi2012_em", choices=sorted(TARGETS))
     parser.add_argument("--source", default=str(ROOT / "runs" / "accuracy" / "dsb2018"))
     parser.add_argument("--budget", type=float, default=3.0, help="training minutes per arm")
+    parser.add_argument("--freeze-epochs", type=int, default=0, help="also fine-tune with the encoder frozen")
     parser.add_argument("--threads", type=int, help="CPU threads per training")
     parser.add_argument("--parallel", type=int, default=1, help="arms trained side by side")
     parser.add_argument("--out", default=str(ROOT / "runs" / "transfer"))
     args = parser.parse_args()
-    source, out = Path(args.source), Path(args.out)
+    source, out, target = Path(args.source), Path(args.out) / args.target, args.target
     if not (source / "best.pt").exists():
         sys.exit(f"{source}: no trained source run (python benchmarks/accuracy.py --only dsb2018 makes one)")
     medseg = [sys.executable, "-m", "medseg.cli"]
-    jobs = [(arm, fraction, out / f"{arm}_{fraction:g}") for arm, fraction, _ in ARMS]
+    jobs = [(name, fraction, frozen, out / f"{name.split(',')[0]}{'_frozen' if frozen else ''}_{fraction:g}")
+            for name, fraction, frozen in arms(args.freeze_epochs)]
+    commands = [command(target, f, z, source, args.budget, run, args.threads) for _, f, z, run in jobs]
     for start in range(0, len(jobs), args.parallel):  # train a batch of arms side by side, then evaluate them
-        batch = jobs[start:start + args.parallel]
-        running = [subprocess.Popen(medseg + command(a, f, source, args.budget, run, args.threads))
-                   for a, f, run in batch]
+        running = [subprocess.Popen(medseg + c) for c in commands[start:start + args.parallel]]
         if any(p.wait() for p in running):
             sys.exit("a training run failed")
     results = []
-    for arm, fraction, run in jobs:
+    for (name, fraction, _, run), cmd in zip(jobs, commands):
         subprocess.run(medseg + ["evaluate", str(run), "--figures", "0", "--quiet"], check=True)
         summary = json.loads((run / "evaluation" / "summary.json").read_text())
         split = json.loads((run / "split.json").read_text())
         init = json.loads((run / "init.json").read_text()) if (run / "init.json").exists() else None
-        cell = summary["per_class"]["cell"]
-        results.append({"arm": arm, "train_fraction": fraction, "train_cases": len(split["train"]),
-                        "val_cases": summary["cases"], "dice": cell["dice"]["mean"], "dice_ci95": cell["dice"]["ci95"],
-                        "pixel_error": 1 - cell["accuracy"]["mean"],
+        structure, metrics = next(iter(summary["per_class"].items()))
+        results.append({"arm": name, "train_fraction": fraction, "train_cases": len(split["train"]),
+                        "val_cases": summary["cases"], "structure": structure, "dice": metrics["dice"]["mean"],
+                        "dice_ci95": metrics["dice"]["ci95"], "pixel_error": 1 - metrics["accuracy"]["mean"],
                         "epochs": len(json.loads((run / "history.json").read_text())),
                         "loaded": f"{init['loaded']} of {init['of']} tensors" if init else "-",
                         "skipped": list(init["skipped"]) if init else [],
                         "command": "medseg " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if a.startswith("/")
-                                                                    else a)
-                                                        for a in command(arm, fraction, source, args.budget, run,
-                                                                         args.threads))})
+                                                                    else a) for a in cmd)})
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "transfer.json").write_text(json.dumps({"machine": machine(), "source": str(source),
-                                                    "budget_min": args.budget, "results": results}, indent=2))
-    lines = [f"Machine: {machine()}. Source network: `{os.path.relpath(source, ROOT)}` (DSB 2018 nuclei); target: "
-             f"ISBI 2012 EM, {args.budget:g} training minutes per arm"
+    (DOCS / f"transfer_{target}.json").write_text(json.dumps(
+        {"machine": machine(), "source": str(source), "target": target, "budget_min": args.budget,
+         "results": results}, indent=2))
+    write_section(f"TRANSFER_{target.upper()}", "benchmarks/transfer.py", table(results, source, target, args),
+                  f"Transfer learning to {TARGETS[target]} (benchmarks/transfer.py)")
+
+
+def table(results: list[dict], source: Path, target: str, args) -> list[str]:
+    structure = results[0]["structure"]
+    lines = [f"Machine: {machine()}. Source network: `{os.path.relpath(source, ROOT)}`; target: {TARGETS[target]}, "
+             f"{args.budget:g} training minutes per arm"
              + (f" on {args.threads} thread(s), {args.parallel} arms side by side" if args.threads else "")
-             + ", the same 6 held-out images for every arm.", "",
-             "| arm | training images | epochs | cell Dice (95% CI) | pixel error | weights from the source |",
+             + f", the same {results[0]['val_cases']} held-out images for every arm.", "",
+             f"| arm | training images | epochs | {structure} Dice (95% CI) | pixel error | weights from the source |",
              "|---|---|---|---|---|---|"]
     for r in results:
         low, high = r["dice_ci95"]
@@ -88,8 +113,8 @@ def main() -> None:
                      f"{r['dice']:.4f} ({low:.4f}-{high:.4f}) | {r['pixel_error']:.4f} | {r['loaded']}"
                      + (f"; skipped {', '.join(r['skipped'])}" if r["skipped"] else "") + " |")
     lines += ["", "Commands (then `medseg evaluate RUN`):", ""] + [f"- `{r['command']}`" for r in results]
-    write_section("TRANSFER", "benchmarks/transfer.py", lines, "Transfer learning (benchmarks/transfer.py)")
     print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":
