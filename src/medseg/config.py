@@ -44,6 +44,9 @@ class TrainConfig:
     normalization: str = "percentile"  # or zscore, ct, unit: see medseg.transforms.normalize
     intensity_stats: list[dict] | None = None  # per-channel foreground statistics, for "ct"
     target_spacing: list[float] | None = None  # volumes are resampled to this spacing (mm) for training
+    # voxel order the network works in (axis codes, e.g. 'RAS'; set from the first training volume): other
+    # volumes are reoriented to it for the network and back, as a structure's side can carry its label
+    orientation: str | None = None
     patch: list[int] | None = None  # 3D training patch (voxels); default size^3
     foreground_fraction: float = 0.33  # 3D: share of patches centred on a foreground voxel
     overlap: float = 0.5  # 3D: sliding-window overlap at inference

@@ -14,9 +14,9 @@ from tqdm import tqdm
 from medseg.config import TrainConfig
 from medseg.datasets import Case, labels_to_classes
 from medseg.errors import MedsegError
-from medseg.io import Image, read_image
-from medseg.transforms import (augment, normalize, pad_or_crop, resampled_shape, resize_image, resize_label,
-                               resize_volume, to_slices)
+from medseg.io import Image, orientation_of, read_image
+from medseg.transforms import (augment, normalize, pad_or_crop, reorient, reoriented_spacing, resampled_shape,
+                               resize_image, resize_label, resize_volume, to_slices)
 
 
 @dataclass
@@ -55,12 +55,32 @@ def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True)
     label = labels_to_classes(mask.array, case.mask, cfg.binary_masks)
     roi = _read_roi(case, image.spatial_shape)
     image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
+    if resample and cfg.orientation and image.affine is not None and orientation_of(image.affine) != cfg.orientation:
+        label = reorient(label, image.affine, cfg.orientation)
+        roi = None if roi is None else reorient(roi, image.affine, cfg.orientation)
+        image = to_orientation(image, cfg.orientation)
     if resample and cfg.target_spacing and image.ndim == 3:
         shape = resampled_shape(image.spatial_shape, image.spacing, cfg.target_spacing)
         image.array, label = resize_volume(image.array, shape), resize_volume(label, shape, label=True)
         image.spacing = tuple(float(t) for t in cfg.target_spacing)
         roi = None if roi is None else resize_volume(roi.astype(np.uint8), shape, label=True).astype(bool)
     return LoadedCase(case.case_id, image, label, roi)
+
+
+def to_orientation(image: Image, codes: str) -> Image:
+    """The volume with its voxel axes permuted and flipped to `codes`; spacing and affine follow."""
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(image.affine), axcodes2ornt(tuple(codes)))
+    affine = image.affine @ inv_ornt_aff(transform, image.spatial_shape)
+    return Image(reorient(image.array, image.affine, codes), reoriented_spacing(image.spacing, image.affine, codes),
+                 affine, image.path, image.meta)
+
+
+def first_orientation(cases: list[Case], color: str = "keep") -> str | None:
+    """Axis codes of the first case's volume (the voxel order a network trained on these cases works in); None
+    for 2D images or volumes without geometry."""
+    return (read_image(cases[0].images[0], color=color).orientation or None) if cases else None
 
 
 def _read_roi(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:

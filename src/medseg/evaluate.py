@@ -81,7 +81,7 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
                               f"({len(names)} classes); evaluate on data labelled like the training data")
         started = time.perf_counter()
-        pred = predict_labels(trained, loaded.image.array, spacing=loaded.image.spacing)
+        pred = predict_labels(trained, loaded.image.array, spacing=loaded.image.spacing, affine=loaded.image.affine)
         seconds.append(time.perf_counter() - started)
         scores = scored_metrics(pred, loaded.label, names, cfg.regions, loaded.roi, loaded.image.spacing,
                                 boundary=True)

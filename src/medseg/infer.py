@@ -13,10 +13,11 @@ import torch
 
 from medseg.checkpoint import TrainedModel
 from medseg.errors import MedsegError
-from medseg.io import Image
+from medseg.io import Image, orientation_of
 from medseg.postprocess import keep_largest_component
 from medseg.regions import paint
-from medseg.transforms import normalize, pad_or_crop, resampled_shape, resize_image, resize_volume, to_slices
+from medseg.transforms import (normalize, pad_or_crop, reorient, reoriented_spacing, resampled_shape,
+                               resize_image, resize_volume, to_slices)
 
 
 @torch.no_grad()
@@ -129,9 +130,16 @@ def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[in
     return _crop_centre(total / norm, tuple(spatial))
 
 
-def native_probabilities(trained: TrainedModel, array: np.ndarray, spacing: tuple[float, ...] | None = None):
-    """Probabilities on the input's own grid: a volume whose `spacing` differs from the run's target spacing is
-    resampled to it for the network and the probabilities resampled back (trilinear)."""
+def native_probabilities(trained: TrainedModel, array: np.ndarray, spacing: tuple[float, ...] | None = None,
+                         affine: np.ndarray | None = None):
+    """Probabilities on the input's own grid: a volume whose voxel order (from its `affine`) differs from the
+    run's is reoriented to it for the network and the probabilities reoriented back; one whose `spacing` differs
+    from the run's target spacing is resampled to it and the probabilities resampled back (trilinear)."""
+    codes = trained.config.orientation
+    if codes and affine is not None and array.ndim == 4 and orientation_of(affine) != codes:
+        probs = native_probabilities(trained, reorient(array, affine, codes),
+                                     spacing and reoriented_spacing(spacing, affine, codes))
+        return reorient(probs, affine, codes, inverse=True)
     target = trained.config.target_spacing
     if target and spacing and len(spacing) == 3 and not np.allclose(spacing, target):
         shape = array.shape[1:]
@@ -141,10 +149,10 @@ def native_probabilities(trained: TrainedModel, array: np.ndarray, spacing: tupl
 
 
 def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool = True,
-                   spacing: tuple[float, ...] | None = None) -> np.ndarray:
+                   spacing: tuple[float, ...] | None = None, affine: np.ndarray | None = None) -> np.ndarray:
     """Class indices (*spatial) uint8 for a normalised image (C, *spatial) on its own grid (see
     `native_probabilities`), with the run's chosen post-processing."""
-    return labels_from_probabilities(native_probabilities(trained, array, spacing), trained, postprocess)
+    return labels_from_probabilities(native_probabilities(trained, array, spacing, affine), trained, postprocess)
 
 
 def labels_from_probabilities(probs: np.ndarray, trained: TrainedModel, postprocess: bool = True) -> np.ndarray:
@@ -187,8 +195,8 @@ def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np
     cfg = first.config
     array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
     if len(models) == 1:
-        return predict_labels(first, array, spacing=image.spacing)
-    probs = sum(native_probabilities(m, array, image.spacing) for m in models) / len(models)
+        return predict_labels(first, array, spacing=image.spacing, affine=image.affine)
+    probs = sum(native_probabilities(m, array, image.spacing, image.affine) for m in models) / len(models)
     labels = to_labels(probs, first)
     votes = [k for k in range(1, len(first.class_names)) if 2 * sum(k in m.postprocess_classes for m in models)
              >= len(models)]

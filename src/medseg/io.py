@@ -53,16 +53,19 @@ class Image:
     @property
     def orientation(self) -> str:
         """Anatomical axis codes of a volume, e.g. 'RAS' (where each voxel axis points); '' for 2D images."""
-        if self.affine is None:
-            return ""
-        import nibabel as nib
-
-        return "".join(nib.aff2axcodes(self.affine))
+        return "" if self.affine is None else orientation_of(self.affine)
 
     @property
     def ndim(self) -> int:
         """Number of spatial dimensions (2 or 3)."""
         return self.array.ndim - 1
+
+
+def orientation_of(affine: np.ndarray) -> str:
+    """Anatomical axis codes of a voxel-to-world affine, e.g. 'RAS' (where each voxel axis points)."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(affine))
 
 
 def suffix_of(path: str | Path) -> str:

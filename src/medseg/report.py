@@ -115,7 +115,7 @@ def draw_chosen_cases(run: Path, summary: dict, rows: list[dict], files: Path, d
     shown = []
     for which, case_id, dice in chosen_cases(rows):
         loaded = load_case(cases[case_id], cfg, resample=False)
-        probs = native_probabilities(trained, loaded.image.array, loaded.image.spacing)
+        probs = native_probabilities(trained, loaded.image.array, loaded.image.spacing, loaded.image.affine)
         pred = labels_from_probabilities(probs, trained)
         image, truth, doubt = loaded.image.array, loaded.label, uncertainty(probs, bool(cfg.regions))
         where = ""

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from medseg.checkpoint import TrainedModel, resolve_device, save_checkpoint
 from medseg.config import TrainConfig
-from medseg.data import LoadedCase, PatchSampler, SliceSampler, load_cases
+from medseg.data import LoadedCase, PatchSampler, SliceSampler, first_orientation, load_cases
 from medseg.datasets import Dataset, find_cases, split_cases
 from medseg.errors import MedsegError
 from medseg.infer import predict_probabilities, to_labels
@@ -51,6 +51,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
     split = split_cases([c.case_id for c in dataset.cases], cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold,
                         cfg.train_fraction)
     train_ids, val_ids = set(split["train"]), set(split["val"])
+    if cfg.orientation is None:  # volumes in another voxel order are reoriented to the first one's
+        cfg.orientation = first_orientation([c for c in dataset.cases if c.case_id in train_ids], cfg.color)
     train_cases = load_cases([c for c in dataset.cases if c.case_id in train_ids], cfg, "training cases")
     val_cases = load_cases([c for c in dataset.cases if c.case_id in val_ids], cfg, "validation cases")
     if train_cases[0].image.array.shape[0] != val_cases[0].image.array.shape[0]:

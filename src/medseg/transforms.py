@@ -71,6 +71,30 @@ def resize_volume(array: np.ndarray, shape: tuple[int, ...], label: bool = False
     return F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0].numpy()
 
 
+def reorient(array: np.ndarray, affine: np.ndarray, codes: str, inverse: bool = False) -> np.ndarray:
+    """Permute and flip the spatial axes of `array` ((*spatial) or (C, *spatial), 3D) from the voxel order of
+    `affine` to `codes` (e.g. 'RAS'); with `inverse`, from `codes` back to the order of `affine`. Pure axis
+    operations: no interpolation, so a round trip returns the input exactly."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    native, wanted = io_orientation(affine), axcodes2ornt(tuple(codes))
+    transform = ornt_transform(wanted, native) if inverse else ornt_transform(native, wanted)
+    if array.ndim == 3:
+        return np.ascontiguousarray(apply_orientation(array, transform))
+    return np.stack([apply_orientation(channel, transform) for channel in array])
+
+
+def reoriented_spacing(spacing: tuple[float, ...], affine: np.ndarray, codes: str) -> tuple[float, ...]:
+    """The voxel spacing of a volume once `reorient`ed to `codes`."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(codes)))
+    out = [0.0] * len(spacing)
+    for axis, (target, _) in enumerate(transform):
+        out[int(target)] = float(spacing[axis])
+    return tuple(out)
+
+
 def to_slices(array: np.ndarray, axis: int, context: int = 0) -> list[np.ndarray]:
     """(C, *spatial) -> list of (C * (2 * context + 1), H, W). A 2D image is one slice; a volume is cut along
     spatial `axis`, and with `context` each slice brings its neighbours on both sides as extra channels
