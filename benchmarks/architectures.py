@@ -3,7 +3,7 @@
     python benchmarks/architectures.py [--budget 2.5] [--only isbi2012_em] [--threads 1] [--out runs/architectures]
 
 Each dataset's comparison (OUT/<dataset>/comparison.md and its plot) is copied to docs/benchmarks/ and quoted in
-docs/benchmarks.md between the ARCHITECTURES markers with the exact command.
+docs/benchmarks.md between the ARCHITECTURES markers with the exact command; each budget keeps its own table.
 """
 from __future__ import annotations
 
@@ -31,20 +31,24 @@ SETTINGS = {
 
 
 def run(name: str, budget: float, out: Path, threads: int | None) -> dict:
-    data = RECIPES[name]["data"]
-    args = [str(data), "--models", MODELS, "--budget", f"{budget:g}", "--out", str(out / name), "--overwrite",
+    data, out = RECIPES[name]["data"], out / f"{name}_{budget:g}min"
+    args = [str(data), "--models", MODELS, "--budget", f"{budget:g}", "--out", str(out), "--overwrite",
             "--quiet", *shlex.split(SETTINGS[name]), *(["--threads", str(threads)] if threads else [])]
     started = time.monotonic()
     if medseg_main(["benchmark-architectures", *args]) != 0:
         raise SystemExit(f"benchmark-architectures on {name} failed")
     DOCS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / name / "dice_vs_inference_time.png", DOCS / f"architectures_{name}.png")
-    rows = json.loads((out / name / "comparison.json").read_text())["rows"]
+    shutil.copy(out / "dice_vs_inference_time.png", DOCS / figure_name(name, budget))
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
     for row in rows:  # how far each model got in the budget says as much as its Dice
-        row["epochs"] = len(json.loads((out / name / row["run"] / "history.json").read_text()))
+        row["epochs"] = len(json.loads((out / row["run"] / "history.json").read_text()))
     return {"dataset": name, "budget_min": budget, "threads": threads, "minutes": (time.monotonic() - started) / 60,
             "rows": rows, "command": "medseg benchmark-architectures " + " ".join(
                 shlex.quote(os.path.relpath(a, ROOT) if a.startswith("/") else a) for a in args)}
+
+
+def figure_name(dataset: str, budget: float) -> str:
+    return f"architectures_{dataset}_{budget:g}min.png"
 
 
 def write_docs(results: dict) -> None:
@@ -61,8 +65,8 @@ def write_docs(results: dict) -> None:
             lines.append(f"| {row['model']} | {row['parameters']:,} | {row['gflops']:.2f} ({row['sample']}) | "
                          f"{row.get('epochs', '-')} | {row['train_minutes']:.1f} | {row['dice_mean']:.4f} ± {row['dice_sd']:.4f} | "
                          f"{low:.4f}-{high:.4f} | {p} | {row['inference_seconds']:.3f} |")
-        lines += ["", f"![Dice against inference time, {r['dataset']}](benchmarks/architectures_{r['dataset']}.png)",
-                  ""]
+        lines += ["", f"![Dice against inference time, {r['dataset']}]"
+                      f"(benchmarks/{figure_name(r['dataset'], r['budget_min'])})", ""]
     write_section("ARCHITECTURES", "benchmarks/architectures.py", lines,
                   "Architectures under one budget (benchmarks/architectures.py)")
 
@@ -84,7 +88,7 @@ def main() -> None:
         result = run(name, args.budget, Path(args.out), args.threads)
         # read again just before writing: the datasets may run side by side in two processes
         results = json.loads(store.read_text()) if store.exists() else {}
-        results[name] = result
+        results[f"{name}, {args.budget:g} min"] = result  # one table per dataset and budget
         store.write_text(json.dumps(results, indent=2))
         write_docs(results)
 
