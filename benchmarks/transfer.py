@@ -5,6 +5,7 @@ optionally also with the encoder frozen for the first epochs.
     python benchmarks/transfer.py --target drive --source runs/accuracy/dsb2018 --budget 5 --freeze-epochs 2 \
         --threads 1 --parallel 2
     python benchmarks/transfer.py --target isbi2012_em --source runs/accuracy/dsb2018 --budget 5
+    python benchmarks/transfer.py --target drive ... --write-docs   # the tables again from the evaluated runs
 
 The target is trained with its benchmarks/accuracy.py recipe (per-image z-score, epochs of 25 steps so that a
 few minutes still hold several validations); the source must be a run of the same network (width 16, depth 4),
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads per training")
     parser.add_argument("--parallel", type=int, default=1, help="arms trained side by side")
     parser.add_argument("--out", default=str(ROOT / "runs" / "transfer"))
+    parser.add_argument("--write-docs", action="store_true",
+                        help="only rewrite the docs from the evaluated runs already in --out")
     args = parser.parse_args()
     source, out, target = Path(args.source), Path(args.out) / args.target, args.target
     if not (source / "best.pt").exists():
@@ -72,13 +75,14 @@ def main() -> None:
     jobs = [(name, fraction, frozen, out / f"{name.split(',')[0]}{'_frozen' if frozen else ''}_{fraction:g}")
             for name, fraction, frozen in arms(args.freeze_epochs)]
     commands = [command(target, f, z, source, args.budget, run, args.threads) for _, f, z, run in jobs]
-    for start in range(0, len(jobs), args.parallel):  # train a batch of arms side by side, then evaluate them
+    for start in range(0, len(jobs) if not args.write_docs else 0, args.parallel):  # arms side by side
         running = [subprocess.Popen(medseg + c) for c in commands[start:start + args.parallel]]
         if any(p.wait() for p in running):
             sys.exit("a training run failed")
     results = []
     for (name, fraction, _, run), cmd in zip(jobs, commands):
-        subprocess.run(medseg + ["evaluate", str(run), "--figures", "0", "--quiet"], check=True)
+        if not args.write_docs:
+            subprocess.run(medseg + ["evaluate", str(run), "--figures", "0", "--quiet"], check=True)
         summary = json.loads((run / "evaluation" / "summary.json").read_text())
         split = json.loads((run / "split.json").read_text())
         init = json.loads((run / "init.json").read_text()) if (run / "init.json").exists() else None
