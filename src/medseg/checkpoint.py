@@ -74,8 +74,13 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto") -> Trai
 
 
 def load_models(run: str | Path, device: str = "auto") -> list[TrainedModel]:
-    """One run, or every `fold_*` run under a cross-validation folder (for an ensemble)."""
+    """One run, the members of an ensemble folder (`medseg ensemble`), or every `fold_*` run under a
+    cross-validation folder (for an ensemble)."""
+    from medseg.ensemble import is_ensemble, member_paths
+
     run = Path(run)
+    if is_ensemble(run):
+        return [load_run(member, device=device) for member in member_paths(run)]
     if run.is_dir() and not (run / "best.pt").exists():
         folds = sorted(p for p in run.glob("fold_*") if (p / "best.pt").exists())
         if folds:

@@ -25,6 +25,8 @@ TRAIN_OPTIONS = [
     ("--size", int, "slice size for training (default 128)"),
     ("--normalization", str, "intensities: percentile (seed), zscore (MRI), ct (needs a plan), unit ([0, 1])"),
     ("--fit", str, f"how slices reach that size: {' or '.join(FITS)}"),
+    ("--orientation", str, "voxel order the network works in, e.g. RAS; volumes stored otherwise are reoriented "
+                           "(default: the first training volume's)"),
     ("--patch", "intlist", "3D training patch, e.g. 40,56,40 (default: size^3)"),
     ("--foreground-fraction", float, "3D: share of patches centred on foreground (default 0.33)"),
     ("--overlap", float, "3D: sliding-window overlap at inference (default 0.5)"),
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="two or more evaluated run folders; the first is the reference")
     compare.add_argument("--out", help="also write the table to this Markdown file")
 
+    ensemble = sub.add_parser("ensemble", help="average several trained runs (e.g. sagittal and coronal 2D networks)")
+    ensemble.add_argument("runs", nargs="+", help="two or more run folders with the same classes and inputs")
+    ensemble.add_argument("--out", required=True, help="folder for ensemble.json; predict and evaluate take it as RUN")
+
     download = sub.add_parser("download", help="fetch a Medical Segmentation Decathlon task (resumable, verified)")
     download.add_argument("task", help="e.g. Task04_Hippocampus, Task04, 4 or hippocampus")
     download.add_argument("--out", default="data", help="folder to unpack into (default: data)")
@@ -259,6 +265,11 @@ def run_command(args: argparse.Namespace) -> None:
         print(table, end="")
         if args.out:
             Path(args.out).write_text(table)
+    elif args.command == "ensemble":
+        from medseg.ensemble import create_ensemble
+
+        out = create_ensemble(args.runs, args.out)
+        print(f"ensemble of {len(args.runs)} runs: {out.resolve()} (medseg predict/evaluate {args.out})")
     elif args.command == "download":
         from medseg.download import MSD_URL, download_task
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.checkpoint import load_run
+from medseg.checkpoint import load_models, load_run
 from medseg.data import load_case
 from medseg.datasets import find_cases
 from medseg.errors import MedsegError
-from medseg.infer import predict_labels
+from medseg.infer import ensemble_labels
 from medseg.metrics import BOUNDARY_METRICS, METRICS, POLICY, scored_metrics
 from medseg.figures import most_informative_slice, plot_case
 from medseg.stats import bootstrap_ci
@@ -37,20 +37,35 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
     from medseg.groups import read_groups
 
     group_of = read_groups(groups) if groups else None  # a bad file fails before any work
-    trained = load_run(run, device=device)
+    models = _models(run, device, data)
+    trained = models[0]
     cases, source = evaluation_cases(trained, data)
-    out = Path(out) if out else trained.run / "evaluation"
+    out = Path(out) if out else Path(run) / "evaluation"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     staging.chmod(0o755)
     try:
-        summary = _evaluate_cases(trained, cases, source, staging, figures, progress, group_of, data)
+        summary = _evaluate_cases(models, cases, source, staging, figures, progress, group_of, data, Path(run))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)  # a failed evaluation leaves no half-written folder behind
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def _models(run: str | Path, device: str, data: str | Path | None) -> list:
+    """The run's model, or an ensemble's members; an ensemble is scored on its own validation cases only where
+    every member held out the same ones."""
+    from medseg.ensemble import is_ensemble, shared_split
+
+    if not is_ensemble(run):
+        return [load_run(run, device=device)]
+    models = load_models(run, device=device)
+    if data is None and shared_split(models) is None:
+        raise MedsegError(f"{run}: the members were validated on different cases, so some were trained on what "
+                          "another holds out; pass --data with cases none of them trained on")
+    return models
 
 
 def evaluation_cases(trained, data: str | Path | None = None) -> tuple[list, str]:
@@ -71,8 +86,9 @@ def evaluation_cases(trained, data: str | Path | None = None) -> tuple[list, str
     return cases, source
 
 
-def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progress: bool, group_of=None,
-                    data: str | Path | None = None) -> dict:
+def _evaluate_cases(models: list, cases, source: str, out: Path, figures: int, progress: bool, group_of=None,
+                    data: str | Path | None = None, run: Path | None = None) -> dict:
+    trained = models[0]
     cfg, names = trained.config, trained.class_names
     rows, shown, seconds = [], [], []
     for case in tqdm(cases, desc="evaluating", disable=not progress, leave=False):
@@ -81,7 +97,7 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             raise MedsegError(f"{case.mask}: label {int(loaded.label.max())} is unknown to this model "
                               f"({len(names)} classes); evaluate on data labelled like the training data")
         started = time.perf_counter()
-        pred = predict_labels(trained, loaded.image.array, spacing=loaded.image.spacing, affine=loaded.image.affine)
+        pred = ensemble_labels(models, loaded.image.array, loaded.image.spacing, loaded.image.affine)
         seconds.append(time.perf_counter() - started)
         scores = scored_metrics(pred, loaded.label, names, cfg.regions, loaded.roi, loaded.image.spacing,
                                 boundary=True)
@@ -91,7 +107,7 @@ def _evaluate_cases(trained, cases, source: str, out: Path, figures: int, progre
             dice = ", ".join(f"{name} {m['dice']:.3f}" for name, m in scores.items())
             title = f"case {case.case_id}: Dice {dice}"
             shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", title))
-    summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, trained.run)
+    summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, run or trained.run)
     summary["inference_seconds_per_case"] = float(np.median(seconds))
     summary["data_path"] = str(data) if data else None  # for `medseg report`: where the cases came from
     if group_of is not None:

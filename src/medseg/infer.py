@@ -183,8 +183,8 @@ def to_labels(probs: np.ndarray, trained: TrainedModel) -> np.ndarray:
 def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np.ndarray:
     """Normalise a freshly read image as in training and predict its label map (*spatial).
 
-    Several models (the folds of a cross-validation) are ensembled by averaging their probabilities; a class
-    keeps only its largest component where at least half of them chose that on their validation cases.
+    Several models (the folds of a cross-validation, the members of an ensemble) are averaged: see
+    `ensemble_labels`.
     """
     models = models if isinstance(models, list) else [models]
     first = models[0]
@@ -194,9 +194,18 @@ def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np
                           f"{first.in_channels}{hint}")
     cfg = first.config
     array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
+    return ensemble_labels(models, array, image.spacing, image.affine)
+
+
+def ensemble_labels(models: list[TrainedModel], array: np.ndarray, spacing: tuple[float, ...] | None = None,
+                    affine: np.ndarray | None = None) -> np.ndarray:
+    """The label map of one model, or of several by averaging their probabilities, for a normalised image (C,
+    *spatial) on its own grid; a class keeps only its largest component where at least half of the models chose
+    that on their validation cases."""
+    first = models[0]
     if len(models) == 1:
-        return predict_labels(first, array, spacing=image.spacing, affine=image.affine)
-    probs = sum(native_probabilities(m, array, image.spacing, image.affine) for m in models) / len(models)
+        return predict_labels(first, array, spacing=spacing, affine=affine)
+    probs = sum(native_probabilities(m, array, spacing, affine) for m in models) / len(models)
     labels = to_labels(probs, first)
     votes = [k for k in range(1, len(first.class_names)) if 2 * sum(k in m.postprocess_classes for m in models)
              >= len(models)]

@@ -1,0 +1,66 @@
+"""Ensembles of separately trained runs (e.g. 2D networks on sagittal and coronal slices of the same volumes).
+
+`medseg ensemble RUN_A RUN_B ... --out DIR` writes DIR/ensemble.json naming the members; `medseg predict DIR`
+averages their probabilities (each member cuts, mirrors and resamples as it was trained) and `medseg evaluate
+DIR` scores the average on the members' validation cases. Members must share classes, input channels and
+intensity normalisation; evaluation also needs one validation split for all of them (a case one member trained
+on would otherwise be scored as held out).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+MANIFEST = "ensemble.json"
+
+
+def is_ensemble(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def member_paths(path: str | Path) -> list[Path]:
+    """The member runs of an ensemble folder (paths in the manifest are relative to it)."""
+    path = Path(path)
+    members = json.loads((path / MANIFEST).read_text())["members"]
+    return [(path / m).resolve() for m in members]
+
+
+def create_ensemble(runs: list[str | Path], out: str | Path) -> Path:
+    """Check that the runs can be averaged and write OUT/ensemble.json; return OUT."""
+    from medseg.checkpoint import load_run
+
+    if len(runs) < 2:
+        raise MedsegError("an ensemble needs at least two runs")
+    models = [load_run(r, device="cpu") for r in runs]  # a missing checkpoint fails here
+    first = models[0]
+    for m in models[1:]:
+        for what, a, b in [("classes", first.class_names, m.class_names),
+                           ("input channels", first.in_channels, m.in_channels),
+                           ("colour handling", first.config.color, m.config.color),
+                           ("normalisation", first.config.normalization, m.config.normalization),
+                           ("intensity statistics", first.config.intensity_stats, m.config.intensity_stats),
+                           ("regions", first.config.regions, m.config.regions)]:
+            if a != b:
+                raise MedsegError(f"{m.run}: {what} {b} differ from {first.run} ({a}); only runs that read their "
+                                  "input the same way and predict the same classes can be averaged")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    members = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in runs]
+    (out / MANIFEST).write_text(json.dumps({"members": members, "class_names": first.class_names,
+                                            "same_validation_split": shared_split(models) is not None}, indent=2))
+    return out
+
+
+def shared_split(models) -> dict | None:
+    """The validation split every member was trained with, or None where they differ (or one has none)."""
+    splits = []
+    for m in models:
+        path = m.run / "split.json"
+        if not path.exists():
+            return None
+        splits.append(json.loads(path.read_text()))
+    first = sorted(splits[0]["val"])
+    return splits[0] if all(sorted(s["val"]) == first for s in splits[1:]) else None
