@@ -68,3 +68,14 @@ def test_training_cases_in_another_orientation_are_reoriented(phantoms_3d, tmp_p
     np.testing.assert_array_equal(moved.label, original.label)
     np.testing.assert_allclose(moved.image.array, original.image.array, atol=1e-6)
     assert moved.image.orientation == "RAS"
+
+
+def test_orientation_flag_is_checked():
+    import pytest
+
+    from medseg.errors import MedsegError
+
+    assert TrainConfig(data="x", orientation="LPS").validate().orientation == "LPS"
+    for bad in ("RAA", "RA", "XYZ", "RASS"):
+        with pytest.raises(MedsegError, match="one letter of L/R, A/P and S/I"):
+            TrainConfig(data="x", orientation=bad).validate()

@@ -24,6 +24,9 @@ def _model_names() -> list[str]:
     return list(MODELS)
 
 
+_AXIS_PAIR = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+
+
 @dataclass
 class TrainConfig:
     data: str = ""
@@ -101,6 +104,8 @@ class TrainConfig:
             (self.norm in ("batch", "instance"), f"--norm {self.norm}: choose batch or instance"),
             (self.activation in ("relu", "leaky_relu"), f"--activation {self.activation}: choose relu or leaky_relu"),
             (self.dims in (2, 3), f"--dims {self.dims}: choose 2 (slices) or 3 (volumes)"),
+            (self.orientation is None or sorted(_AXIS_PAIR.get(c, c) for c in self.orientation) == ["AP", "LR", "SI"],
+             f"--orientation {self.orientation}: give one letter of L/R, A/P and S/I each, e.g. RAS"),
             (self.normalization in NORMALIZATIONS, f"--normalization {self.normalization}: choose from "
                                                     f"{', '.join(NORMALIZATIONS)}"),
             (self.normalization != "ct" or bool(self.intensity_stats),
