@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
 MODELS = "unet,attention_unet,resenc_unet,deeplabv3plus,segnet,fcn"
 # The accuracy benchmark's recipes without their own budget (each model gets --budget) or mirror TTA (the same
-# inference for every model keeps the time column comparable).
+# inference for every model keeps the time column comparable); for the hippocampus, its sagittal member alone.
 SETTINGS = {
     "isbi2012_em": RECIPES["isbi2012_em"]["args"],
     "msd_hippocampus": RECIPES["msd_hippocampus"]["args"].replace(" --mirror-tta", ""),
