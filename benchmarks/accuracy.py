@@ -114,7 +114,7 @@ def run_dataset(name: str, out: Path, minutes: float | None, figures: Path = DOC
     train_args = [str(recipe["data"]), "--out", str(run), "--overwrite", "--time-budget", f"{budget:g}", "--quiet",
                   *shlex.split(recipe["args"]), *(["--threads", str(threads)] if threads else [])]
     if "ensemble" in recipe:
-        summary, epochs, train_seconds, evaluate_seconds, command = train_ensemble(recipe, train_args, run, trained)
+        summary, epochs, train_seconds, evaluate_seconds, command = train_ensemble(recipe, budget, run, trained)
         curves = run / next(iter(recipe["ensemble"])) / "curves.png"
     else:
         summary, epochs, train_seconds, evaluate_seconds = train_then_evaluate(train_args, run)
@@ -132,38 +132,29 @@ def run_dataset(name: str, out: Path, minutes: float | None, figures: Path = DOC
     }
 
 
-def train_ensemble(recipe: dict, train_args: list[str], run: Path, trained: bool = False):
+def train_ensemble(recipe: dict, budget: float, run: Path, trained: bool = False):
     """Train the recipe's members side by side (one thread each, the machine's two cores), average them with
     `medseg ensemble` into RUN and evaluate that; with `trained`, reuse members already in RUN/<member>. Returns
-    (summary, epochs of the first member, training seconds, evaluation seconds, the commands)."""
-    base = [a for a in train_args if a != str(run)]
-    out_at = train_args.index("--out")
-    members = {}
-    for member, extra in recipe["ensemble"].items():
-        args = [*base[:out_at + 1], str(run / member), *base[out_at + 1:], *shlex.split(extra)]
-        if "--threads" in args:
-            del args[args.index("--threads"):args.index("--threads") + 2]
-        members[member] = [*args, "--threads", "1"]
-    started = time.monotonic()
+    (summary, epochs of the first member, training seconds of the slowest member, evaluation seconds, commands)."""
+    members = {m: [str(recipe["data"]), "--out", str(run / m), "--overwrite", "--time-budget", f"{budget:g}",
+                   "--quiet", *shlex.split(recipe["args"]), *shlex.split(extra), "--threads", "1"]
+               for m, extra in recipe["ensemble"].items()}
     if not trained:
-        if run.exists():
-            shutil.rmtree(run)
+        shutil.rmtree(run, ignore_errors=True)
         running = [subprocess.Popen([sys.executable, "-m", "medseg.cli", "train", *a]) for a in members.values()]
         if any(p.wait() for p in running):
             raise SystemExit(f"training a member of {run} failed")
-    train_seconds = time.monotonic() - started
-    runs = [str(run / m) for m in members]
-    if medseg_main(["ensemble", *runs, "--out", str(run)]) != 0:
+    runs = [run / m for m in members]
+    if medseg_main(["ensemble", *map(str, runs), "--out", str(run)]) != 0:
         raise SystemExit(f"averaging {run} failed")
     started = time.monotonic()
     if medseg_main(["evaluate", str(run), "--quiet", "--figures", "0"]) != 0:
         raise SystemExit(f"evaluating {run} failed")
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
-    epochs = len(json.loads((Path(runs[0]) / "history.json").read_text()))
-    if trained:
-        train_seconds = max(json.loads((Path(r) / "train_summary.json").read_text())["seconds"] for r in runs)
+    epochs = len(json.loads((runs[0] / "history.json").read_text()))
+    train_seconds = max(json.loads((r / "train_summary.json").read_text())["seconds"] for r in runs)
     trainings = [f"`medseg train {' '.join(shlex.quote(_relative(x)) for x in a)}` ({m})" for m, a in members.items()]
-    average = f"`medseg ensemble {' '.join(_relative(r) for r in runs)} --out {_relative(str(run))}`"
+    average = f"`medseg ensemble {' '.join(_relative(str(r)) for r in runs)} --out {_relative(str(run))}`"
     command = " and ".join(trainings) + ", side by side; then " + average
     return summary, epochs, train_seconds, time.monotonic() - started, command
 

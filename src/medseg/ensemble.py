@@ -49,8 +49,7 @@ def create_ensemble(runs: list[str | Path], out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     members = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in runs]
-    (out / MANIFEST).write_text(json.dumps({"members": members, "class_names": first.class_names,
-                                            "same_validation_split": shared_split(models) is not None}, indent=2))
+    (out / MANIFEST).write_text(json.dumps({"members": members}, indent=2))
     return out
 
 

@@ -86,8 +86,8 @@ def evaluation_cases(trained, data: str | Path | None = None) -> tuple[list, str
     return cases, source
 
 
-def _evaluate_cases(models: list, cases, source: str, out: Path, figures: int, progress: bool, group_of=None,
-                    data: str | Path | None = None, run: Path | None = None) -> dict:
+def _evaluate_cases(models: list, cases, source: str, out: Path, figures: int, progress: bool, group_of,
+                    data: str | Path | None, run: Path) -> dict:
     trained = models[0]
     cfg, names = trained.config, trained.class_names
     rows, shown, seconds = [], [], []
@@ -107,7 +107,7 @@ def _evaluate_cases(models: list, cases, source: str, out: Path, figures: int, p
             dice = ", ".join(f"{name} {m['dice']:.3f}" for name, m in scores.items())
             title = f"case {case.case_id}: Dice {dice}"
             shown.append(_draw(loaded, pred, cfg.axis, out / f"case_{case.case_id}.png", title))
-    summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, run or trained.run)
+    summary = summarise(rows, list(cfg.regions) if cfg.regions else names[1:], source, run)
     summary["inference_seconds_per_case"] = float(np.median(seconds))
     summary["data_path"] = str(data) if data else None  # for `medseg report`: where the cases came from
     if group_of is not None:
