@@ -141,9 +141,7 @@ def train_ensemble(recipe: dict, budget: float, run: Path, trained: bool = False
                for m, extra in recipe["ensemble"].items()}
     if not trained:
         shutil.rmtree(run, ignore_errors=True)
-        running = [subprocess.Popen([sys.executable, "-m", "medseg.cli", "train", *a]) for a in members.values()]
-        if any(p.wait() for p in running):
-            raise SystemExit(f"training a member of {run} failed")
+        train_side_by_side(list(members.values()))
     runs = [run / m for m in members]
     if medseg_main(["ensemble", *map(str, runs), "--out", str(run)]) != 0:
         raise SystemExit(f"averaging {run} failed")
@@ -157,6 +155,13 @@ def train_ensemble(recipe: dict, budget: float, run: Path, trained: bool = False
     average = f"`medseg ensemble {' '.join(_relative(str(r)) for r in runs)} --out {_relative(str(run))}`"
     command = " and ".join(trainings) + ", side by side; then " + average
     return summary, epochs, train_seconds, time.monotonic() - started, command
+
+
+def train_side_by_side(arg_lists: list[list[str]]) -> None:
+    """`medseg train ARGS` for every argument list at once, one process each; stop if any of them fails."""
+    running = [subprocess.Popen([sys.executable, "-m", "medseg.cli", "train", *a]) for a in arg_lists]
+    if any(p.wait() for p in running):
+        raise SystemExit("a training run failed")
 
 
 def train_then_evaluate(train_args: list[str], run: Path, device: str = "auto") -> tuple[dict, int, float, float]:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from accuracy import RECIPES, machine
+from accuracy import RECIPES, machine, train_side_by_side
 from docs_section import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def arms(freeze_epochs: int) -> list[tuple[str, float, int | None]]:
 
 def command(target: str, fraction: float, frozen: int | None, source: Path, budget: float, out: Path,
             threads: int | None) -> list[str]:
-    args = ["train", str(RECIPES[target]["data"]), "--out", str(out), "--overwrite", "--quiet",
+    args = [str(RECIPES[target]["data"]), "--out", str(out), "--overwrite", "--quiet",
             "--time-budget", f"{budget:g}", "--train-fraction", f"{fraction:g}", *shlex.split(settings(target))]
     if frozen is not None:
         args += ["--init-from", str(source)] + (["--freeze-encoder-epochs", str(frozen)] if frozen else [])
@@ -76,9 +76,7 @@ def main() -> None:
             for name, fraction, frozen in arms(args.freeze_epochs)]
     commands = [command(target, f, z, source, args.budget, run, args.threads) for _, f, z, run in jobs]
     for start in range(0, len(jobs) if not args.write_docs else 0, args.parallel):  # arms side by side
-        running = [subprocess.Popen(medseg + c) for c in commands[start:start + args.parallel]]
-        if any(p.wait() for p in running):
-            sys.exit("a training run failed")
+        train_side_by_side(commands[start:start + args.parallel])
     results = []
     for (name, fraction, _, run), cmd in zip(jobs, commands):
         if not args.write_docs:
@@ -93,7 +91,7 @@ def main() -> None:
                         "epochs": len(json.loads((run / "history.json").read_text())),
                         "loaded": f"{init['loaded']} of {init['of']} tensors" if init else "-",
                         "skipped": list(init["skipped"]) if init else [],
-                        "command": "medseg " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if a.startswith("/")
+                        "command": "medseg train " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if a.startswith("/")
                                                                     else a) for a in cmd)})
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / f"transfer_{target}.json").write_text(json.dumps(

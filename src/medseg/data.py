@@ -15,8 +15,8 @@ from medseg.config import TrainConfig
 from medseg.datasets import Case, labels_to_classes
 from medseg.errors import MedsegError
 from medseg.io import Image, orientation_of, read_image
-from medseg.transforms import (augment, normalize, pad_or_crop, reorient, reoriented_spacing, resampled_shape,
-                               resize_image, resize_label, resize_volume, to_slices)
+from medseg.transforms import (augment, normalize, orientation_transform, pad_or_crop, reorient, reoriented_spacing,
+                               resampled_shape, resize_image, resize_label, resize_volume, to_slices)
 
 
 @dataclass
@@ -69,10 +69,9 @@ def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True)
 
 def to_orientation(image: Image, codes: str) -> Image:
     """The volume with its voxel axes permuted and flipped to `codes`; spacing and affine follow."""
-    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+    from nibabel.orientations import inv_ornt_aff
 
-    transform = ornt_transform(io_orientation(image.affine), axcodes2ornt(tuple(codes)))
-    affine = image.affine @ inv_ornt_aff(transform, image.spatial_shape)
+    affine = image.affine @ inv_ornt_aff(orientation_transform(image.affine, codes), image.spatial_shape)
     return Image(reorient(image.array, image.affine, codes), reoriented_spacing(image.spacing, image.affine, codes),
                  affine, image.path, image.meta)
 

@@ -71,14 +71,21 @@ def resize_volume(array: np.ndarray, shape: tuple[int, ...], label: bool = False
     return F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0].numpy()
 
 
+def orientation_transform(affine: np.ndarray, codes: str, inverse: bool = False) -> np.ndarray:
+    """nibabel's axis permutation and flips taking the voxel order of `affine` to `codes` (e.g. 'RAS'), or back."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    native, wanted = io_orientation(affine), axcodes2ornt(tuple(codes))
+    return ornt_transform(wanted, native) if inverse else ornt_transform(native, wanted)
+
+
 def reorient(array: np.ndarray, affine: np.ndarray, codes: str, inverse: bool = False) -> np.ndarray:
     """Permute and flip the spatial axes of `array` ((*spatial) or (C, *spatial), 3D) from the voxel order of
     `affine` to `codes` (e.g. 'RAS'); with `inverse`, from `codes` back to the order of `affine`. Pure axis
     operations: no interpolation, so a round trip returns the input exactly."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+    from nibabel.orientations import apply_orientation
 
-    native, wanted = io_orientation(affine), axcodes2ornt(tuple(codes))
-    transform = ornt_transform(wanted, native) if inverse else ornt_transform(native, wanted)
+    transform = orientation_transform(affine, codes, inverse)
     if array.ndim == 3:
         return np.ascontiguousarray(apply_orientation(array, transform))
     return np.stack([apply_orientation(channel, transform) for channel in array])
@@ -86,11 +93,8 @@ def reorient(array: np.ndarray, affine: np.ndarray, codes: str, inverse: bool = 
 
 def reoriented_spacing(spacing: tuple[float, ...], affine: np.ndarray, codes: str) -> tuple[float, ...]:
     """The voxel spacing of a volume once `reorient`ed to `codes`."""
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-
-    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(codes)))
     out = [0.0] * len(spacing)
-    for axis, (target, _) in enumerate(transform):
+    for axis, (target, _) in enumerate(orientation_transform(affine, codes)):
         out[int(target)] = float(spacing[axis])
     return tuple(out)
 
