@@ -6,7 +6,8 @@ import pytest
 
 from medseg.cli import main
 from medseg.datasets import find_cases
-from medseg.plan import choose_normalization, config_from_plan, fingerprint, make_plan, patch_and_depth
+from medseg.plan import (choose_normalization, class_order, config_from_plan, fingerprint, make_plan,
+                         mirror_axes, patch_and_depth)
 from medseg.transforms import normalize
 from conftest import shared_dataset
 
@@ -48,6 +49,7 @@ def test_plan_calibrates_and_trains(phantoms_3d, tmp_path):
     timings = plan["reasons"]["3d_width"]["timings"]
     assert set(timings) == {"8", "16", "32"} and all(t["seconds_per_step"] > 0 for t in timings.values())
     assert three["base_channels"] in (8, 16, 32)
+    assert three["flip_axes"] == [0, 1, 2]  # one foreground class: nothing to swap, every mirror allowed
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     cfg = config_from_plan(tmp_path / "plan.json", "seed_2d")
     assert cfg.size == 128 and cfg.base_channels == 64 and cfg.lr == 1e-4
@@ -72,3 +74,25 @@ def test_plan_for_shared_hippocampus():
     assert fp_plan["configurations"]["3d"]["patch"] == [40, 56, 40]
     assert fp_plan["configurations"]["3d"]["normalization"] == "zscore"
     assert fp_plan["fingerprint"]["cases"] == 200
+    # anterior lies in front of and below the posterior part in every case: mirror left-right only
+    assert [e["axis"] for e in fp_plan["fingerprint"]["class_order"]] == [1, 2]
+    assert fp_plan["configurations"]["3d"]["flip_axes"] == [0]
+    assert fp_plan["configurations"]["2d"]["axis"] == 2 and fp_plan["configurations"]["2d"]["flip_axes"] == [0]
+
+
+def test_classes_in_a_fixed_order_forbid_mirroring_along_that_axis():
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(40):  # class 1 always left of class 2 on axis 1; their order on axis 0 is a coin toss
+        left, right = rng.uniform(0.2, 0.4), rng.uniform(0.6, 0.8)
+        first, second = rng.uniform(0.3, 0.7, size=2)
+        cases.append({1: np.array([first, left]), 2: np.array([second, right])})
+    cases.append({1: np.array([0.5, 0.5])})  # a case without class 2 says nothing about the order
+    order = class_order(cases)
+    assert [(e["axis"], e["classes"], e["a_before_b"]) for e in order] == [(1, [1, 2], 1.0)]
+    axes, why = mirror_axes({"dims": 2, "class_order": order, "class_names": ["bg", "head", "tail"]})
+    assert axes == [0] and "head and tail along axis 1" in why
+    # one case in ten the other way round is not a fixed order
+    for case in cases[:5]:
+        case[1][1], case[2][1] = case[2][1], case[1][1]
+    assert class_order(cases) == []

@@ -13,6 +13,9 @@ Rules, after nnU-Net, sized for the device at hand:
   8-bit 2D data -> divide by 255; MRI and everything else -> per-case z-score.
 - width and batch: calibrated by timing a few training steps on the device for candidate widths; the widest that
   still sees `min_samples` training samples within the time budget wins.
+- mirroring: every axis, except one along which two classes lie in a fixed order (the anterior hippocampus in
+  front of the posterior one in at least 95% of cases, centroids at least 5% of the extent apart): a mirror there
+  would show the network each class where the other belongs.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from medseg.config import TrainConfig
 from medseg.data import read_case_image
 from medseg.datasets import Dataset, find_cases, labels_to_classes
 from medseg.io import read_image
+from medseg.transforms import reorient
 
 PATCH_VOXELS = {2: 256 * 256, 3: 96 * 96 * 96}  # caps that keep one CPU step around a second
 # Samples a budget should cover for the chosen width. 2D: on the hippocampus, width 32 seeing 18k slices in 15
@@ -40,10 +44,14 @@ WIDTHS = (8, 16, 32)
 def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0) -> dict:
     """Shapes, spacings, dtype, per-channel foreground intensity statistics and class frequencies."""
     rng = np.random.default_rng(seed)
-    shapes, spacings, dtypes, counts, foreground = [], [], set(), {}, None
+    shapes, spacings, dtypes, counts, foreground, centroids = [], [], set(), {}, None, []
+    orientation = None
     for case in dataset.cases:
         image = read_case_image(case.images, "keep")
         label = labels_to_classes(read_image(case.mask).array, case.mask)
+        orientation = orientation or image.orientation
+        centroids.append(_class_centroids(label if not image.orientation or image.orientation == orientation
+                                          else reorient(label, image.affine, orientation)))
         shapes.append(list(image.spatial_shape))
         spacings.append(list(image.spacing))
         dtypes.add(str(image.array.dtype))
@@ -63,9 +71,54 @@ def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0) 
         "spacing": {"median": np.median(spacings, 0).tolist(), "min": np.min(spacings, 0).tolist(),
                     "max": np.max(spacings, 0).tolist(), "p10": np.percentile(spacings, 10, 0).tolist()},
         "class_frequency": {str(k): counts[k] / total for k in sorted(counts)},
+        "class_order": class_order(centroids),
         "foreground_intensity": [_intensity_stats(channel) for channel in foreground] if foreground is not None
         and foreground.shape[1] else [],
     }
+
+
+def _class_centroids(label: np.ndarray) -> dict[int, np.ndarray]:
+    """Centre of mass of each foreground class as a fraction of the extent along every axis."""
+    centroids = {}
+    for value in np.unique(label[label > 0]):
+        points = np.argwhere(label == value)
+        centroids[int(value)] = (points.mean(0) + 0.5) / np.array(label.shape)
+    return centroids
+
+
+def class_order(centroids: list[dict[int, np.ndarray]], agreement: float = 0.95, min_gap: float = 0.05) -> list:
+    """Axes along which two classes lie in a fixed order: class a before class b in at least `agreement` of the
+    cases holding both (or after it), their centroids a median of at least `min_gap` of the extent apart."""
+    found = []
+    classes = sorted({k for case in centroids for k in case})
+    for i, a in enumerate(classes):
+        for b in classes[i + 1:]:
+            gaps = np.array([case[b] - case[a] for case in centroids if a in case and b in case])
+            if len(gaps) == 0:
+                continue
+            for axis in range(gaps.shape[1]):
+                before = float((gaps[:, axis] > 0).mean())
+                gap = float(np.median(np.abs(gaps[:, axis])))
+                if max(before, 1 - before) >= agreement and gap >= min_gap:
+                    found.append({"axis": axis, "classes": [a, b], "a_before_b": round(before, 3),
+                                  "median_gap": round(gap, 3)})
+    return found
+
+
+def mirror_axes(fp: dict) -> tuple[list[int], str]:
+    """The axes (of the whole image or volume) that training may mirror, and why."""
+    fixed = sorted({entry["axis"] for entry in fp["class_order"]})
+    axes = [a for a in range(fp["dims"]) if a not in fixed]
+    if not fixed:
+        return axes, "every axis: no two classes lie in a fixed order along any of them"
+    names = fp.get("class_names") or []
+
+    def name(k: int) -> str:
+        return names[k] if k < len(names) else f"class {k}"
+
+    pairs = "; ".join(f"{name(e['classes'][0])} and {name(e['classes'][1])} along axis {e['axis']} (same order in "
+                      f"{max(e['a_before_b'], 1 - e['a_before_b']):.0%} of cases)" for e in fp["class_order"])
+    return axes, f"not along axes {fixed}, where a mirror would swap the classes' places: {pairs}"
 
 
 def _intensity_stats(values: np.ndarray) -> dict:
@@ -147,12 +200,14 @@ def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu
               "epochs": 1000, "steps_per_epoch": 100, "time_budget": budget_minutes,
               "intensity_stats": fp["foreground_intensity"] if normalization == "ct" else None}
     configurations, reasons = {}, {"normalization": why_norm}
+    mirrored, reasons["mirroring"] = mirror_axes(fp)
     shapes = fp["shape"]["median"]
     if fp["dims"] == 3:
         common["target_spacing"], reasons["target_spacing"] = choose_target_spacing(fp)
         shapes = [n * s / t for n, s, t in zip(shapes, fp["spacing"]["median"], common["target_spacing"])]
         patch, depth = patch_and_depth(shapes, 3)
-        configurations["3d"] = {**common, "dims": 3, "patch": patch, "depth": depth, "batch_size": 2}
+        configurations["3d"] = {**common, "dims": 3, "patch": patch, "depth": depth, "batch_size": 2,
+                                "flip_axes": mirrored}
         axis = int(np.argmax(fp["spacing"]["median"])) if max(fp["spacing"]["median"]) > 2 * min(
             fp["spacing"]["median"]) else 2
         in_plane = [s for i, s in enumerate(shapes) if i != axis]
@@ -161,8 +216,10 @@ def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu
         axis, in_plane = -1, shapes
     patch2d, depth2d = patch_and_depth(in_plane, 2)
     side = max(patch2d)
+    slice_axes = [a for a in range(fp["dims"]) if a != axis % fp["dims"]] if fp["dims"] == 3 else [0, 1]
     configurations["2d"] = {**common, "dims": 2, "axis": axis, "fit": "pad", "size": side, "depth": depth2d,
-                            "batch_size": int(min(32, max(4, 2**20 // side**2)))}
+                            "batch_size": int(min(32, max(4, 2**20 // side**2))),
+                            "flip_axes": [i for i, a in enumerate(slice_axes) if a in mirrored]}
     for name, settings in configurations.items():
         dims = settings["dims"]
         patch = settings["patch"] if dims == 3 else [settings["size"]] * 2
