@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 from docs_section import write_section
+from medseg.checkpoint import load_run
 from medseg.cli import main as medseg_main
+from medseg.data import load_case
+from medseg.evaluate import evaluation_cases
+from medseg.infer import native_probabilities
+from medseg.metrics import maximal_f_score, threshold_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -42,7 +47,8 @@ RECIPES = {
         "plan": "2D, native 512x512 (256 crops), width 16, depth 4, 90-degree rotations",
         "args": "--fit pad --size 256 --base-channels 16 --depth 4 --batch-size 8 --lr 1e-3 --lr-schedule poly "
                 "--epochs 500 --steps-per-epoch 50 --patience 0 --rotate90 --class-names background,cell",
-        "reference": "U-Net (Ronneberger 2015): Rand error 0.0382, warping error 0.000353 (hidden test set)",
+        "reference": "U-Net (Ronneberger 2015): pixel error 0.0611, Rand error 0.0382, warping error 0.000353 "
+                     "(hidden test set)",
     },
     "drive": {
         "data": SHARED / "drive", "minutes": 30,
@@ -70,15 +76,17 @@ RECIPES = {
     },
     "msd_hippocampus": {
         "data": SHARED / "msd_hippocampus" / "Task04_Hippocampus", "minutes": 30,
-        "plan": "two 2D networks averaged, on sagittal and on coronal slices (native, padded to 64), z-score, width "
-                "16, depth 4, mirrored only left-right (coronal) or not at all (sagittal), trained side by side on "
-                "one thread each",
+        "plan": "two 2D networks averaged, on sagittal slices (padded to 64) and on coronal slices (padded to 48), "
+                "z-score, width 16, depth 4, batch 16, mirrored only left-right (coronal) or not at all (sagittal), "
+                "trained side by side on one thread each",
         # the sagittal network alone is the best single plane (0.886 / 0.871 against 0.881 / 0.856 axial, same
-        # budget); each member appends its flags to these, and later flags win
-        "args": "--fit pad --size 64 --base-channels 16 --depth 4 --batch-size 32 --lr 1e-3 --lr-schedule poly "
-                "--epochs 500 --steps-per-epoch 250 --patience 0 --normalization zscore --mirror-tta "
-                "--axis 0 --flip-axes none",
-        "ensemble": {"sagittal": "", "coronal": "--axis 1 --flip-axes 0"},
+        # budget). 48x48 holds every coronal slice (at most 43x47) at about half the cost of a 64x64 step; sagittal
+        # slices (up to 58x47) lost to 48x48 crops. The base flags are the coronal network's; each member appends
+        # its own, and later flags win
+        "args": "--fit pad --size 48 --base-channels 16 --depth 4 --batch-size 16 --lr 1e-3 --lr-schedule poly "
+                "--epochs 500 --steps-per-epoch 2000 --patience 0 --normalization zscore --mirror-tta "
+                "--axis 1 --flip-axes 0",
+        "ensemble": {"sagittal": "--axis 0 --flip-axes none --size 64 --steps-per-epoch 1000", "coronal": ""},
         "reference": "nnU-Net: Dice 0.90 / 0.89 (5-fold CV, GPU-days)",
     },
 }
@@ -94,9 +102,11 @@ def bar_for(name: str, summary: dict) -> tuple[str, str, bool]:
     if name == "drive":
         f1 = per_class["vessel"]["dice"]["mean"]
         return "F1 inside FOV >= 0.82", f"{f1:.3f}", f1 >= 0.82
-    if name == "isbi2012_em":
-        error = 1 - per_class["cell"]["accuracy"]["mean"]
-        return "pixel error <= 0.07", f"{error:.4f}", error <= 0.07
+    if name == "isbi2012_em":  # the challenge's pixel error; 1 - accuracy shown beside it (a stricter reading)
+        error, threshold = summary["challenge_pixel_error"], summary["challenge_threshold"]
+        strict = 1 - per_class["cell"]["accuracy"]["mean"]
+        return ("pixel error (1 - maximal F-score, as the challenge) <= 0.07",
+                f"{error:.4f} (at threshold {threshold:g}); 1 - accuracy {strict:.4f}", error <= 0.07)
     if name == "dsb2018":
         iou = per_class["nucleus"]["iou"]["mean"]
         return "foreground IoU >= 0.85", f"{iou:.3f}", iou >= 0.85
@@ -117,9 +127,9 @@ def run_dataset(name: str, out: Path, minutes: float | None, figures: Path = DOC
         summary, epochs, train_seconds, evaluate_seconds, command = train_ensemble(recipe, budget, run, trained)
         curves = run / next(iter(recipe["ensemble"])) / "curves.png"
     else:
-        summary, epochs, train_seconds, evaluate_seconds = train_then_evaluate(train_args, run)
+        summary, epochs, train_seconds, evaluate_seconds = train_then_evaluate(train_args, run, trained=trained)
         command, curves = "medseg train " + " ".join(shlex.quote(_relative(a)) for a in train_args), run / "curves.png"
-    asks, measured, met = bar_for(name, summary)
+    asks, measured, met = bar_for(name, with_bar_inputs(name, run, summary))
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy(curves, figures / f"accuracy_{name}_curves.png")
     return {
@@ -137,7 +147,7 @@ def train_ensemble(recipe: dict, budget: float, run: Path, trained: bool = False
     `medseg ensemble` into RUN and evaluate that; with `trained`, reuse members already in RUN/<member>. Returns
     (summary, epochs of the first member, training seconds of the slowest member, evaluation seconds, commands)."""
     members = {m: [str(recipe["data"]), "--out", str(run / m), "--overwrite", "--time-budget", f"{budget:g}",
-                   "--quiet", *shlex.split(recipe["args"]), *shlex.split(extra), "--threads", "1"]
+                   "--quiet", *with_flags(shlex.split(recipe["args"]), shlex.split(extra)), "--threads", "1"]
                for m, extra in recipe["ensemble"].items()}
     if not trained:
         shutil.rmtree(run, ignore_errors=True)
@@ -157,6 +167,22 @@ def train_ensemble(recipe: dict, budget: float, run: Path, trained: bool = False
     return summary, epochs, train_seconds, time.monotonic() - started, command
 
 
+def with_flags(args: list[str], extra: list[str]) -> list[str]:
+    """`args` with each flag of `extra` replacing the same flag's values there (or appended), so that a printed
+    command holds every flag once."""
+    def options(tokens: list[str]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for token in tokens:
+            if token.startswith("--"):
+                flag = found[token] = []
+            else:
+                flag.append(token)
+        return found
+
+    merged = {**options(args), **options(extra)}
+    return [token for flag, values in merged.items() for token in (flag, *values)]
+
+
 def train_side_by_side(arg_lists: list[list[str]]) -> None:
     """`medseg train ARGS` for every argument list at once, one process each; stop if any of them fails."""
     running = [subprocess.Popen([sys.executable, "-m", "medseg.cli", "train", *a]) for a in arg_lists]
@@ -164,19 +190,46 @@ def train_side_by_side(arg_lists: list[list[str]]) -> None:
         raise SystemExit("a training run failed")
 
 
-def train_then_evaluate(train_args: list[str], run: Path, device: str = "auto") -> tuple[dict, int, float, float]:
-    """`medseg train TRAIN_ARGS` then `medseg evaluate RUN` on its held-out cases: (evaluation summary, epochs
-    trained, training seconds, evaluation seconds)."""
-    started = time.monotonic()
-    if medseg_main(["train", *train_args]) != 0:
-        raise SystemExit(f"training {run} failed")
-    trained = time.monotonic() - started
+def train_then_evaluate(train_args: list[str], run: Path, device: str = "auto",
+                        trained: bool = False) -> tuple[dict, int, float, float]:
+    """`medseg train TRAIN_ARGS` (with `trained`: reuse RUN, trained before with those arguments) then
+    `medseg evaluate RUN` on its held-out cases: (evaluation summary, epochs trained, training seconds, evaluation
+    seconds)."""
+    if trained:
+        train_seconds = json.loads((run / "train_summary.json").read_text())["seconds"]
+    else:
+        started = time.monotonic()
+        if medseg_main(["train", *train_args]) != 0:
+            raise SystemExit(f"training {run} failed")
+        train_seconds = time.monotonic() - started
     started = time.monotonic()
     if medseg_main(["evaluate", str(run), "--quiet", "--figures", "0", "--device", device]) != 0:
         raise SystemExit(f"evaluating {run} failed")
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     epochs = len(json.loads((run / "history.json").read_text()))
-    return summary, epochs, trained, time.monotonic() - started
+    return summary, epochs, train_seconds, time.monotonic() - started
+
+
+def with_bar_inputs(name: str, run: Path, summary: dict) -> dict:
+    """The evaluation summary plus what the dataset's bar reads beyond it (ISBI: the challenge's pixel error)."""
+    if name == "isbi2012_em":
+        summary["challenge_pixel_error"], summary["challenge_threshold"] = challenge_pixel_error(run)
+    return summary
+
+
+def challenge_pixel_error(run: Path) -> tuple[float, float]:
+    """ISBI 2012's pixel error on the run's held-out images: 1 - the maximal F-score of the cell (non-membrane)
+    probability against the labels, counts pooled over the images, thresholds 0, 0.1, ..., 1 (Fiji's PixelError,
+    which scored the challenge); and the threshold that gave it."""
+    run_model = load_run(run)
+    cases, _ = evaluation_cases(run_model)
+    counts = 0
+    for case in cases:
+        loaded = load_case(case, run_model.config, resample=False)
+        probs = native_probabilities(run_model, loaded.image.array, loaded.image.spacing, loaded.image.affine)
+        counts = counts + threshold_counts(probs[1], loaded.label > 0)
+    score, threshold = maximal_f_score(counts)
+    return 1 - score, threshold
 
 
 def run_dicom(out: Path) -> dict:
@@ -252,7 +305,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "accuracy"))
     parser.add_argument("--threads", type=int, help="CPU threads per run (two scripts side by side: 1 each)")
     parser.add_argument("--trained", action="store_true",
-                        help="ensembles: reuse the members already trained in OUT with the printed commands")
+                        help="reuse the runs (ensembles: the members) already trained in OUT with the printed "
+                             "commands; evaluate and judge them again")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import RECIPES, SHARED, bar_for, train_then_evaluate  # noqa: E402
+from accuracy import RECIPES, SHARED, bar_for, train_then_evaluate, with_bar_inputs  # noqa: E402
 from medseg.models import count_flops, create_model  # noqa: E402
 
 # (name, model arguments, input size, batch): the seed's full-width U-Net and the networks the CPU recipes use.
@@ -105,7 +105,9 @@ def accuracy_recipe(spec: str, datasets: Path, runs: Path, minutes: float, devic
     """One recipe of benchmarks/accuracy.py ("NAME [extra flags]") on `device`, judged by the same bar."""
     name, _, extra = spec.partition(" ")
     data = datasets / RECIPES[name]["data"].relative_to(SHARED)
-    result = train_and_evaluate(data, runs / "_".join(spec.split()).replace("-", ""), f"{RECIPES[name]['args']} {extra}", minutes, device)
+    run = runs / "_".join(spec.split()).replace("-", "")
+    result = train_and_evaluate(data, run, f"{RECIPES[name]['args']} {extra}", minutes, device)
+    result["summary"] = with_bar_inputs(name, run, result["summary"])
     return judge(result, name)
 
 

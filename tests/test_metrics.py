@@ -6,7 +6,7 @@ import torch
 
 from medseg.losses import make_loss, soft_dice_loss
 from medseg.errors import MedsegError
-from medseg.metrics import case_metrics, confusion, metrics_from_counts
+from medseg.metrics import case_metrics, confusion, maximal_f_score, metrics_from_counts, threshold_counts
 
 
 def test_known_values():
@@ -177,3 +177,18 @@ def test_boundary_metrics_agree_with_monai(spacing):
         assert ours["hd95"] == pytest.approx(float(hd[0, 0]), abs=1e-4)
         assert ours["assd"] == pytest.approx(float(assd[0, 0]), abs=1e-6)
         assert ours["nsd"] == pytest.approx(float(nsd[0, 0]), abs=1e-6)
+
+
+def test_maximal_f_score_pools_images_and_picks_the_best_threshold():
+    """ISBI's pixel error: 1 - the best F-score over thresholds, positives = label > 0, counts summed over images."""
+    target = np.array([[1, 1, 1, 0]], bool)
+    probability = np.array([[0.9, 0.6, 0.3, 0.45]])
+    thresholds = np.array([0.25, 0.5, 0.75])
+    counts = threshold_counts(probability, target, thresholds)
+    # > 0.25: all four positive (TP 3, FP 1); > 0.5: TP 2, FN 1; > 0.75: TP 1, FN 2
+    assert counts.tolist() == [[3, 1, 0, 0], [2, 0, 1, 1], [1, 0, 2, 1]]
+    assert maximal_f_score(counts, thresholds) == pytest.approx((6 / 7, 0.25))
+    # a second image where the low threshold over-claims: pooled, the middle one wins
+    other = threshold_counts(np.array([[0.4, 0.4, 0.9, 0.1]]), np.array([[0, 0, 1, 0]], bool), thresholds)
+    f, threshold = maximal_f_score(counts + other, thresholds)
+    assert threshold == 0.5 and f == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))

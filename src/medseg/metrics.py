@@ -114,3 +114,29 @@ def scored_metrics(pred: np.ndarray, target: np.ndarray, class_names: list[str],
     return scores
 
 
+
+
+def threshold_counts(probability: np.ndarray, target: np.ndarray,
+                     thresholds: np.ndarray = np.linspace(0, 1, 11)) -> np.ndarray:
+    """(len(thresholds), 4) TP, FP, FN, TN of `probability > t` against the boolean `target`, one row per
+    threshold; rows from several images add up to pooled counts."""
+    target = target.astype(bool).ravel()
+    probability = probability.ravel()
+    rows = []
+    for t in thresholds:
+        pred = probability > t
+        tp = int(np.count_nonzero(pred & target))
+        fp, fn = int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(target)) - tp
+        rows.append([tp, fp, fn, target.size - tp - fp - fn])
+    return np.array(rows, dtype=np.int64)
+
+
+def maximal_f_score(counts: np.ndarray, thresholds: np.ndarray = np.linspace(0, 1, 11)) -> tuple[float, float]:
+    """The best F-score over the thresholds of `threshold_counts` rows, and the threshold that gives it.
+
+    The ISBI 2012 EM challenge scored 'pixel error' as 1 - this, with the non-membrane pixels (label > 0) as
+    positives, the counts pooled over the stack and thresholds 0, 0.1, ..., 1 (Fiji's PixelError)."""
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    f = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(counts)), where=(2 * tp + fp + fn) > 0)
+    best = int(np.argmax(f))
+    return float(f[best]), float(thresholds[best])
