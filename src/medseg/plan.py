@@ -111,13 +111,10 @@ def mirror_axes(fp: dict) -> tuple[list[int], str]:
     axes = [a for a in range(fp["dims"]) if a not in fixed]
     if not fixed:
         return axes, "every axis: no two classes lie in a fixed order along any of them"
-    names = fp.get("class_names") or []
-
-    def name(k: int) -> str:
-        return names[k] if k < len(names) else f"class {k}"
-
-    pairs = "; ".join(f"{name(e['classes'][0])} and {name(e['classes'][1])} along axis {e['axis']} (same order in "
-                      f"{max(e['a_before_b'], 1 - e['a_before_b']):.0%} of cases)" for e in fp["class_order"])
+    names = dict(enumerate(fp.get("class_names") or []))
+    pairs = "; ".join(" and ".join(names.get(k, f"class {k}") for k in e["classes"]) + f" along axis {e['axis']} "
+                      f"(same order in {max(e['a_before_b'], 1 - e['a_before_b']):.0%} of cases)"
+                      for e in fp["class_order"])
     return axes, f"not along axes {fixed}, where a mirror would swap the classes' places: {pairs}"
 
 
