@@ -114,21 +114,12 @@ def scored_metrics(pred: np.ndarray, target: np.ndarray, class_names: list[str],
     return scores
 
 
-
-
 def threshold_counts(probability: np.ndarray, target: np.ndarray,
                      thresholds: np.ndarray = np.linspace(0, 1, 11)) -> np.ndarray:
     """(len(thresholds), 4) TP, FP, FN, TN of `probability > t` against the boolean `target`, one row per
     threshold; rows from several images add up to pooled counts."""
-    target = target.astype(bool).ravel()
-    probability = probability.ravel()
-    rows = []
-    for t in thresholds:
-        pred = probability > t
-        tp = int(np.count_nonzero(pred & target))
-        fp, fn = int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(target)) - tp
-        rows.append([tp, fp, fn, target.size - tp - fp - fn])
-    return np.array(rows, dtype=np.int64)
+    target = target.astype(np.uint8)
+    return np.stack([confusion((probability > t).astype(np.uint8), target, 2)[1] for t in thresholds])
 
 
 def maximal_f_score(counts: np.ndarray, thresholds: np.ndarray = np.linspace(0, 1, 11)) -> tuple[float, float]:
