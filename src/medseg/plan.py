@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from medseg.config import TrainConfig
 from medseg.data import read_case_image
@@ -79,11 +80,9 @@ def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0) 
 
 def _class_centroids(label: np.ndarray) -> dict[int, np.ndarray]:
     """Centre of mass of each foreground class as a fraction of the extent along every axis."""
-    centroids = {}
-    for value in np.unique(label[label > 0]):
-        points = np.argwhere(label == value)
-        centroids[int(value)] = (points.mean(0) + 0.5) / np.array(label.shape)
-    return centroids
+    values = [int(v) for v in np.unique(label[label > 0])]
+    centres = ndimage.center_of_mass(np.ones(label.shape), label, values)
+    return {v: (np.array(c) + 0.5) / np.array(label.shape) for v, c in zip(values, centres)}
 
 
 def class_order(centroids: list[dict[int, np.ndarray]], agreement: float = 0.95, min_gap: float = 0.05) -> list:
