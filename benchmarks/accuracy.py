@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from docs_section import write_section
-from medseg.checkpoint import load_run
+from medseg.checkpoint import load_models
 from medseg.cli import main as medseg_main
 from medseg.data import load_case
 from medseg.evaluate import evaluation_cases
-from medseg.infer import native_probabilities
 from medseg.metrics import maximal_f_score, threshold_counts
+from medseg.scoring import score_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -221,12 +221,11 @@ def challenge_pixel_error(run: Path) -> tuple[float, float]:
     """ISBI 2012's pixel error on the run's held-out images: 1 - the maximal F-score of the cell (non-membrane)
     probability against the labels, counts pooled over the images, thresholds 0, 0.1, ..., 1 (Fiji's PixelError,
     which scored the challenge); and the threshold that gave it."""
-    run_model = load_run(run)
-    cases, _ = evaluation_cases(run_model)
+    models = load_models(run)
     counts = 0
-    for case in cases:
-        loaded = load_case(case, run_model.config, resample=False)
-        probs = native_probabilities(run_model, loaded.image.array, loaded.image.spacing, loaded.image.affine)
+    for item in evaluation_cases(models)[0]:  # the test cases, through the one predict-and-score path
+        loaded = load_case(item.case, models[0].config, resample=False)
+        probs = score_case(item.models, loaded).probs
         counts = counts + threshold_counts(probs[1], loaded.label > 0)
     score, threshold = maximal_f_score(counts)
     return 1 - score, threshold

@@ -37,6 +37,7 @@ def test_compare_two_runs(phantoms_2d, tmp_path, capsys):
         compare_runs(runs)
     for run in runs:
         evaluate_run(run, progress=False, figures=0)
+    capsys.readouterr()  # training printed its epoch lines
     assert main(["compare", *map(str, runs), "--out", str(tmp_path / "table.md")]) == 0
     printed = capsys.readouterr().out
     assert printed == (tmp_path / "table.md").read_text()

@@ -40,3 +40,12 @@ def test_batches_keep_their_size_with_fewer_slices_than_a_batch():
     cfg = TrainConfig(size=32, batch_size=8, fit="pad")
     batches = list(SliceSampler(cases, cfg, torch.Generator().manual_seed(0)).epoch_batches(3))
     assert [tuple(image.shape) for image, _ in batches] == [(8, 1, 32, 32)] * 3
+
+
+def test_nan_voxels_stop_with_the_file_named(tmp_path):
+    volume = np.zeros((8, 8, 8), np.float32)
+    volume[2, 3, 4] = np.nan
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
+    with pytest.raises(MedsegError, match=r"scan.nii.gz: 1 voxel\(s\) are NaN or infinite"):
+        load_case(Case("scan", [tmp_path / "scan.nii.gz"], tmp_path / "mask.nii.gz"), TrainConfig())

@@ -88,7 +88,9 @@ def test_label_rules():
     floats = labels_to_classes(np.array([[[0.0, 1.0, 2.0]]], np.float32), "m.nii")
     assert floats.dtype == np.uint8 and floats.tolist() == [[0, 1, 2]]
     with pytest.raises(MedsegError, match="m.nii: mask holds non-integer"):
-        labels_to_classes(np.array([[[0.0, 0.5]]]), "m.nii")
+        labels_to_classes(np.array([[[0.0, 1.5, 2.0]]]), "m.nii")
+    with pytest.raises(MedsegError, match="m.nii: mask holds NaN"):
+        labels_to_classes(np.array([[[0.0, np.nan]]]), "m.nii")
     with pytest.raises(MedsegError, match="--binary-masks"):
         labels_to_classes(np.arange(300).reshape(1, 10, 30), "inst.png")
     assert labels_to_classes(np.arange(300).reshape(1, 10, 30), "inst.png", binary=True).sum() == 299
@@ -96,21 +98,68 @@ def test_label_rules():
         labels_to_classes(np.stack([np.zeros((2, 2)), np.ones((2, 2)), np.zeros((2, 2))]), "rgb.png")
 
 
-def test_split_is_by_case_seeded_and_twenty_percent():
+def test_grey_level_masks_are_thresholded_at_half_range(capsys):
+    """A JPEG/PNG mask with anti-aliased edges: mostly 0 and 255, some values in between."""
+    mask = np.zeros((1, 8, 8), np.uint8)
+    mask[0, 2:6, 2:6] = 255
+    mask[0, 2, 2:6], mask[0, 5, 2:6] = 200, 40  # soft edges
+    read = labels_to_classes(mask, "xray_mask.png")
+    assert read[2:5, 2:6].all() and not read[5].any() and read.sum() == 12
+    assert "half their range" in capsys.readouterr().err
+    assert labels_to_classes(mask, "xray_mask.png", threshold=30).sum() == 16  # --mask-threshold
+    soft = labels_to_classes(np.array([[[0.0, 0.2, 0.7, 1.0]]]), "soft.nii")  # a soft float mask: at 0.5
+    assert soft.tolist() == [[0, 0, 1, 1]]
+    instances = (np.arange(64) % 60).astype(np.uint8).reshape(1, 8, 8)  # many labels, few at 255: not grey
+    with pytest.raises(MedsegError, match="--binary-masks"):
+        labels_to_classes(instances, "inst.png")
+
+
+def test_label_values_declared_named_or_without_gaps():
+    from medseg.datasets import check_label_values
+
+    check_label_values({"a.nii": {0, 1}, "b.nii": {0, 2}}, [0, 1, 2], None)
+    with pytest.raises(MedsegError, match="b.nii: mask value 7 is not a class"):
+        check_label_values({"a.nii": {0, 1}, "b.nii": {0, 7}}, [0, 1, 2], None)
+    with pytest.raises(MedsegError, match="b.png: mask value 3 is not a class .--class-names"):
+        check_label_values({"a.png": {0, 1}, "b.png": {0, 3}}, None, ["background", "cell", "nucleus"])
+    check_label_values({"a.png": {0, 1}, "b.png": {0, 1, 2}}, None, None)
+    with pytest.raises(MedsegError, match="b.png: mask value 5, but no mask holds 2"):
+        check_label_values({"a.png": {0, 1}, "b.png": {0, 1, 5}}, None, None)
+
+
+def test_stray_value_in_dataset_json_dataset_stops_training(tmp_path):
+    from medseg.synth import write_synthetic_dataset
+    from medseg.train import prepare_data
+    from conftest import tiny_config
+
+    data = write_synthetic_dataset(tmp_path / "d", cases=6, dim=2, size=32, num_classes=1)
+    mask = next((data / "labelsTr").iterdir())
+    save_png(mask, np.full((32, 32), 9))
+    with pytest.raises(MedsegError, match=f"{mask.name}: mask value 9 is not a class"):
+        prepare_data(tiny_config(data, tmp_path / "run"))
+
+
+def test_split_is_by_case_seeded_with_test_and_validation():
     ids = [f"c{i}" for i in range(50)]
     split = split_cases(ids * 3, seed=1)  # repeated ids: slices of the same cases
-    assert len(split["val"]) == 10 and len(split["train"]) == 40
-    assert not set(split["val"]) & set(split["train"])
+    assert len(split["test"]) == 10 and len(split["val"]) == 8 and len(split["train"]) == 32
+    assert not set(split["val"]) & set(split["train"]) and not set(split["test"]) & set(split["train"] + split["val"])
     assert split == split_cases(ids, seed=1)
     assert split["val"] != split_cases(ids, seed=2)["val"]
+    assert split_cases(ids, seed=1, test_fraction=0)["test"] == []
+    folds = [split_cases(ids, seed=1, folds=5, fold=k) for k in range(5)]
+    assert all(f["test"] == split["test"] for f in folds)  # every fold keeps the same test cases
+    assert len(split_cases(ids[:3])["test"]) == 1
+    with pytest.raises(MedsegError, match="--test-fraction 0"):
+        split_cases(ids[:2])
 
 
 def test_train_fraction_keeps_the_validation_cases():
     ids = [f"c{i}" for i in range(50)]
     full, tenth = split_cases(ids, seed=1), split_cases(ids, seed=1, train_fraction=0.1)
-    assert tenth["val"] == full["val"] and len(tenth["train"]) == 4 and set(tenth["train"]) < set(full["train"])
+    assert tenth["val"] == full["val"] and len(tenth["train"]) == 3 and set(tenth["train"]) < set(full["train"])
     assert tenth["train"] != split_cases(ids, seed=2, train_fraction=0.1)["train"]
-    assert len(split_cases(ids[:3], train_fraction=0.01)["train"]) == 1
+    assert len(split_cases(ids[:3], train_fraction=0.01, test_fraction=0)["train"]) == 1
     with pytest.raises(MedsegError, match="--train-fraction"):
         split_cases(ids, train_fraction=0)
 
@@ -118,7 +167,7 @@ def test_train_fraction_keeps_the_validation_cases():
 def test_kfold_partitions_the_cases():
     ids = [f"c{i}" for i in range(11)]
     folds = [split_cases(ids, folds=3, fold=k)["val"] for k in range(3)]
-    assert sorted(sum(folds, [])) == sorted(ids)
+    assert sorted(sum(folds, []) + split_cases(ids)["test"]) == sorted(ids)
     with pytest.raises(MedsegError):
         split_cases(ids, folds=3, fold=3)
     with pytest.raises(MedsegError, match="at least 2"):

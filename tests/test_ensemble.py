@@ -57,10 +57,12 @@ def test_ensemble_is_evaluated_on_the_shared_held_out_cases(members, tmp_path):
     summary = evaluate_run(tmp_path / "both", figures=0, progress=False, device="cpu")
     split = json.loads((members[0] / "split.json").read_text())
     assert summary["mean_dice"] > 0.3
-    assert summary["cases"] == len(split["val"]) and summary["run"] == str(tmp_path / "both")
+    assert summary["cases"] == len(split["test"]) and summary["run"] == str(tmp_path / "both")
     assert (tmp_path / "both" / "evaluation" / "per_case.csv").exists()
     scored = {row["case"] for row in read_per_case(tmp_path / "both")}
-    assert scored == set(split["val"])  # the held-out cases of both members, and only those
+    assert scored == set(split["test"])  # the test cases of both members, and only those
+    selection = evaluate_run(tmp_path / "both", out=tmp_path / "sel", cases="val", figures=0, progress=False)
+    assert selection["cases"] == len(split["val"]) and "selection" in selection["cases_role"]
 
 
 def test_runs_that_cannot_be_averaged_are_refused(trained_3d, phantoms_3d, tmp_path):
@@ -70,9 +72,11 @@ def test_runs_that_cannot_be_averaged_are_refused(trained_3d, phantoms_3d, tmp_p
     with pytest.raises(MedsegError, match="at least two"):
         create_ensemble([trained_3d], tmp_path / "one")
     other_split = train(tiny_config(phantoms_3d, tmp_path / "s", fit="pad", seed=7, epochs=1))
-    assert json.loads((other_split / "split.json").read_text())["val"] != \
-        json.loads((trained_3d / "split.json").read_text())["val"]
+    assert json.loads((other_split / "split.json").read_text())["test"] != \
+        json.loads((trained_3d / "split.json").read_text())["test"]
     create_ensemble([trained_3d, other_split], tmp_path / "mixed")
-    with pytest.raises(MedsegError, match="validated on different cases"):
+    with pytest.raises(MedsegError, match="test cases differ"):
         evaluate_run(tmp_path / "mixed", figures=0, progress=False, device="cpu")
+    with pytest.raises(MedsegError, match="validated by some members and trained on by others"):
+        evaluate_run(tmp_path / "mixed", cases="val", figures=0, progress=False, device="cpu")
     assert load_run(trained_3d).config.normalization != "zscore"

@@ -4,7 +4,8 @@ import pytest
 from PIL import Image as PILImage
 
 from medseg.errors import MedsegError
-from medseg.io import mask_path_for, read_image, stem_of, write_mask
+from medseg.datasets import labels_to_classes
+from medseg.io import mask_path_for, read_image, stem_of, write_mask, write_text_atomic
 from conftest import shared_dataset
 
 
@@ -55,9 +56,36 @@ def test_raster_round_trip_same_size_and_format(tmp_path, suffix):
     assert image.array.shape == (1, 30, 20) and image.ndim == 2
     np.testing.assert_array_equal(image.array[0], data)
     mask = (data > 100).astype(np.uint8)
-    out = write_mask(mask, image, mask_path_for(image.path, tmp_path / "out"))
+    out = write_mask(mask, image, mask_path_for(image.path, tmp_path / "out"), num_classes=2)
     assert out.suffix == suffix
-    np.testing.assert_array_equal(np.asarray(PILImage.open(out)), mask)
+    np.testing.assert_array_equal(np.asarray(PILImage.open(out)), mask * 255)  # visible in any viewer
+    np.testing.assert_array_equal(labels_to_classes(read_image(out).array, out), mask)  # and read back as 0/1
+
+
+def test_multiclass_2d_masks_are_palette_pngs_holding_class_indices(tmp_path):
+    PILImage.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "img.png")
+    image = read_image(tmp_path / "img.png")
+    mask = (np.arange(48).reshape(6, 8) % 3).astype(np.uint8)
+    out = write_mask(mask, image, tmp_path / "out" / "img.png", num_classes=3)
+    pil = PILImage.open(out)
+    assert pil.mode == "P" and pil.getpalette()[3:6] == [31, 119, 180]  # class 1 has a colour, not near-black
+    np.testing.assert_array_equal(np.asarray(pil), mask)  # raw pixel values are the class indices
+    np.testing.assert_array_equal(read_image(out).array[0], mask)  # medseg reads the indices back
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    PILImage.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "img.png")
+    image = read_image(tmp_path / "img.png")
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            out = write_mask(np.zeros((4, 4), np.uint8), image, tmp_path / f"out{umask}" / "img.png")
+            write_text_atomic(tmp_path / f"t{umask}.json", "{}")
+        finally:
+            os.umask(old)
+        assert out.stat().st_mode & 0o777 == mode and (tmp_path / f"t{umask}.json").stat().st_mode & 0o777 == mode
 
 
 def test_lossy_inputs_get_lossless_masks(tmp_path):
@@ -90,10 +118,17 @@ def test_jpeg_and_grey_palette_gif(tmp_path):
 
 def test_npy_layouts_and_round_trip(tmp_path):
     np.save(tmp_path / "vol.npy", np.zeros((4, 5, 6), np.float32))
-    np.save(tmp_path / "rgb.npy", np.zeros((4, 5, 3), np.uint8))
+    np.save(tmp_path / "rgb.npy", np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3))
+    np.save(tmp_path / "rgba.npy", np.zeros((4, 5, 4), np.uint8))
     vol = read_image(tmp_path / "vol.npy")
     assert vol.array.shape == (1, 4, 5, 6)
-    assert read_image(tmp_path / "rgb.npy").array.shape == (3, 4, 5)
+    # a 3D array is a volume, even with 3 or 4 slices: a shape cannot tell it from a colour image, so no guess
+    assert read_image(tmp_path / "rgb.npy").array.shape == (1, 4, 5, 3)
+    assert read_image(tmp_path / "rgba.npy").array.shape == (1, 4, 5, 4)
+    rgb = read_image(tmp_path / "rgb.npy", npy_layout="hwc")
+    assert rgb.array.shape == (3, 4, 5) and rgb.array[2, 0, 1] == 5  # channels last, every value kept
+    assert read_image(tmp_path / "rgba.npy", npy_layout="hwc").array.shape == (4, 4, 5)  # alpha not dropped
+    assert read_image(tmp_path / "rgb.npy", npy_layout="chw").array.shape == (4, 5, 3)
     out = write_mask(np.ones((4, 5, 6), np.uint8), vol, tmp_path / "out" / "vol.npy")
     assert np.load(out).shape == (4, 5, 6)
 

@@ -22,8 +22,8 @@ def test_known_values():
 
 
 def test_empty_case_policy():
-    both_empty = metrics_from_counts(0, 0, 0, 10)
-    assert both_empty["dice"] == 1 and both_empty["iou"] == 1
+    both_empty = metrics_from_counts(0, 0, 0, 10)  # nothing to find, nothing claimed: says nothing about the class
+    assert math.isnan(both_empty["dice"]) and math.isnan(both_empty["iou"])
     assert math.isnan(both_empty["precision"]) and math.isnan(both_empty["recall"])
     assert both_empty["specificity"] == 1 and both_empty["accuracy"] == 1
     false_positive = metrics_from_counts(0, 3, 0, 7)  # nothing to find, something claimed
@@ -123,7 +123,7 @@ def test_hd95_matches_brute_force_in_mm(spacing):
     assert hd95(square, np.roll(square, 2, axis=0), (0.5, 1)) == pytest.approx(1.0)  # 2 rows of 0.5 mm
     empty = np.zeros_like(square)
     assert hd95(square, empty, (2, 1)) == pytest.approx(math.hypot(40, 20))  # one empty: the worst, the diagonal
-    assert hd95(empty, empty) == 0
+    assert math.isnan(hd95(empty, empty))
 
 
 def test_assd_and_nsd_on_shifted_squares():
@@ -137,7 +137,7 @@ def test_assd_and_nsd_on_shifted_squares():
     bf = _brute_force_distances(square, shifted, (1, 1))
     assert result["assd"] == pytest.approx(bf.mean()) and result["nsd"] == pytest.approx((bf <= 1).mean())
     assert surface_metrics(square, np.zeros_like(square))["nsd"] == 0
-    assert surface_metrics(np.zeros_like(square), np.zeros_like(square)) == {"hd95": 0, "assd": 0, "nsd": 1}
+    assert all(math.isnan(v) for v in surface_metrics(np.zeros_like(square), np.zeros_like(square)).values())
 
 
 def test_scored_metrics_with_boundary_per_class():
@@ -192,3 +192,36 @@ def test_maximal_f_score_pools_images_and_picks_the_best_threshold():
     other = threshold_counts(np.array([[0.4, 0.4, 0.9, 0.1]]), np.array([[0, 0, 1, 0]], bool), thresholds)
     f, threshold = maximal_f_score(counts + other, thresholds)
     assert threshold == 0.5 and f == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))
+
+
+def test_crafted_masks_for_each_case_of_the_empty_policy():
+    """Two classes, three cases: the headline mean must not be lifted by a class that is absent everywhere it is
+    undefined (the old policy scored it 1.0: a true 0.667 read as 0.952), and a class predicted where the ground
+    truth has none must count 0."""
+    from medseg.evaluate import summarise
+    from medseg.metrics import scored_metrics
+    from medseg.scoring import mean_dice
+
+    names = ["background", "a", "b"]
+    truth = np.zeros((3, 8, 8), np.uint8)
+    pred = np.zeros_like(truth)
+    truth[0, 1:5, 1:5] = 1
+    pred[0, 1:5, 1:3] = 1  # case 0: class a half found (Dice 2*8/(8+16) = 0.667), class b absent from both
+    truth[1, 2:4, 2:4] = 1
+    pred[1, 2:4, 2:4] = 1  # case 1: class a perfect, class b absent from both
+    pred[2, 5:7, 5:7] = 2  # case 2: nothing to find at all, class b claimed anyway
+    rows = []
+    for case in range(3):
+        scores = scored_metrics(pred[case], truth[case], names, spacing=(1, 1), boundary=True)
+        rows += [{"case": str(case), "class": n, **m} for n, m in scores.items()]
+    by = {(r["case"], r["class"]): r for r in rows}
+    assert by["0", "a"]["dice"] == pytest.approx(2 / 3) and by["1", "a"]["dice"] == 1
+    assert math.isnan(by["2", "a"]["dice"]) and math.isnan(by["2", "a"]["hd95"])  # absent from both: NaN
+    assert math.isnan(by["0", "b"]["dice"]) and math.isnan(by["1", "b"]["nsd"])
+    assert by["2", "b"]["dice"] == 0 and by["2", "b"]["nsd"] == 0  # absent from truth, predicted: 0
+    assert by["2", "b"]["hd95"] == pytest.approx(math.hypot(8, 8))
+    summary = summarise(rows, names[1:], "crafted", "run")
+    a, b = summary["per_class"]["a"]["dice"], summary["per_class"]["b"]["dice"]
+    assert a["mean"] == pytest.approx((2 / 3 + 1) / 2) and a["n"] == 2 and a["undefined"] == 1
+    assert b["mean"] == 0 and b["n"] == 1 and b["undefined"] == 2
+    assert summary["mean_dice"] == pytest.approx(((2 / 3 + 1) / 2 + 0) / 2) == mean_dice(rows)

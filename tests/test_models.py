@@ -55,6 +55,30 @@ def test_deep_supervision_loss_weights_levels():
     assert seen == [((8, 8), (8, 8)), ((4, 4), (4, 4))]
 
 
+def test_deep_supervision_targets_line_up_at_any_size():
+    """10x10 is not a multiple of 2**depth = 4: the network pads to 12x12, so its half-resolution output is 6x6
+    over the padded input; each auxiliary target pixel must come from the 2x2 block of the padded target that
+    output pixel covers (stretching 10 onto 6 would shift the labels by up to a pixel)."""
+    from medseg.losses import deep_supervision_loss, scaled_target
+    from medseg.models import UNet
+
+    target = torch.randint(0, 3, (2, 10, 10))
+    padded = torch.nn.functional.pad(target[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0].long()
+    scaled = scaled_target(target, (6, 6), 2)
+    assert scaled.shape == (2, 6, 6)
+    for i in range(6):
+        for j in range(6):
+            block = padded[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(2, -1)
+            assert all(scaled[b, i, j] in block[b] for b in range(2))
+    assert torch.equal(scaled_target(target[:, :8, :8], (4, 4), 2), target[:, 1:8:2, 1:8:2])  # no padding
+    model = UNet(1, 3, base_channels=4, depth=2, deep_supervision=True).train()
+    outputs = model(torch.rand(2, 1, 10, 10))
+    assert [tuple(o.shape[2:]) for o in outputs] == [(10, 10), (6, 6)]
+    loss = deep_supervision_loss(torch.nn.functional.cross_entropy, outputs, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 ALL_MODELS = ["unet", "attention_unet", "resenc_unet", "deeplabv3plus", "segnet", "fcn"]
 
 

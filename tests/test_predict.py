@@ -74,8 +74,16 @@ def test_cross_validation_folds_are_ensembled(phantoms_2d, tmp_path):
     assert main(["train", str(phantoms_2d), "--out", str(tmp_path / "cv"), "--folds", "3", "--all-folds",
                  "--size", "32", "--base-channels", "4", "--depth", "2", "--epochs", "1", "--steps-per-epoch", "2",
                  "--quiet"]) == 0
-    vals = [json.loads((tmp_path / "cv" / f"fold_{k}" / "split.json").read_text())["val"] for k in range(3)]
-    assert sorted(sum(vals, [])) == sorted(p.name[:-4] for p in (phantoms_2d / "imagesTr").iterdir())
+    splits = [json.loads((tmp_path / "cv" / f"fold_{k}" / "split.json").read_text()) for k in range(3)]
+    assert sorted(sum([s["val"] for s in splits], splits[0]["test"])) == \
+        sorted(p.name[:-4] for p in (phantoms_2d / "imagesTr").iterdir())
+    assert all(s["test"] == splits[0]["test"] for s in splits)  # the folds share the test cases
+    from medseg.evaluate import evaluate_run
+
+    pooled = evaluate_run(tmp_path / "cv", cases="val", figures=0, progress=False)
+    assert pooled["cases"] == 12 - len(splits[0]["test"]) and "pooled out of fold" in pooled["data"]
+    test = evaluate_run(tmp_path / "cv", out=tmp_path / "ev", figures=0, progress=False)
+    assert test["cases"] == len(splits[0]["test"])
     models = load_models(tmp_path / "cv")
     assert len(models) == 3
     for model in models:

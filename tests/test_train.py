@@ -25,7 +25,7 @@ def test_run_folder_holds_everything(trained_2d):
     assert list(rows[0]) == HISTORY_COLUMNS and len(rows) == 2
     assert all(0 <= float(r["val_dice"]) <= 1 and float(r["seconds"]) > 0 for r in rows)
     split = json.loads((trained_2d / "split.json").read_text())
-    assert len(split["val"]) == 2 and len(split["train"]) == 10  # 20% of 12 cases, rounded
+    assert len(split["test"]) == 2 and len(split["val"]) == 2 and len(split["train"]) == 8  # 20% of 12, 20% of 10
     trained = load_run(trained_2d)
     assert trained.class_names == ["background", "ellipse", "ring"] and not trained.model.training
     assert torch.load(trained_2d / "last.pt", weights_only=False)["optimizer"]
@@ -47,13 +47,30 @@ def test_seeded_runs_repeat(phantoms_2d, tmp_path):
     assert rows[0]["train_loss"] == pytest.approx(rows[1]["train_loss"], rel=1e-5)
 
 
-def test_time_budget_ends_training_cleanly(phantoms_2d, tmp_path):
+def _weights(run):
+    return torch.load(run / "last.pt", weights_only=False)["model"]
+
+
+def test_time_budget_becomes_steps_and_a_rerun_repeats_the_weights(phantoms_2d, tmp_path):
     run = train(tiny_config(phantoms_2d, tmp_path / "run", epochs=1000, steps_per_epoch=20, time_budget=0.1,
-                            patience=0))
+                            patience=0, lr_schedule="poly"))
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["stopped"] == "time budget"
-    assert summary["seconds"] < 0.1 * 60 + 5 and summary["epochs_run"] < 1000
-    assert (run / "best.pt").exists()
+    cfg = TrainConfig.load(run / "config.json")
+    assert cfg.steps and cfg.calibration["seconds_per_step"] > 0 and summary["stopped"] == "steps done"
+    assert summary["steps"] == cfg.steps and summary["epochs_run"] == cfg.calibration["epochs"] < 1000
+    assert summary["seconds"] < 0.1 * 60 + 5 and (run / "best.pt").exists()
+    # the steps are in config.json: the same seed, data and steps give the same weights, whatever the clock says
+    assert main(["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    first, again = _weights(run), _weights(tmp_path / "again")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_same_seed_and_steps_give_the_same_weights(phantoms_2d, tmp_path):
+    runs = [train(tiny_config(phantoms_2d, tmp_path / name, steps=7, lr_schedule="poly")) for name in "ab"]
+    first, second = (_weights(r) for r in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    history = json.loads((runs[0] / "history.json").read_text())
+    assert len(history) == 3 and history[-1]["lr"] < history[0]["lr"]  # 3 + 3 + 1 steps, decaying on steps
 
 
 def test_early_stopping(phantoms_2d, tmp_path):
@@ -67,7 +84,7 @@ def test_poly_schedule_decays_and_kfold_split(phantoms_2d, tmp_path):
     history = json.loads((run / "history.json").read_text())
     assert history[0]["lr"] > history[1]["lr"] > history[2]["lr"]
     split = json.loads((run / "split.json").read_text())
-    assert split["folds"] == 3 and split["fold"] == 1 and len(split["val"]) == 4
+    assert split["folds"] == 3 and split["fold"] == 1 and len(split["val"]) == 3 and len(split["test"]) == 2
 
 
 def test_rerun_from_saved_config(trained_2d, tmp_path):
@@ -84,7 +101,7 @@ def test_slices_of_one_volume_stay_on_one_side(phantoms_3d, tmp_path):
     cfg = tiny_config(phantoms_3d, tmp_path / "x")
     cases = [c for c in find_cases(phantoms_3d).cases if c.case_id in split["train"]]
     sampler = SliceSampler(load_cases(cases, cfg), cfg, torch.Generator())
-    assert len(sampler) == 4 * 24  # every slice of the four training volumes, none of the validation one
+    assert len(sampler) == 3 * 24  # every slice of the three training volumes, none of validation or test
 
 
 def test_refuses_to_overwrite_a_run(trained_2d, phantoms_2d):
@@ -131,3 +148,48 @@ def test_pad_mode_predicts_small_slices_as_trained(trained_3d):
         direct = trained.model(padded).softmax(1)[0, :, 6:26, 6:26].numpy()
     np.testing.assert_allclose(probs[..., 0], direct, atol=1e-5)
 
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantoms_2d, tmp_path, monkeypatch):
+    import sys
+
+    train_module = sys.modules["medseg.train"]  # the package exports a function of the same name
+    real = train_module.make_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+
+        def wrapped(logits, target):
+            calls["n"] += 1
+            value = loss(logits, target)
+            return value * float("nan") if calls["n"] > 4 else value  # epoch 1 (3 steps + validation) is clean
+        return wrapped
+
+    monkeypatch.setattr(train_module, "make_loss", poisoned)
+    with pytest.raises(MedsegError, match=r"epoch 2, step \d+: the training loss is nan.*last.pt keeps the last "
+                                          r"good epoch \(1\)"):
+        train(tiny_config(phantoms_2d, tmp_path / "run", epochs=3))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_quiet_keeps_one_line_per_epoch_and_no_carriage_returns(phantoms_2d, tmp_path, capsys):
+    assert main(["train", str(phantoms_2d), "--out", str(tmp_path / "run"), "--size", "32", "--base-channels", "4",
+                 "--depth", "2", "--epochs", "2", "--steps-per-epoch", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.out.splitlines() if line.startswith("epoch")][1].startswith("epoch 2/2: loss")
+    assert "\r" not in captured.out + captured.err
+
+
+def test_one_unnamed_class_is_called_foreground(tmp_path):
+    from PIL import Image as PILImage
+
+    for name in range(6):
+        image = np.zeros((16, 16), np.uint8)
+        image[4:12, 4:12] = 200
+        for folder, array in (("images", image), ("masks", (image > 0).astype(np.uint8) * 255)):
+            (tmp_path / "d" / folder).mkdir(parents=True, exist_ok=True)
+            PILImage.fromarray(array).save(tmp_path / "d" / folder / f"{name}.png")
+    run = train(tiny_config(tmp_path / "d", tmp_path / "run", size=16, epochs=1))
+    assert json.loads((run / "dataset.json").read_text())["class_names"] == ["background", "foreground"]

@@ -126,7 +126,9 @@ def test_volumes_are_resampled_to_the_target_spacing_and_back(tmp_path):
     assert loaded.image.spacing == (1.0, 1.0, 4.0)
     run = train(cfg)
     summary = evaluate_run(run, data=data, out=tmp_path / "ev", progress=False)
-    assert summary["cases"] == 4  # every case scored on its own grid, whatever its spacing
+    per_case = (tmp_path / "ev" / "per_case.csv").read_text().splitlines()[1:]
+    assert len({line.split(",")[0] for line in per_case}) == 4  # every case scored on its own grid, whatever its spacing
+    assert summary["cases"] == 1  # and only the test case counted: the others were trained or selected on
     from medseg.io import read_image
     from medseg.predict import predict_files
 

@@ -31,9 +31,16 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.close(handle)
     try:
         torch.save(state, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def resolve_device(name: str = "auto") -> torch.device:

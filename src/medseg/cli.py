@@ -11,10 +11,18 @@ from medseg.config import FITS, LOSSES, SCHEDULES, TrainConfig
 from medseg.errors import MedsegError
 
 # Training options: (flag, type, help). Each maps onto the TrainConfig field of the same name.
-TRAIN_OPTIONS = [
+# How data is read: every command that reads a labelled dataset takes these (train, plan, evaluate --data,
+# benchmark-architectures).
+DATA_OPTIONS = [
     ("--images", str, "image folder inside DATA (overrides detection)"),
     ("--masks", str, "mask folder inside DATA (overrides detection)"),
     ("--binary-masks", bool, "treat every non-zero mask value as foreground (instance masks)"),
+    ("--mask-threshold", float, "foreground where the mask value is at least this (masks saved as grey levels; "
+                                "default: such masks are thresholded at half their range, said once)"),
+    ("--npy-layout", str, "how a 3D .npy is read: volume (X, Y, Z; the default), hwc or chw (a 2D image with "
+                          "channels last or first)"),
+]
+TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--color", str, "keep RGB channels (keep) or convert to luminance (gray)"),
     ("--class-names", "list", "comma-separated class names, background first"),
     ("--regions", str, "train on label sets with a sigmoid each: 'brats' (whole tumour, tumour core, enhancing) "
@@ -54,12 +62,17 @@ TRAIN_OPTIONS = [
     ("--rotate90", bool, "also rotate training samples by multiples of 90 degrees (data with no up, e.g. EM)"),
     ("--init-from", str, "start from the weights of this run (or .pt) that match by name and shape"),
     ("--freeze-encoder-epochs", int, "hold the encoder still for this many first epochs (with --init-from)"),
-    ("--val-fraction", float, "share of cases for validation (default 0.2)"),
+    ("--test-fraction", float, "share of cases held out as test cases, used for no choice and reported by "
+                               "'medseg evaluate' (default 0.2; 0 when you keep a test set of your own)"),
+    ("--val-fraction", float, "share of the other cases for validation: checkpoint, early stopping, "
+                              "post-processing (default 0.2)"),
     ("--train-fraction", float, "train on this share of the training cases, same validation (default 1)"),
     ("--folds", int, "k-fold cross-validation: number of folds"),
     ("--fold", int, "k-fold cross-validation: which fold validates"),
     ("--seed", int, "random seed"),
-    ("--time-budget", float, "minutes; training ends cleanly when they are spent"),
+    ("--time-budget", float, "minutes; turned into a number of steps by timing a few at the start (written to "
+                             "config.json, so a re-run repeats them)"),
+    ("--steps", int, "total optimiser steps (the schedule runs on them; overrides --time-budget)"),
     ("--device", str, "auto, cpu, cuda, cuda:N or mps"),
     ("--threads", int, "CPU threads for PyTorch"),
     ("--tensorboard", str, "also write TensorBoard scalars under DIR/<run name> (needs tensorboard)"),
@@ -67,8 +80,8 @@ TRAIN_OPTIONS = [
 ]
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    for flag, kind, text in TRAIN_OPTIONS:
+def _add_train_options(parser: argparse.ArgumentParser, options: list = TRAIN_OPTIONS) -> None:
+    for flag, kind, text in options:
         dest = flag[2:].replace("-", "_")
         if kind is bool:
             parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
@@ -162,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--budget", type=float, default=15.0, help="training minutes the plan is sized for")
     plan.add_argument("--device", default="auto", help="device to calibrate on (auto, cpu, cuda, mps)")
     plan.add_argument("--no-calibrate", action="store_true", help="skip timing; use width 16")
+    plan.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    _add_train_options(plan, DATA_OPTIONS)
 
     models = sub.add_parser("models", help="list the networks with parameters and FLOPs at an input size")
     models.add_argument("--size", type=int, default=128, help="input side in pixels/voxels (default 128)")
@@ -186,16 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="metrics per case and class, summary and figures")
     evaluate.add_argument("run")
-    evaluate.add_argument("--data", help="labelled dataset to evaluate on (default: the run's validation cases)")
+    evaluate.add_argument("--data", help="labelled dataset to evaluate on; cases the run trained or selected on are "
+                                         "marked and left out of the means (default: the run's test cases)")
+    evaluate.add_argument("--cases", default="test", choices=("test", "val"),
+                          help="test (default): cases used for no choice; val: the validation cases the checkpoint "
+                               "and post-processing were chosen on (labelled as selection cases; optimistic)")
+    _add_train_options(evaluate, DATA_OPTIONS)
     evaluate.add_argument("--out", help="output folder (default: RUN/evaluation)")
     evaluate.add_argument("--figures", type=int, default=4, help="number of case panels to draw")
     evaluate.add_argument("--groups", help="CSV of case id -> attributes (site, scanner, sex, ...): metrics per group")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 
     report = sub.add_parser("report", help="one self-contained HTML page (and a Markdown twin) about a run")
     report.add_argument("run")
     report.add_argument("--out", help="HTML file to write (default: RUN/report.html; the .md beside it)")
     report.add_argument("--device", default="auto")
+    report.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 
     predict = sub.add_parser("predict", help="write masks for new images or volumes")
     predict.add_argument("run")
@@ -204,18 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", action="store_true", help="also write overlay PNGs to OUT/overlays")
     predict.add_argument("--series", help="DICOM series UID or description, where a folder holds several")
     predict.add_argument("--device", default="auto")
+    predict.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 
     for p in (demo, train, evaluate, predict, download, report, bench):
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--quiet", action="store_true", help="no progress bars (epoch lines and results still print)")
     return parser
 
 
+def _data_options(args: argparse.Namespace) -> dict:
+    return {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"), None) for flag, _, _ in DATA_OPTIONS}
+
+
 def run_command(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None) and args.command != "train":
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "demo":
         from medseg.demo import run_demo
 
         summary = run_demo(args.out, progress=not args.quiet)
-        print(f"validation Dice {summary['mean_dice']:.3f} in {summary['seconds']:.0f} s")
+        print(f"Dice {summary['mean_dice']:.3f} on {summary['cases_role']}; {summary['seconds']:.0f} s in all")
         print(f"results: {Path(summary['run']).resolve()}")
     elif args.command == "synth":
         from medseg.synth import write_synthetic_dataset
@@ -235,7 +266,8 @@ def run_command(args: argparse.Namespace) -> None:
         from medseg.plan import make_plan
 
         device = str(resolve_device(args.device))
-        result = make_plan(args.data, args.budget, device, calibrate=not args.no_calibrate)
+        result = make_plan(args.data, args.budget, device, calibrate=not args.no_calibrate,
+                           data_options=_data_options(args))
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"configurations {', '.join(result['configurations'])} (default {result['default']}); plan: {args.out}")
     elif args.command == "models":
@@ -282,8 +314,12 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         from medseg.evaluate import evaluate_run
 
-        summary = evaluate_run(args.run, args.data, args.out, args.figures, args.device, not args.quiet, args.groups)
-        print(f"mean foreground Dice {summary['mean_dice']:.4f} over {summary['cases']} cases; "
+        if not args.data and any(v is not None for v in _data_options(args).values()):
+            raise MedsegError("--images, --masks and the mask flags describe --data; the run's own cases are read as "
+                              "it read them")
+        summary = evaluate_run(args.run, args.data, args.out, args.figures, args.device, not args.quiet, args.groups,
+                               args.cases, _data_options(args))
+        print(f"mean foreground Dice {summary['mean_dice']:.4f} on {summary['cases_role']}; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
     elif args.command == "predict":
         from medseg.predict import predict_files

@@ -16,6 +16,7 @@ LOSSES = ("dice_ce", "ce", "bce", "dice", "focal", "tversky")
 FITS = ("resize", "pad")
 SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
+NPY_LAYOUTS = ("auto", "volume", "hwc", "chw")
 
 
 def _model_names() -> list[str]:
@@ -35,6 +36,8 @@ class TrainConfig:
     images: str | None = None
     masks: str | None = None
     binary_masks: bool = False
+    mask_threshold: float | None = None  # foreground where the mask value is at least this (grey-level masks)
+    npy_layout: str = "auto"  # how a 3D .npy is read: auto/volume (X, Y, Z), hwc or chw (a 2D image with channels)
     color: str = "keep"  # keep RGB channels, or "gray"
     class_names: list[str] | None = None
     regions: dict[str, list[int]] | None = None  # region-based training (e.g. BraTS): name -> labels, sigmoid each
@@ -71,6 +74,10 @@ class TrainConfig:
     batch_size: int = 16
     epochs: int = 20
     steps_per_epoch: int | None = None  # None: one pass over the training slices, at least 50 batches
+    # total optimiser steps; the schedule runs on them, so a seeded run repeats. None: epochs x steps per epoch,
+    # or, with --time-budget, what a calibration at the start finds fits the budget (then written here)
+    steps: int | None = None
+    calibration: dict | None = None  # how --time-budget became `steps` (seconds per step and per validation)
     patience: int = 10  # early stopping on validation Dice; 0 switches it off
     augment: bool = True
     rotate90: bool = False  # also rotate training samples by multiples of 90 degrees (EM, microscopy)
@@ -79,7 +86,8 @@ class TrainConfig:
     init_from: str | None = None  # a run folder or checkpoint: its tensors that match by name and shape start training
     freeze_encoder_epochs: int = 0  # hold the encoder still for this many first epochs
     # split
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # of the cases left after the test cases
+    test_fraction: float = 0.2  # held out for `medseg evaluate`, used for no choice; 0 with a test set of your own
     train_fraction: float = 1.0  # train on this share of the training cases (validation unchanged)
     folds: int = 0
     fold: int = 0
@@ -116,6 +124,9 @@ class TrainConfig:
              "--overlap must lie in [0, 1) and --foreground-fraction in [0, 1]"),
             (self.size >= 2**self.depth, f"--size {self.size} is smaller than 2**depth = {2**self.depth}"),
             (0 < self.val_fraction < 1, f"--val-fraction {self.val_fraction}: must lie between 0 and 1"),
+            (0 <= self.test_fraction < 1, f"--test-fraction {self.test_fraction}: must lie in [0, 1)"),
+            (self.npy_layout in NPY_LAYOUTS, f"--npy-layout {self.npy_layout}: choose from {', '.join(NPY_LAYOUTS)}"),
+            (self.steps is None or self.steps >= 1, "--steps must be at least 1"),
             (self.batch_size >= 1 and self.epochs >= 1, "--batch-size and --epochs must be at least 1"),
             (self.axis in (-3, -2, -1, 0, 1, 2), f"--axis {self.axis}: a volume has axes 0, 1, 2"),
             (self.flip_axes is None or all(0 <= a < self.dims for a in self.flip_axes),
@@ -150,7 +161,9 @@ class TrainConfig:
         return tuple(self.patch) if self.patch else (self.size,) * 3
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        from medseg.io import write_text_atomic
+
+        write_text_atomic(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medseg.console import show_bars
 from medseg.config import TrainConfig
 from medseg.datasets import Case, labels_to_classes
 from medseg.errors import MedsegError
@@ -27,9 +28,12 @@ class LoadedCase:
     roi: np.ndarray | None = None  # (*spatial) bool: where metrics count (None: everywhere)
 
 
-def read_case_image(paths: list, color: str) -> Image:
-    """Read one case's image, stacking per-channel files (nnU-Net `_0000`, `_0001`, ...) into channels."""
-    images = [read_image(p, color=color) for p in paths]
+def read_case_image(paths: list, color: str, npy_layout: str = "auto") -> Image:
+    """Read one case's image, stacking per-channel files (nnU-Net `_0000`, `_0001`, ...) into channels; an image
+    holding NaN or infinite values is refused (one would turn a z-scored image, and its prediction, into NaN)."""
+    images = [read_image(p, color=color, npy_layout=npy_layout) for p in paths]
+    for image in images:
+        check_finite(image)
     first = images[0]
     for other in images[1:]:
         if other.spatial_shape != first.spatial_shape:
@@ -40,19 +44,31 @@ def read_case_image(paths: list, color: str) -> Image:
     return first
 
 
+def check_finite(image: Image) -> None:
+    if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
+        bad = int((~np.isfinite(image.array)).sum())
+        raise MedsegError(f"{image.path}: {bad} voxel(s) are NaN or infinite; fix or mask them before training or "
+                          "prediction (medseg does not guess values)")
+
+
+def read_label(case: Case, cfg: TrainConfig) -> tuple[Image, np.ndarray]:
+    """The case's mask as read, and as class indices by the configured mask rule."""
+    mask = read_image(case.mask, npy_layout=cfg.npy_layout)
+    return mask, labels_to_classes(mask.array, case.mask, cfg.binary_masks, cfg.mask_threshold)
+
+
 def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True) -> LoadedCase:
     """Read, check and normalise one case as `cfg` says (colour, mask rule, normalisation), and resample a volume
     to `cfg.target_spacing` (image trilinear, mask nearest) unless `resample` is False."""
     cfg = cfg or TrainConfig()
-    image = read_case_image(case.images, cfg.color)
-    mask = read_image(case.mask)
+    image = read_case_image(case.images, cfg.color, cfg.npy_layout)
+    mask, label = read_label(case, cfg)
     if mask.spatial_shape != image.spatial_shape:
         raise MedsegError(f"{case.mask}: mask shape {mask.spatial_shape} differs from image {case.images[0]} "
                           f"{image.spatial_shape}; image and mask must have the same size")
     if image.affine is not None and mask.affine is not None and not np.allclose(image.affine, mask.affine, atol=1e-3):
         raise MedsegError(f"{case.mask}: spacing, orientation or origin differ from the image {case.images[0]} "
                           "(affines differ); resample the mask onto the image grid")
-    label = labels_to_classes(mask.array, case.mask, cfg.binary_masks)
     roi = _read_roi(case, image.spatial_shape)
     image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
     if resample and cfg.orientation and image.affine is not None and orientation_of(image.affine) != cfg.orientation:
@@ -92,9 +108,9 @@ def _read_roi(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:
     return roi.array.max(0) > 0
 
 
-def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases") -> list[LoadedCase]:
-    loaded = [load_case(c, cfg)
-              for c in tqdm(cases, desc=f"reading {what}", disable=not cfg.progress, leave=False)]
+def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases", resample: bool = True) -> list[LoadedCase]:
+    loaded = [load_case(c, cfg, resample)
+              for c in tqdm(cases, desc=f"reading {what}", disable=not show_bars(cfg.progress), leave=False)]
     odd = next((c for c in loaded if c.image.ndim != loaded[0].image.ndim), None)
     if odd:
         kinds = {2: "a 2D image", 3: "a 3D volume"}

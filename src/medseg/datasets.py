@@ -13,6 +13,7 @@ Layouts, tried in this order:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.console import notice
 from medseg.errors import MedsegError
 from medseg.io import is_supported, stem_of
 
@@ -49,6 +51,7 @@ class Dataset:
     layout: str
     root: Path
     modalities: list[str] = field(default_factory=list)
+    declared_labels: list[int] | None = None  # mask values the dataset declares (dataset.json); None: not declared
 
 
 def find_cases(data: str | Path, images: str | None = None, masks: str | None = None) -> Dataset:
@@ -79,7 +82,7 @@ def find_cases(data: str | Path, images: str | None = None, masks: str | None = 
 
 def _from_msd(root: Path) -> Dataset:
     meta = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").exists() else {}
-    class_names = _msd_class_names(meta.get("labels", {}))
+    class_names, declared = _msd_class_names(meta.get("labels", {}))
     modalities = list((meta.get("modality") or meta.get("channel_names") or {}).values())
     if meta.get("training") and isinstance(meta["training"][0], dict) and "image" in meta["training"][0]:
         cases = []
@@ -93,18 +96,19 @@ def _from_msd(root: Path) -> Dataset:
         for mask in sorted(p for p in (root / "labelsTr").iterdir() if is_supported(p)):
             channels = _channel_files(root / "imagesTr", stem_of(mask))
             cases.append(Case(stem_of(mask), channels, mask))
-    return Dataset(cases, class_names, "msd", root, modalities)
+    return Dataset(cases, class_names, "msd", root, modalities, declared)
 
 
-def _msd_class_names(labels: dict) -> list[str]:
-    """MSD writes {"0": "background", ...}; nnU-Net v2 writes {"background": 0, ...}."""
+def _msd_class_names(labels: dict) -> tuple[list[str], list[int] | None]:
+    """Class names by index and the declared indices. MSD writes {"0": "background", ...}; nnU-Net v2 writes
+    {"background": 0, ...}."""
     if not labels:
-        return ["background"]
+        return ["background"], None
     if all(str(k).isdigit() for k in labels):
         by_index = {int(k): str(v) for k, v in labels.items()}
     else:
         by_index = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
-    return [by_index.get(i, f"class_{i}") for i in range(max(by_index) + 1)]
+    return [by_index.get(i, f"class_{i}") for i in range(max(by_index) + 1)], sorted(by_index)
 
 
 def _channel_files(folder: Path, stem: str) -> list[Path]:
@@ -128,7 +132,7 @@ def _from_brats(root: Path) -> Dataset:
                               f"({', '.join(expected)}; {', '.join(missing)} missing or extra); every case needs "
                               "the same modalities, so add or remove files, or leave this case out")
         cases.append(Case(folder.name, [files[m] for m in present], files["seg"]))
-    return Dataset(cases, list(BRATS_LABELS), "brats", root, list(expected or []))
+    return Dataset(cases, list(BRATS_LABELS), "brats", root, list(expected or []), list(range(len(BRATS_LABELS))))
 
 
 def _from_drive(folder: Path) -> Dataset:
@@ -139,7 +143,7 @@ def _from_drive(folder: Path) -> Dataset:
 
     images, labels, rois = by_number("images"), by_number(DRIVE_LABELS), by_number("mask")
     cases = [Case(n, [images[n]], labels[n], rois.get(n)) for n in images if n in labels]
-    return Dataset(_natural_sort(cases), ["background", "vessel"], "drive", folder)
+    return Dataset(_natural_sort(cases), ["background", "vessel"], "drive", folder, declared_labels=[0, 1])
 
 
 def _from_detected_pairs(root: Path) -> Dataset:
@@ -205,11 +209,27 @@ def _from_manifest(csv_path: Path) -> Dataset:
     return Dataset(cases, ["background"], "manifest", csv_path.parent)
 
 
-def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False) -> np.ndarray:
+def case_hash(case: Case) -> str:
+    """SHA-256 over the case's image files: recognises a case under another name (`evaluate --data` leaves out
+    cases a run trained on, matched by id or by this)."""
+    digest = hashlib.sha256()
+    for path in case.images:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False,
+                      threshold: float | None = None) -> np.ndarray:
     """Turn a stored mask, channels-first `(C, *spatial)` as read, into class indices `(*spatial)` uint8.
 
-    0/255 masks become 0/1; float masks holding whole numbers are accepted; `binary` maps every non-zero
-    value to 1 (instance masks). Anything else is a MedsegError naming the file.
+    Rules, in order: `binary` maps every non-zero value to 1 (instance masks); `threshold` maps values >= it to 1
+    (--mask-threshold); 0/255 masks become 0/1; masks stored as grey levels (8-bit masks whose non-zero pixels are
+    mostly 255 with anti-aliased edges in between, or float masks in [0, 1]) are thresholded at half their range,
+    said once; float masks holding whole numbers are accepted. Anything else is a MedsegError naming the file.
     """
     if mask.shape[0] == 3:  # an RGB-saved mask is accepted when its channels are identical
         if not (np.array_equal(mask[0], mask[1]) and np.array_equal(mask[1], mask[2])):
@@ -217,48 +237,99 @@ def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False) 
     elif mask.shape[0] != 1:
         raise MedsegError(f"{path}: mask has {mask.shape[0]} channels; expected one")
     mask = mask[0]
+    if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
+        raise MedsegError(f"{path}: mask holds NaN or infinite values; masks must hold class indices 0, 1, 2, ...")
     if binary:
         return (mask != 0).astype(np.uint8)
-    if np.issubdtype(mask.dtype, np.floating):
-        if not np.all(np.isfinite(mask)) or not np.all(mask == np.round(mask)):
-            raise MedsegError(f"{path}: mask holds non-integer values; masks must hold class indices 0, 1, 2, ...")
+    if threshold is not None:
+        return (mask >= threshold).astype(np.uint8)
     values = np.unique(mask)
     if values.min() < 0:
         raise MedsegError(f"{path}: mask holds negative values {values[values < 0][:5].tolist()}")
     if set(values.tolist()) <= {0, 255}:
         return (mask == 255).astype(np.uint8)
+    grey = _grey_level_threshold(mask, values)
+    if grey is not None:
+        notice(f"masks stored as grey levels (e.g. {Path(path).name}, values {values.min():g}..{values.max():g}) "
+               f"are read as foreground where the value is at least {grey:g}, half their range; "
+               "set --mask-threshold to choose another level")
+        return (mask >= grey).astype(np.uint8)
+    if np.issubdtype(mask.dtype, np.floating) and not np.all(values == np.round(values)):
+        raise MedsegError(f"{path}: mask holds non-integer values; masks must hold class indices 0, 1, 2, ... "
+                          "(or pass --mask-threshold for a soft mask)")
     if values.max() > 50:
         raise MedsegError(
             f"{path}: mask holds {len(values)} values up to {values.max():g}; expected class indices "
-            "(0, 1, 2, ...) or 0/255. For instance masks use --binary-masks"
+            "(0, 1, 2, ...) or 0/255. For instance masks use --binary-masks, for grey levels --mask-threshold"
         )
     return mask.astype(np.uint8)
 
 
-def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
-                folds: int = 0, fold: int = 0, train_fraction: float = 1.0) -> dict:
-    """Split unique case ids (never slices) into train and validation, reproducibly.
+def _grey_level_threshold(mask: np.ndarray, values: np.ndarray) -> float | None:
+    """Half the range for a mask saved as grey levels (a JPEG/PNG with anti-aliased edges, a soft float mask),
+    else None. 8-bit: most non-zero pixels at 255, the rest in between. Float: values in [0, 1], not all 0/1."""
+    if mask.dtype == np.uint8 and values.max() == 255 and len(values) > 2:
+        foreground = mask[mask > 0]
+        return 128.0 if (foreground == 255).mean() >= 0.5 else None
+    if np.issubdtype(mask.dtype, np.floating) and values.max() <= 1 and not np.all(np.isin(values, (0, 1))):
+        return 0.5
+    return None
 
-    folds=0: a random `val_fraction` split. folds=k: k-fold cross-validation, `fold` in [0, k) is validation.
+
+def check_label_values(present: dict[str, set[int]], declared: list[int] | None,
+                       class_names: list[str] | None) -> None:
+    """Mask values must be known classes: those dataset.json declares, those --class-names names, or, with neither,
+    0..K without gaps (a stray value in one file shows up as a gap). `present` maps each mask file to its values."""
+    if declared is not None or class_names:
+        allowed = set(declared if declared is not None else range(len(class_names)))
+        source = "dataset.json declares" if declared is not None else "--class-names names"
+        for path, values in present.items():
+            unknown = sorted(values - allowed)
+            if unknown:
+                raise MedsegError(f"{path}: mask value {unknown[0]} is not a class ({source} "
+                                  f"{', '.join(map(str, sorted(allowed)))}); fix the mask or the class list")
+        return
+    seen = sorted(set().union(*present.values()))
+    missing = sorted(set(range(seen[-1] + 1)) - set(seen))
+    if missing:
+        stray = next(v for v in seen if v > missing[0])
+        path = next(p for p, values in present.items() if stray in values)
+        raise MedsegError(f"{path}: mask value {stray}, but no mask holds {missing[0]}; classes run 0..K without "
+                          "gaps unless --class-names lists them (a stray value is a labelling error)")
+
+
+def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
+                folds: int = 0, fold: int = 0, train_fraction: float = 1.0, test_fraction: float = 0.2) -> dict:
+    """Split unique case ids (never slices) into train, validation and test, reproducibly.
+
+    test: `test_fraction` of all cases (at least one when the fraction is positive), chosen by the seed alone, so
+    every fold and every member of an ensemble trained with the same seed shares it; it is used for no choice and
+    is what `medseg evaluate` reports. Of the other cases, folds=0 takes a random `val_fraction` for validation
+    (checkpoint, early stopping, post-processing); folds=k is k-fold cross-validation, `fold` in [0, k) validating.
     train_fraction < 1 keeps that share of the training cases (at least one, chosen with the seed) and the same
-    validation cases: learning curves and few-label fine-tuning are measured on one held-out set.
+    validation and test cases: learning curves and few-label fine-tuning are measured on one held-out set.
     """
     unique = sorted(set(case_ids))
-    if len(unique) < 2:
-        raise MedsegError(f"only {len(unique)} case found; training needs at least 2 (one for validation)")
+    if not 0 <= test_fraction < 1:
+        raise MedsegError(f"--test-fraction {test_fraction}: must lie in [0, 1)")
+    n_test = 0 if test_fraction == 0 else max(1, round(len(unique) * test_fraction))
+    if len(unique) - n_test < 2:
+        raise MedsegError(f"only {len(unique)} cases found; training needs at least 2 besides the {n_test} test "
+                          f"case(s) (one to validate){'; pass --test-fraction 0 and keep a test set of your own' if n_test else ''}")
     order = unique[:]
     random.Random(seed).shuffle(order)
+    test, rest = order[:n_test], order[n_test:]
     if folds:
-        if not 2 <= folds <= len(unique) or not 0 <= fold < folds:
-            raise MedsegError(f"--folds {folds} --fold {fold}: need 2 <= folds <= {len(unique)} and 0 <= fold < folds")
-        val = order[fold::folds]
+        if not 2 <= folds <= len(rest) or not 0 <= fold < folds:
+            raise MedsegError(f"--folds {folds} --fold {fold}: need 2 <= folds <= {len(rest)} and 0 <= fold < folds")
+        val = rest[fold::folds]
     else:
-        n_val = min(len(unique) - 1, max(1, round(len(unique) * val_fraction)))
-        val = order[:n_val]
+        n_val = min(len(rest) - 1, max(1, round(len(rest) * val_fraction)))
+        val = rest[:n_val]
     val_set = set(val)
-    train = [c for c in order if c not in val_set]
+    train = [c for c in rest if c not in val_set]
     if not 0 < train_fraction <= 1:
         raise MedsegError(f"--train-fraction {train_fraction}: must lie in (0, 1]")
     kept = train[:max(1, round(len(train) * train_fraction))]
-    return {"seed": seed, "folds": folds, "fold": fold, "val_fraction": val_fraction,
-            "train_fraction": train_fraction, "train": sorted(kept), "val": sorted(val_set)}
+    return {"seed": seed, "folds": folds, "fold": fold, "val_fraction": val_fraction, "test_fraction": test_fraction,
+            "train_fraction": train_fraction, "train": sorted(kept), "val": sorted(val_set), "test": sorted(test)}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from medseg.console import show_bars
 from medseg.errors import MedsegError
 
 MSD_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com"
@@ -79,7 +80,7 @@ def _fetch(url: str, partial: Path, timeout: float, progress: bool) -> None:
             mode = "ab" if resumed else "wb"  # a server that ignores Range sends everything again
             total = int(response.headers.get("Content-Length", 0)) + (have if resumed else 0)
             with open(partial, mode) as handle, tqdm(total=total or None, initial=have if resumed else 0,
-                                                     unit="B", unit_scale=True, disable=not progress,
+                                                     unit="B", unit_scale=True, disable=not show_bars(progress),
                                                      desc=partial.name[:-5]) as bar:
                 while chunk := response.read(1 << 20):
                     handle.write(chunk)

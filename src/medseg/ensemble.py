@@ -2,9 +2,9 @@
 
 `medseg ensemble RUN_A RUN_B ... --out DIR` writes DIR/ensemble.json naming the members; `medseg predict DIR`
 averages their probabilities (each member cuts, mirrors and resamples as it was trained) and `medseg evaluate
-DIR` scores the average on the members' validation cases. Members must share classes, input channels and
-intensity normalisation; evaluation also needs one validation split for all of them (a case one member trained
-on would otherwise be scored as held out).
+DIR` scores the average on the members' test cases. Members must share classes, input channels and intensity
+normalisation; evaluation also needs one test split for all of them (the same --seed and --test-fraction), so
+that no member trained on a case the ensemble is scored on.
 """
 from __future__ import annotations
 
@@ -51,15 +51,3 @@ def create_ensemble(runs: list[str | Path], out: str | Path) -> Path:
     members = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in runs]
     (out / MANIFEST).write_text(json.dumps({"members": members}, indent=2))
     return out
-
-
-def shared_split(models) -> dict | None:
-    """The validation split every member was trained with, or None where they differ (or one has none)."""
-    splits = []
-    for m in models:
-        path = m.run / "split.json"
-        if not path.exists():
-            return None
-        splits.append(json.loads(path.read_text()))
-    first = sorted(splits[0]["val"])
-    return splits[0] if all(sorted(s["val"]) == first for s in splits[1:]) else None

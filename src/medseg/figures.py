@@ -124,14 +124,16 @@ def plot_contours(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, uncert
     return save_figure(fig, path, 90, title)
 
 
-def plot_distributions(rows: list[dict], classes: list[str], metrics: list[str], path: str | Path) -> Path:
-    """Box plots of per-case values, one panel per metric, one box per class (undefined values left out)."""
+def plot_distributions(rows: list[dict], classes: list[str], metrics: list[str], path: str | Path,
+                       distance_unit: str = "mm") -> Path:
+    """Box plots of per-case values, one panel per metric, one box per class (undefined values left out);
+    distances in `distance_unit` (pixels for files without a spacing)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = [[float(r[metric]) for r in rows if r["class"] == name and not np.isnan(float(r[metric]))]
                   for name in classes]
         ax.boxplot([v if v else [np.nan] for v in values], showmeans=True)
         ax.set_xticks(range(1, len(classes) + 1), classes, rotation=20)
-        ax.set_title(f"{metric} (mm)" if metric in ("hd95", "assd") else metric)
+        ax.set_title(f"{metric} ({distance_unit})" if metric in ("hd95", "assd") else metric)
         ax.grid(alpha=0.3, axis="y")
     return save_figure(fig, path, 100)

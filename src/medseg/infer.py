@@ -152,15 +152,7 @@ def predict_labels(trained: TrainedModel, array: np.ndarray, postprocess: bool =
                    spacing: tuple[float, ...] | None = None, affine: np.ndarray | None = None) -> np.ndarray:
     """Class indices (*spatial) uint8 for a normalised image (C, *spatial) on its own grid (see
     `native_probabilities`), with the run's chosen post-processing."""
-    return labels_from_probabilities(native_probabilities(trained, array, spacing, affine), trained, postprocess)
-
-
-def labels_from_probabilities(probs: np.ndarray, trained: TrainedModel, postprocess: bool = True) -> np.ndarray:
-    """The label map of `predict_labels` from probabilities already computed."""
-    labels = to_labels(probs, trained)
-    if postprocess and trained.postprocess_classes:
-        labels = keep_largest_component(labels, trained.postprocess_classes)
-    return labels
+    return ensemble_labels([trained], array, spacing, affine, postprocess)
 
 
 def uncertainty(probs: np.ndarray, regions: bool = False) -> np.ndarray:
@@ -198,16 +190,24 @@ def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np
 
 
 def ensemble_labels(models: list[TrainedModel], array: np.ndarray, spacing: tuple[float, ...] | None = None,
-                    affine: np.ndarray | None = None) -> np.ndarray:
+                    affine: np.ndarray | None = None, postprocess: bool = True) -> np.ndarray:
     """The label map of one model, or of several by averaging their probabilities, for a normalised image (C,
-    *spatial) on its own grid; a class keeps only its largest component where at least half of the models chose
-    that on their validation cases."""
-    first = models[0]
-    if len(models) == 1:
-        return predict_labels(first, array, spacing=spacing, affine=affine)
-    probs = sum(native_probabilities(m, array, spacing, affine) for m in models) / len(models)
-    labels = to_labels(probs, first)
-    votes = [k for k in range(1, len(first.class_names)) if 2 * sum(k in m.postprocess_classes for m in models)
-             >= len(models)]
-    return keep_largest_component(labels, votes) if votes else labels
+    *spatial) on its own grid (see `ensemble_probabilities` and `final_labels`)."""
+    return final_labels(models, ensemble_probabilities(models, array, spacing, affine), postprocess)
 
+
+def ensemble_probabilities(models: list[TrainedModel], array: np.ndarray, spacing: tuple[float, ...] | None = None,
+                           affine: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities (K, *spatial) on the input's own grid: one model's, or the mean over several."""
+    return sum(native_probabilities(m, array, spacing, affine) for m in models) / len(models)
+
+
+def final_labels(models: list[TrainedModel], probs: np.ndarray, postprocess: bool = True) -> np.ndarray:
+    """Probabilities -> the label map a user gets: argmax (or regions), then, with `postprocess`, a class keeps
+    only its largest component where at least half of the models chose that on their validation cases."""
+    labels = to_labels(probs, models[0])
+    if not postprocess:
+        return labels
+    votes = [k for k in range(1, len(models[0].class_names))
+             if 2 * sum(k in m.postprocess_classes for m in models) >= len(models)]
+    return keep_largest_component(labels, votes) if votes else labels

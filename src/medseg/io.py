@@ -28,6 +28,10 @@ RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + RASTER_SUFFIXES + (".npy",)
 # Lossy or palette-only formats cannot hold label values exactly: masks for them are written as PNG.
 LOSSLESS_MASK_FORMAT = {".jpg": ".png", ".jpeg": ".png", ".gif": ".png"}
+MASK_PNG_KEY = "medseg"  # text chunk of a palette PNG whose pixel values are class indices
+# Colours of classes 1, 2, ... in 2D masks (the matplotlib tab10 palette), so that masks are visible in any viewer.
+CLASS_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 @dataclass
@@ -92,11 +96,11 @@ def is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and bool(dicom_files(path))
 
 
-def read_image(path: str | Path, color: str = "keep", series: str | None = None) -> Image:
+def read_image(path: str | Path, color: str = "keep", series: str | None = None, npy_layout: str = "auto") -> Image:
     """Read a file or a DICOM series folder.
 
     color: 'keep' (RGB stays 3 channels) or 'gray' (convert to luminance); series: UID or description of the
-    DICOM series to read when a folder holds several.
+    DICOM series to read when a folder holds several; npy_layout: how a 3D `.npy` is read (see `_read_npy`).
     """
     path = Path(path)
     if not path.exists():
@@ -118,7 +122,7 @@ def read_image(path: str | Path, color: str = "keep", series: str | None = None)
         elif suffix in ITK_SUFFIXES:
             image = _read_itk(path)
         elif suffix == ".npy":
-            image = _read_npy(path)
+            image = _read_npy(path, npy_layout)
         else:
             image = _read_raster(path)
     except MedsegError:
@@ -177,17 +181,24 @@ def _read_itk(path: Path) -> Image:
                  {"format": "itk", "itk_geometry": geometry})
 
 
-def _read_npy(path: Path) -> Image:
+def _read_npy(path: Path, layout: str = "auto") -> Image:
+    """(H, W) is a grey 2D image. A 3D array is a volume (X, Y, Z) unless `layout` says it is a 2D image with
+    channels last ("hwc") or first ("chw"): a shape alone cannot tell a 3-slice volume from an RGB image, so the
+    rule never guesses, and every value is kept either way (no channel is dropped)."""
     data = np.load(path, allow_pickle=False)
     if data.ndim == 2:
         array = data[None]
-    elif data.ndim == 3 and data.shape[-1] in (3, 4):  # (H, W, RGB[A]) like a photograph
-        array = np.moveaxis(data[..., :3], -1, 0)
+    elif data.ndim == 3 and layout == "hwc":
+        array = np.moveaxis(data, -1, 0)
+    elif data.ndim == 3 and layout == "chw":
+        array = data
     elif data.ndim == 3:
         array = data[None]
     else:
-        raise MedsegError(f"{path}: .npy with shape {data.shape}; expected (H, W), (H, W, 3) or (X, Y, Z)")
-    return Image(array, (1.0,) * (array.ndim - 1), None, path, {"format": "npy", "shape": data.shape})
+        raise MedsegError(f"{path}: .npy with shape {data.shape}; expected (H, W), (X, Y, Z), or a 2D image with "
+                          "channels read with --npy-layout hwc or chw")
+    return Image(np.ascontiguousarray(array), (1.0,) * (array.ndim - 1), None, path,
+                 {"format": "npy", "shape": data.shape, "npy_layout": layout})
 
 
 def _read_raster(path: Path) -> Image:
@@ -198,7 +209,9 @@ def _read_raster(path: Path) -> Image:
         if frames > 1 and suffix_of(path) in (".tif", ".tiff"):
             raise MedsegError(f"{path}: multi-page TIFF ({frames} pages); save the stack as NIfTI or one file per page")
         mode = pil.mode
-        if mode == "P":
+        if mode == "P" and pil.info.get(MASK_PNG_KEY) == "class indices":  # a mask medseg wrote: keep indices
+            data = np.asarray(pil)
+        elif mode == "P":
             pil = pil.convert("RGBA" if "transparency" in pil.info else "RGB")
             rgb = np.asarray(pil)[..., :3]
             grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
@@ -226,11 +239,14 @@ def mask_path_for(image_path: str | Path, out_dir: str | Path) -> Path:
     return Path(out_dir) / f"{stem_of(image_path)}{LOSSLESS_MASK_FORMAT.get(suffix, suffix)}"
 
 
-def write_mask(mask: np.ndarray, reference: Image, path: str | Path) -> Path:
-    """Write a label mask (spatial shape of `reference`) with the reference's geometry, atomically.
+def write_mask(mask: np.ndarray, reference: Image, path: str | Path, num_classes: int | None = None) -> Path:
+    """Write a label mask (spatial shape of `reference`) with the reference's geometry, atomically, with the
+    permissions the user's umask gives.
 
     NIfTI keeps the affine and header of the reference (data type set to an integer type); NRRD/MetaImage keep
-    origin, spacing and direction; raster formats keep the pixel size; .npy keeps the array layout. Values are class indices (0 = background).
+    origin, spacing and direction; .npy keeps the array layout; values are class indices (0 = background). 2D
+    raster masks are written to be seen in an ordinary viewer: one foreground class (`num_classes` 2) as 0/255,
+    which medseg reads back as 0/1; several as a palette PNG whose pixel values are the class indices.
     """
     path = Path(path)
     if tuple(mask.shape) != reference.spatial_shape:
@@ -253,13 +269,50 @@ def write_mask(mask: np.ndarray, reference: Image, path: str | Path) -> Path:
         elif suffix == ".npy":
             _write_npy(mask, reference, tmp)
         else:
-            from PIL import Image as PILImage
-
-            PILImage.fromarray(mask if dtype == np.uint8 else mask.astype(np.uint16)).save(tmp)
+            _write_raster(mask, tmp, num_classes)
+        _match_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_raster(mask: np.ndarray, path: Path, num_classes: int | None) -> None:
+    from PIL import Image as PILImage
+    from PIL.PngImagePlugin import PngInfo
+
+    classes = num_classes or int(mask.max(initial=0)) + 1
+    if classes <= 2 and mask.max(initial=0) <= 1:
+        PILImage.fromarray((mask * 255).astype(np.uint8)).save(path)
+    elif suffix_of(path) == ".png" and mask.max(initial=0) < 256:
+        pil = PILImage.fromarray(mask.astype(np.uint8), mode="P")
+        colours = [(0, 0, 0)] + [CLASS_COLOURS[k % len(CLASS_COLOURS)] for k in range(255)]
+        pil.putpalette([c for rgb in colours for c in rgb])
+        info = PngInfo()
+        info.add_text(MASK_PNG_KEY, "class indices")
+        pil.save(path, pnginfo=info)
+    else:
+        PILImage.fromarray(mask).save(path)
+
+
+def _match_umask(path: Path) -> None:
+    """Temporary files are created private (0600); the file put in place gets what the user's umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        _match_umask(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _write_nifti(mask: np.ndarray, reference: Image, path: Path) -> None:

@@ -44,17 +44,35 @@ def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3,
 
 def deep_supervision_loss(loss_fn, outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
     """Weighted sum over resolutions (weights 1, 1/2, 1/4, ..., normalised to 1), each output against the target
-    downsampled by nearest neighbour to its size."""
+    at its scale.
+
+    Output i (i >= 1) covers the network's padded input at 1/2**i: a side not divisible by 2**depth was padded
+    (edge values, centred; see `pad_to_multiple`) before the encoder. The target is padded the same way to
+    2**i times the output's size, then each 2**i block is represented by its centre pixel, so every auxiliary
+    target lines up with what its output saw, at any input size.
+    """
     weights = torch.tensor([0.5**i for i in range(len(outputs))])
     weights = weights / weights.sum()
-    total = 0.0
-    for weight, output in zip(weights, outputs):
-        if output.shape[2:] != target.shape[1:]:
-            scaled = F.interpolate(target[:, None].float(), size=output.shape[2:], mode="nearest-exact")
-            total = total + weight * loss_fn(output, scaled[:, 0].long())
-        else:
-            total = total + weight * loss_fn(output, target)
+    total = loss_fn(outputs[0], target) * weights[0]
+    for i, (weight, output) in enumerate(zip(weights[1:], outputs[1:]), start=1):
+        total = total + weight * loss_fn(output, scaled_target(target, output.shape[2:], 2**i))
     return total
+
+
+def scaled_target(target: torch.Tensor, size: tuple[int, ...], factor: int) -> torch.Tensor:
+    """Class-index target (B, *spatial) for an output of `size` at 1/`factor` of the padded input."""
+    padded = target[:, None].float()
+    extras = [n * factor - s for n, s in zip(size, target.shape[1:])]
+    if any(e < 0 for e in extras):
+        raise ValueError(f"output {tuple(size)} x {factor} is smaller than the target {tuple(target.shape[1:])}")
+    pads = []
+    for extra in reversed(extras):
+        pads += [extra // 2, extra - extra // 2]
+    if any(extras):
+        padded = F.pad(padded, pads, mode="replicate")
+    centre = factor // 2
+    index = (slice(None), 0, *(slice(centre, None, factor) for _ in size))
+    return padded[index].long()
 
 
 def make_loss(name: str, num_classes: int, regions: dict | None = None):

@@ -1,13 +1,15 @@
 """Overlap metrics per class from confusion counts, with an explicit policy for empty masks.
 
-Empty-case policy (per class, per case):
-- Dice and IoU: ground truth and prediction both empty -> 1.0 (nothing to find, nothing claimed);
-  exactly one empty -> 0.0, so a false positive on an empty case is penalised, never hidden.
+Empty-case policy (per class, per case), as Metrics Reloaded recommends:
+- Dice and IoU: ground truth and prediction both empty -> undefined (NaN): there was nothing to find and
+  nothing was claimed, so the case says nothing about that class; it is left out of the class's mean and counted
+  as 'undefined' beside it. (Scoring it 1.0 inflates means: a true 0.667 was once reported as 0.952.)
+  Absent from the ground truth but predicted -> 0.0, so a false positive on an empty case is charged, never hidden.
 - Precision (TP / (TP + FP)) with nothing predicted, recall (TP / (TP + FN)) with nothing to find, and
   specificity (TN / (TN + FP)) with no negatives are undefined: NaN, left out of means and counted apart.
 - Accuracy is always defined.
-- Boundary metrics (HD95 and ASSD in mm from the spacing; NSD at a tolerance in mm): both empty -> 0, 0, 1;
-  exactly one empty -> the worst value (HD95 = ASSD = the image diagonal in mm, NSD = 0), so, as for Dice,
+- Boundary metrics (HD95 and ASSD in mm from the spacing, in pixels where a file has none; NSD at a tolerance
+  in the same unit): both empty -> undefined (NaN), as Dice; exactly one empty -> the worst value (HD95 = ASSD = the image diagonal in mm, NSD = 0), so, as for Dice,
   a miss or a false alarm is charged, never left out of the mean.
 """
 from __future__ import annotations
@@ -19,9 +21,10 @@ from scipy import ndimage
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
 BOUNDARY_METRICS = ("hd95", "assd", "nsd")
-POLICY = ("Dice/IoU: both empty = 1, one empty = 0; precision/recall/specificity with a zero denominator are "
-          "undefined (NaN), left out of means and counted as 'undefined'; HD95/ASSD (mm) and NSD: both empty = "
-          "0, 0, 1, one empty = the worst value (the image diagonal in mm, NSD 0)")
+POLICY = ("a class absent from both ground truth and prediction is undefined (NaN) for every metric but "
+          "accuracy, left out of means and counted as 'undefined'; absent from the ground truth but predicted (or "
+          "the reverse): Dice/IoU 0, HD95/ASSD the image diagonal, NSD 0; precision/recall/specificity with a zero "
+          "denominator are undefined (NaN) likewise")
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
@@ -37,6 +40,12 @@ def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndar
     return np.stack([tp, fp, fn, tn], 1)
 
 
+def nanmean(values) -> float:
+    """Mean of the defined (non-NaN) values; NaN when none is defined. How every mean here treats 'undefined'."""
+    defined = [float(v) for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan
 
@@ -44,8 +53,8 @@ def _ratio(num: float, den: float) -> float:
 def metrics_from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
     both_empty = tp + fp + fn == 0
     return {
-        "dice": 1.0 if both_empty else 2 * tp / (2 * tp + fp + fn),
-        "iou": 1.0 if both_empty else tp / (tp + fp + fn),
+        "dice": math.nan if both_empty else 2 * tp / (2 * tp + fp + fn),
+        "iou": math.nan if both_empty else tp / (tp + fp + fn),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
@@ -72,14 +81,14 @@ def surface_metrics(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, 
     hd95: the larger of the two directed 95th percentiles of boundary-to-boundary distances;
     assd: the mean of all those distances, both directions pooled;
     nsd:  normalised surface Dice, the share of both boundaries lying within `tolerance` of the other.
-    Both empty: 0, 0 and 1 (perfect agreement). Only one empty: there is no distance to measure, so the worst
+    Both empty: undefined (NaN; left out of means, as Dice). Only one empty: there is no distance to measure, so the worst
     possible is charged (hd95 = assd = the image diagonal, nsd = 0) and a miss or false alarm is never hidden.
     Distance transforms run once per mask and only boundary voxels are looked up.
     """
     pred, target = pred.astype(bool), target.astype(bool)
     spacing = tuple(float(s) for s in spacing) if spacing else (1.0,) * pred.ndim
     if not pred.any() and not target.any():
-        return {"hd95": 0.0, "assd": 0.0, "nsd": 1.0}
+        return {"hd95": math.nan, "assd": math.nan, "nsd": math.nan}
     if not pred.any() or not target.any():
         diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
         return {"hd95": diagonal, "assd": diagonal, "nsd": 0.0}

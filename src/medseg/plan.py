@@ -29,9 +29,8 @@ import torch
 from scipy import ndimage
 
 from medseg.config import TrainConfig
-from medseg.data import read_case_image
-from medseg.datasets import Dataset, find_cases, labels_to_classes
-from medseg.io import read_image
+from medseg.data import read_case_image, read_label
+from medseg.datasets import Dataset, find_cases
 from medseg.transforms import reorient
 
 PATCH_VOXELS = {2: 256 * 256, 3: 96 * 96 * 96}  # caps that keep one CPU step around a second
@@ -42,14 +41,17 @@ MIN_SAMPLES = {2: 50_000, 3: 2_000}
 WIDTHS = (8, 16, 32)
 
 
-def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0) -> dict:
-    """Shapes, spacings, dtype, per-channel foreground intensity statistics and class frequencies."""
+def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0,
+                reading: TrainConfig | None = None) -> dict:
+    """Shapes, spacings, dtype, per-channel foreground intensity statistics and class frequencies; masks are read
+    by the rules of `reading` (binary masks, mask threshold, .npy layout)."""
+    reading = reading or TrainConfig()
     rng = np.random.default_rng(seed)
     shapes, spacings, dtypes, counts, foreground, centroids = [], [], set(), {}, None, []
     orientation = None
     for case in dataset.cases:
-        image = read_case_image(case.images, "keep")
-        label = labels_to_classes(read_image(case.mask).array, case.mask)
+        image = read_case_image(case.images, "keep", reading.npy_layout)
+        label = read_label(case, reading)[1]
         orientation = orientation or image.orientation
         centroids.append(_class_centroids(label if not image.orientation or image.orientation == orientation
                                           else reorient(label, image.affine, orientation)))
@@ -185,13 +187,17 @@ def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, clas
     return chosen, timings
 
 
-def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu", calibrate: bool = True) -> dict:
-    """Fingerprint DATA and plan its configurations; the result is what `plan.json` holds."""
-    dataset = find_cases(data)
-    fp = fingerprint(dataset)
+def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu", calibrate: bool = True,
+              data_options: dict | None = None) -> dict:
+    """Fingerprint DATA and plan its configurations; the result is what `plan.json` holds. `data_options` are
+    the reading flags (images, masks, binary_masks, mask_threshold, npy_layout), kept in every configuration."""
+    options = {k: v for k, v in (data_options or {}).items() if v is not None}
+    reading = TrainConfig(**options)
+    dataset = find_cases(data, reading.images, reading.masks)
+    fp = fingerprint(dataset, reading=reading)
     normalization, why_norm = choose_normalization(fp)
     classes = max(len(fp["class_names"]), int(max(map(int, fp["class_frequency"]))) + 1)
-    common = {"data": str(data), "normalization": normalization, "norm": "instance", "activation": "leaky_relu",
+    common = {"data": str(data), **options, "normalization": normalization, "norm": "instance", "activation": "leaky_relu",
               "loss": "dice_ce", "optimizer": "sgd", "lr": 1e-2, "lr_schedule": "poly", "patience": 0,
               "epochs": 1000, "steps_per_epoch": 100, "time_budget": budget_minutes,
               "intensity_stats": fp["foreground_intensity"] if normalization == "ct" else None}
@@ -225,7 +231,7 @@ def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu
                                              settings["batch_size"], budget_minutes, device)
         settings["base_channels"] = width
         reasons[f"{name}_width"] = {"chosen": width, "timings": timings, "min_samples": MIN_SAMPLES[dims]}
-    configurations["seed_2d"] = {"data": str(data)}  # the seed's recipe: TrainConfig's defaults
+    configurations["seed_2d"] = {"data": str(data), **options}  # the seed's recipe: TrainConfig's defaults
     return {"fingerprint": fp, "configurations": configurations, "reasons": reasons,
             "default": "3d" if "3d" in configurations else "2d", "device": device}
 

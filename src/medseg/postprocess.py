@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from medseg.metrics import case_metrics
+from medseg.metrics import nanmean, scored_metrics
 
 
 def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray:
@@ -23,17 +23,22 @@ def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray
     return out
 
 
-def choose_classes(predictions: list[np.ndarray], truths: list[np.ndarray], num_classes: int,
-                   rois: list | None = None) -> dict:
-    """Per foreground class: mean validation Dice without and with the rule; `classes` lists where it helped.
-    `rois` (one boolean array or None per case) restricts scoring to each case's region of interest."""
+def choose_classes(predictions: list[np.ndarray], truths: list[np.ndarray], class_names: list[str],
+                   rois: list | None = None, spacings: list | None = None) -> dict:
+    """Per foreground class: mean validation Dice without and with the rule (cases where the class is undefined
+    left out, as everywhere); `classes` lists where it helped. `rois` (one boolean array or None per case)
+    restricts scoring to each case's region of interest. Scored with `scored_metrics`, as evaluation scores."""
     report, chosen = {}, []
     rois = rois or [None] * len(truths)
-    for k in range(1, num_classes):
-        before = [case_metrics(p, t, num_classes, r)[k]["dice"] for p, t, r in zip(predictions, truths, rois)]
-        after = [case_metrics(keep_largest_component(p, [k]), t, num_classes, r)[k]["dice"]
-                 for p, t, r in zip(predictions, truths, rois)]
-        report[str(k)] = {"dice_without": float(np.mean(before)), "dice_with": float(np.mean(after))}
-        if np.mean(after) > np.mean(before):
+    for k in range(1, len(class_names)):
+        before = nanmean([_dice(p, t, r, class_names, k) for p, t, r in zip(predictions, truths, rois)])
+        after = nanmean([_dice(keep_largest_component(p, [k]), t, r, class_names, k)
+                          for p, t, r in zip(predictions, truths, rois)])
+        report[str(k)] = {"dice_without": before, "dice_with": after}
+        if after > before:
             chosen.append(k)
     return {"rule": "keep largest connected component", "classes": chosen, "validation": report}
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, roi, class_names: list[str], k: int) -> float:
+    return scored_metrics(pred, truth, class_names, roi=roi)[class_names[k]]["dice"]

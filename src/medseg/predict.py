@@ -6,8 +6,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from medseg.console import show_bars
 from medseg.checkpoint import load_models
-from medseg.data import read_case_image
+from medseg.data import check_finite, read_case_image
 from medseg.errors import MedsegError
 from medseg.infer import predict_image
 from medseg.io import is_dicom_folder, is_supported, mask_path_for, read_image, stem_of, write_mask
@@ -76,11 +77,13 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
                               "folders")
         targets.append(target)
     written = []
-    for group, target in tqdm(list(zip(inputs_, targets)), desc="predicting", disable=not progress, leave=False):
-        image = (read_case_image(group, trained.config.color) if len(group) > 1
-                 else read_image(group[0], color=trained.config.color, series=series))
+    for group, target in tqdm(list(zip(inputs_, targets)), desc="predicting", disable=not show_bars(progress), leave=False):
+        cfg = trained.config
+        image = (read_case_image(group, cfg.color, cfg.npy_layout) if len(group) > 1
+                 else read_image(group[0], color=cfg.color, series=series, npy_layout=cfg.npy_layout))
+        check_finite(image)
         labels = predict_image(models, image)
-        written.append(write_mask(labels, image, target))
+        written.append(write_mask(labels, image, target, len(trained.class_names)))
         if overlays:
             (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
             save_overlay_png(image.array, labels,

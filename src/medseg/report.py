@@ -11,6 +11,7 @@ figures as data URIs (one file to mail or archive) and as Markdown with the figu
 from __future__ import annotations
 
 import base64
+import dataclasses
 import csv
 import html
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.evaluate import COLUMNS, mean_dice_per_case, read_per_case
+from medseg.evaluate import COLUMNS, TEXT_COLUMNS, mean_dice_per_case, read_per_case
 
 DISTRIBUTION_METRICS = ["dice", "hd95", "assd", "nsd"]
 SUMMARY_METRICS = ["dice", "iou", "precision", "recall", "hd95", "assd", "nsd"]
@@ -50,17 +51,19 @@ def write_report(run: str | Path, out: str | Path | None = None, device: str = "
 
     history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
     curves = plot_curves(history, files / "curves.png") if history else None
-    distributions = plot_distributions(rows, classes, DISTRIBUTION_METRICS, files / "distributions.png")
+    distributions = plot_distributions(rows, classes, DISTRIBUTION_METRICS, files / "distributions.png",
+                                       summary.get("distance_unit", "mm"))
     shown = draw_chosen_cases(run, summary, rows, files, device)
 
     blocks = [("h1", f"medseg report: {run.name}"),
-              ("p", f"Run {run.resolve()}; evaluated on the {summary['data']} ({summary['cases']} cases); "
+              ("p", f"Run {run.resolve()}; evaluated on {summary['data']} ({summary.get('cases_role', '')}); "
                     f"written {time.strftime('%Y-%m-%d %H:%M')}."),
               ("p", f"Mean foreground Dice {summary['mean_dice']:.4f}; median inference time "
                     f"{summary.get('inference_seconds_per_case', math.nan):.3f} s per case."),
               ("h2", "Metrics per class"), ("table", summary_table(summary)),
-              ("p", "Mean ± sd over cases, with the bootstrap 95% confidence interval of the mean. Distances in mm. "
-                    + summary.get("policy", ""))]
+              ("p", "Mean ± sd over cases, with the bootstrap 95% confidence interval of the mean. Distances in "
+                    f"{summary.get('distance_unit', 'mm')}. Undefined cases (a class absent from both ground truth "
+                    "and prediction) are left out of that class's mean. " + summary.get("policy", ""))]
     blocks += training_blocks(run, curves)
     blocks += [("h2", "Metric distributions"), ("figure", (distributions, "per-case values, one box per class"))]
     blocks += [("h2", "Best, median and worst cases"),
@@ -103,20 +106,26 @@ def chosen_cases(rows: list[dict]) -> list[tuple[str, str, float]]:
 
 def draw_chosen_cases(run: Path, summary: dict, rows: list[dict], files: Path, device: str) -> list[tuple]:
     """Predict the chosen cases again (probabilities are not stored) and draw each one's row of panels."""
-    from medseg.checkpoint import load_run
+    from medseg.checkpoint import load_models
     from medseg.data import load_case
     from medseg.evaluate import evaluation_cases
     from medseg.figures import most_informative_slice, plot_contours
-    from medseg.infer import labels_from_probabilities, native_probabilities, uncertainty
+    from medseg.infer import uncertainty
+    from medseg.scoring import score_case
 
-    trained = load_run(run, device=device)
-    cfg = trained.config
-    cases = {c.case_id: c for c in evaluation_cases(trained, summary.get("data_path"))[0]}
+    models = load_models(run, device=device)
+    cfg = models[0].config
+    which_cases = "val" if summary.get("evaluated") == "selection" else "test"
+    options = summary.get("data_options") or {}
+    planned = {p.case.case_id: p for p in evaluation_cases(models, summary.get("data_path"), which_cases,
+                                                           options)[0]}
+    cfg = dataclasses.replace(cfg, **options)
     shown = []
     for which, case_id, dice in chosen_cases(rows):
-        loaded = load_case(cases[case_id], cfg, resample=False)
-        probs = native_probabilities(trained, loaded.image.array, loaded.image.spacing, loaded.image.affine)
-        pred = labels_from_probabilities(probs, trained)
+        item = planned[case_id]
+        loaded = load_case(item.case, cfg, resample=False)
+        scored = score_case(item.models or models, loaded)
+        probs, pred = scored.probs, scored.pred
         image, truth, doubt = loaded.image.array, loaded.label, uncertainty(probs, bool(cfg.regions))
         where = ""
         if truth.ndim == 3:  # the slice with the most ground truth
@@ -137,8 +146,8 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             s = metrics[m]
             low, high = s.get("ci95", [math.nan, math.nan])
             cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} [{low:.3f}, {high:.3f}]")
-        rows.append([name, *cells])
-    return ["class", *SUMMARY_METRICS], rows
+        rows.append([name, *cells, str(metrics["dice"].get("undefined", 0))])
+    return ["class", *SUMMARY_METRICS, "cases undefined (Dice)"], rows
 
 
 def training_blocks(run: Path, curves: Path | None) -> list[tuple]:
@@ -165,7 +174,7 @@ def settings_table(run: Path) -> tuple[list[str], list[list[str]]]:
 
 
 def case_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    metrics = [k for k in rows[0] if k not in ("case", "class")] if rows else []
+    metrics = [k for k in rows[0] if k not in TEXT_COLUMNS] if rows else []
     return ["case", "class", *metrics], [[r["case"], r["class"], *(f"{r[m]:.4f}" for m in metrics)] for r in rows]
 
 

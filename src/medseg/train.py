@@ -1,7 +1,8 @@
 """Train a U-Net on 2D slices or 3D patches of a dataset; a run is a folder holding everything to reproduce it.
 
-RUN/config.json   every setting (re-run with `medseg train --config RUN/config.json`)
-RUN/split.json    the case-level train/validation split
+RUN/config.json   every setting (re-run with `medseg train --config RUN/config.json`), including the number of
+                  optimiser steps a --time-budget was turned into, so a re-run repeats the same steps
+RUN/split.json    the case-level train / validation / test split (and a content hash per case)
 RUN/dataset.json  class names, channels and case counts as found
 RUN/best.pt, last.pt   checkpoints (written atomically); best = highest validation Dice
 RUN/history.csv, history.json   one row per epoch; RUN/curves.png; RUN/train_summary.json
@@ -9,6 +10,7 @@ RUN/history.csv, history.json   one row per epoch; RUN/curves.png; RUN/train_sum
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -23,12 +25,15 @@ from tqdm import tqdm
 
 from medseg.checkpoint import TrainedModel, resolve_device, save_checkpoint
 from medseg.config import TrainConfig
-from medseg.data import LoadedCase, PatchSampler, SliceSampler, first_orientation, load_cases
-from medseg.datasets import Dataset, find_cases, split_cases
+from medseg.budget import calibrate_steps
+from medseg.console import show_bars
+from medseg.data import LoadedCase, PatchSampler, SliceSampler, first_orientation, load_cases, read_label
+from medseg.datasets import Dataset, case_hash, check_label_values, find_cases, split_cases
 from medseg.errors import MedsegError
-from medseg.infer import predict_probabilities, to_labels
+from medseg.io import write_text_atomic
 from medseg.losses import deep_supervision_loss, make_loss
-from medseg.metrics import confusion, metrics_from_counts, scored_metrics
+from medseg.metrics import confusion, metrics_from_counts, nanmean
+from medseg.scoring import class_means, mean_dice, score_case
 from medseg.models import create_model
 from medseg.regions import region_masks, region_targets
 from medseg.tracking import Tracker
@@ -46,15 +51,19 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], list[LoadedCase], list[str]]:
-    """Find, split and load the cases; every input error surfaces here, before anything is written."""
+    """Find, split and load the cases; every input error surfaces here, before anything is written.
+
+    Training cases are loaded as the network sees them (reoriented, resampled); validation cases on their own
+    grid, where `medseg.scoring` scores them exactly as `medseg evaluate` scores test cases. Test masks are read
+    too, only to check their values: a stray label should stop a run, not its evaluation an hour later."""
     dataset = find_cases(cfg.data, cfg.images, cfg.masks)
     split = split_cases([c.case_id for c in dataset.cases], cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold,
-                        cfg.train_fraction)
-    train_ids, val_ids = set(split["train"]), set(split["val"])
+                        cfg.train_fraction, cfg.test_fraction)
+    chosen = {role: [c for c in dataset.cases if c.case_id in set(split[role])] for role in ("train", "val", "test")}
     if cfg.orientation is None:  # volumes in another voxel order are reoriented to the first one's
-        cfg.orientation = first_orientation([c for c in dataset.cases if c.case_id in train_ids], cfg.color)
-    train_cases = load_cases([c for c in dataset.cases if c.case_id in train_ids], cfg, "training cases")
-    val_cases = load_cases([c for c in dataset.cases if c.case_id in val_ids], cfg, "validation cases")
+        cfg.orientation = first_orientation(chosen["train"], cfg.color)
+    train_cases = load_cases(chosen["train"], cfg, "training cases")
+    val_cases = load_cases(chosen["val"], cfg, "validation cases", resample=False)
     if train_cases[0].image.array.shape[0] != val_cases[0].image.array.shape[0]:
         raise MedsegError(f"{val_cases[0].image.path}: channel count differs from the training cases; use --color gray")
     if cfg.context and train_cases[0].image.ndim != 3:
@@ -62,12 +71,24 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
                           "dataset holds 2D images")
     if cfg.dims == 3 and train_cases[0].image.ndim != 3:
         raise MedsegError(f"{train_cases[0].image.path}: --dims 3 trains on volumes, and this dataset holds 2D images")
-    largest = max(int(c.label.max()) for c in train_cases + val_cases)
-    names = list(cfg.class_names or dataset.class_names)
+    present = {str(case.mask): set(np.unique(loaded.label).tolist())
+               for case, loaded in zip(chosen["train"] + chosen["val"], train_cases + val_cases)}
+    for case in chosen["test"]:
+        present[str(case.mask)] = set(np.unique(read_label(case, cfg)[1]).tolist())
+    check_label_values(present, dataset.declared_labels, cfg.class_names)
+    largest = max(max(values) for values in present.values())
     if largest == 0:
         raise MedsegError(f"{cfg.data}: every mask is empty; there is nothing to learn")
-    names += [f"class_{k}" for k in range(len(names), largest + 1)]
-    return dataset, split, train_cases, val_cases, names
+    return dataset, split, train_cases, val_cases, class_names_for(cfg, dataset, largest)
+
+
+def class_names_for(cfg: TrainConfig, dataset: Dataset, largest: int) -> list[str]:
+    """What the data calls its classes: --class-names, dataset.json or the layout's; one unnamed class is
+    'foreground', several unnamed ones class_1, class_2, ..."""
+    names = list(cfg.class_names or dataset.class_names)
+    if len(names) == 1 and largest == 1:
+        return names + ["foreground"]
+    return names + [f"class_{k}" for k in range(len(names), largest + 1)]
 
 
 def create_run_dir(out: str | Path, overwrite: bool) -> Path:
@@ -95,19 +116,28 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
     model = create_model(cfg.model, **model_args)
     init = initialise(model, cfg)  # a checkpoint that does not fit fails here, before the run folder is made
+    model.to(device)
+    sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
+    trained = TrainedModel(model, cfg, class_names, in_channels, Path(cfg.out), device)
+    loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started, tracker)
+    if cfg.steps is None and cfg.time_budget:
+        cfg.steps, cfg.calibration = calibrate_steps(loop, cfg.time_budget * 60 - (time.monotonic() - started))
+        say(f"time budget {cfg.time_budget:g} min -> {cfg.steps} optimiser steps "
+                 f"({cfg.calibration['seconds_per_step']:.3f} s per step, "
+                 f"{cfg.calibration['seconds_per_validation']:.1f} s per validation, measured here)")
     run = create_run_dir(cfg.out, overwrite)
+    trained.run = run
     cfg.save(run / "config.json")
-    (run / "split.json").write_text(json.dumps(split, indent=2))
-    (run / "dataset.json").write_text(json.dumps({
-        "data": str(cfg.data), "layout": dataset.layout, "class_names": class_names, "in_channels": in_channels,
-        "train_cases": len(train_cases), "val_cases": len(val_cases)}, indent=2))
+    split["hashes"] = {c.case_id: case_hash(c) for c in dataset.cases
+                       if c.case_id in set(split["train"]) | set(split["val"]) | set(split["test"])}
+    write_text_atomic(run / "split.json", json.dumps(split, indent=2))
+    write_text_atomic(run / "dataset.json", json.dumps({
+        "data": str(Path(cfg.data).resolve()), "layout": dataset.layout, "class_names": class_names,
+        "in_channels": in_channels, "train_cases": len(train_cases), "val_cases": len(val_cases),
+        "test_cases": len(split["test"])}, indent=2))
     if init:
         write_account(init, run)
-    model.to(device)
-    trained = TrainedModel(model, cfg, class_names, in_channels, run, device)
-    sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
     tracker.start(run)
-    loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started, tracker)
     try:
         summary = loop.run(model_args)
     except BaseException:
@@ -118,12 +148,17 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
                    device=str(device), seconds=round(time.monotonic() - started, 1))
     if init:
         summary["init_from"] = {k: init[k] for k in ("source", "loaded", "of")} | {"skipped": len(init["skipped"])}
-    (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run / "train_summary.json", json.dumps(summary, indent=2))
     from medseg.figures import plot_curves
 
     plot_curves(loop.history, run / "curves.png")
     tracker.finish(summary, [run / "curves.png", run / "train_summary.json", run / "config.json"])
     return run
+
+
+def say(line: str) -> None:
+    """A line for the person running training: printed even with --quiet (which only turns bars off)."""
+    print(line, flush=True)
 
 
 def initialise(model: torch.nn.Module, cfg: TrainConfig) -> dict | None:
@@ -151,69 +186,57 @@ def train_folds(cfg: TrainConfig, overwrite: bool = False) -> list[Path]:
 
 
 def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.device) -> list[int]:
-    """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component."""
+    """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component;
+    the predictions come from `medseg.scoring`, as evaluation's do."""
     from medseg.checkpoint import load_run
-    from medseg.infer import predict_labels
     from medseg.postprocess import choose_classes
 
     trained = load_run(run, device=str(device))
     if trained.config.regions:
         decision = {"rule": "keep largest connected component", "classes": [],
                     "validation": "not tried: region-based runs keep their predictions as they are"}
-        (run / "postprocessing.json").write_text(json.dumps(decision, indent=2))
-        return []
-    predictions = [predict_labels(trained, case.image.array, postprocess=False) for case in val_cases]
-    decision = choose_classes(predictions, [case.label for case in val_cases], len(trained.class_names),
-                              [case.roi for case in val_cases])
-    (run / "postprocessing.json").write_text(json.dumps(decision, indent=2))
+    else:
+        scored = [score_case([trained], case, postprocess=False) for case in val_cases]
+        decision = choose_classes([s.pred for s in scored], [case.label for case in val_cases],
+                                  trained.class_names, [case.roi for case in val_cases])
+    write_text_atomic(run / "postprocessing.json", json.dumps(decision, indent=2))
     return decision["classes"]
 
 
 class _Loop:
-    """The epoch loop: optimise, validate per case, checkpoint, stop early or when the budget is spent."""
+    """The epoch loop: optimise for a fixed number of steps, validate per case, checkpoint, stop early."""
 
     def __init__(self, cfg, trained, loss_fn, sampler, val_cases, started, tracker: Tracker | None = None):
         self.cfg, self.trained, self.loss_fn, self.sampler = cfg, trained, loss_fn, sampler
         self.val_cases, self.started, self.tracker = val_cases, started, tracker
-        params = trained.model.parameters()
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True,
-                                             weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, trained.model)
         self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
-        self.budget = cfg.time_budget * 60 if cfg.time_budget else None
         self.history: list[dict] = []
-        self.last_val_seconds = 0.0
+
+    @property
+    def total_steps(self) -> int:
+        """Every optimiser step of the run: --steps (or a time budget's calibration), else epochs x steps."""
+        return self.cfg.steps or self.cfg.epochs * self.steps
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def out_of_time(self) -> bool:
-        """True when one more step, a validation pass and the post-processing pass would overrun the budget."""
-        return self.budget is not None and self.elapsed() + 2 * self.last_val_seconds >= self.budget
-
     def set_lr(self, step: int) -> float:
+        """The learning rate at `step` of `total_steps`: the schedule follows steps, never the clock."""
         lr = self.cfg.lr
         if self.cfg.lr_schedule == "poly":
-            progress = step / (self.cfg.epochs * self.steps)
-            if self.budget:
-                progress = max(progress, self.elapsed() / self.budget)
-            lr = self.cfg.lr * (1 - min(progress, 0.999)) ** 0.9
+            lr = self.cfg.lr * (1 - min(step / self.total_steps, 0.999)) ** 0.9
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
     def run(self, model_args: dict) -> dict:
-        best, best_epoch, stale, reason = -1.0, 0, 0, "epochs done"
-        for epoch in range(1, self.cfg.epochs + 1):
+        best, best_epoch, stale, reason = -1.0, 0, 0, "steps done"
+        epochs = math.ceil(self.total_steps / self.steps)
+        for epoch in range(1, epochs + 1):
             epoch_start = time.monotonic()
             row = {"epoch": epoch, **self.train_epoch(epoch)}
-            if row.pop("stopped"):
-                reason = "time budget"
-            val_start = time.monotonic()
             row.update(self.validate())
-            self.last_val_seconds = time.monotonic() - val_start
             row.update(seconds=round(time.monotonic() - epoch_start, 2), elapsed=round(self.elapsed(), 1))
             self.history.append(row)
             self.write_history()
@@ -221,60 +244,67 @@ class _Loop:
                 self.tracker.log_epoch(row)
             state = self.state(model_args, epoch, row["val_dice"])
             save_checkpoint(self.trained.run / "last.pt", {**state, "optimizer": self.optimizer.state_dict()})
-            if row["val_dice"] > best:
+            if row["val_dice"] > best or best_epoch == 0:
                 best, best_epoch, stale = row["val_dice"], epoch, 0
                 save_checkpoint(self.trained.run / "best.pt", state)
             else:
                 stale += 1
-            if self.cfg.progress:
-                tqdm.write(f"epoch {epoch}: loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
-                           f"val Dice {row['val_dice']:.4f} ({row['seconds']:.0f}s)")
-            if reason == "time budget" or self.out_of_time():
-                reason = "time budget"
-                break
+            say(f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
+                          f"val Dice {row['val_dice']:.4f} ({row['seconds']:.0f}s)")
             if self.cfg.patience and stale >= self.cfg.patience:
                 reason = f"early stopping (no better validation Dice for {self.cfg.patience} epochs)"
                 break
         return {"best_epoch": best_epoch, "best_val_dice": best, "epochs_run": len(self.history),
-                "stopped": reason}
+                "steps": min(self.total_steps, len(self.history) * self.steps), "stopped": reason}
 
     def train_epoch(self, epoch: int) -> dict:
         model = self.trained.model
         model.train()
         if self.cfg.freeze_encoder_epochs:
             set_encoder_frozen(model, epoch <= self.cfg.freeze_encoder_epochs)
-        counts, pixels, correct = None, 0, 0
-        losses, stopped, lr = [], False, self.cfg.lr
-        bar = tqdm(self.sampler.epoch_batches(self.steps), total=self.steps, desc=f"epoch {epoch}",
-                   disable=not self.cfg.progress, leave=False)
+        first = (epoch - 1) * self.steps
+        steps = min(self.steps, self.total_steps - first)
+        counts, pixels, correct, losses, lr = None, 0, 0, [], self.cfg.lr
+        bar = tqdm(self.sampler.epoch_batches(steps), total=steps, desc=f"epoch {epoch}",
+                   disable=not show_bars(self.cfg.progress), leave=False)
         for step, (image, label) in enumerate(bar):
-            if self.out_of_time() and losses:
-                stopped = True
-                break
-            lr = self.set_lr((epoch - 1) * self.steps + step)
-            image, label = image.to(self.trained.device), label.to(self.trained.device)
-            outputs = model(image)
-            if isinstance(outputs, list):  # deep supervision: full resolution first
-                loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
-            else:
-                loss, logits = self.loss_fn(outputs, label), outputs
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            losses.append(loss.item())
-            batch_counts, batch_correct = self.batch_counts(logits.detach(), label)
+            lr = self.set_lr(first + step)
+            logits, loss = self.step(image, label)
+            if not math.isfinite(loss):
+                raise MedsegError(f"epoch {epoch}, step {step + 1}: the training loss is {loss}; training stopped. "
+                                  f"{self.trained.run / 'last.pt'} keeps the last good epoch ({epoch - 1}); "
+                                  "lower --lr, or check the inputs")
+            losses.append(loss)
+            batch_counts, batch_correct = self.batch_counts(logits, label)
             counts = batch_counts if counts is None else counts + batch_counts
             pixels, correct = pixels + label.numel(), correct + batch_correct
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         pooled = [metrics_from_counts(*row) for row in counts]
-        return {"train_loss": float(np.mean(losses)), "train_dice": float(np.mean([m["dice"] for m in pooled])),
-                "train_iou": float(np.mean([m["iou"] for m in pooled])),
-                "train_accuracy": correct / max(pixels, 1), "lr": lr, "stopped": stopped}
+        return {"train_loss": float(np.mean(losses)), "train_dice": nanmean([m["dice"] for m in pooled]),
+                "train_iou": nanmean([m["iou"] for m in pooled]),
+                "train_accuracy": correct / max(pixels, 1), "lr": lr}
+
+    def step(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """One optimiser step on a batch; returns the full-resolution logits (detached) and the loss. A
+        non-finite loss changes no weight."""
+        image, label = image.to(self.trained.device), label.to(self.trained.device)
+        outputs = self.trained.model(image)
+        if isinstance(outputs, list):  # deep supervision: full resolution first
+            loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
+        else:
+            loss, logits = self.loss_fn(outputs, label), outputs
+        value = loss.item()
+        if math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return logits.detach(), value
 
     def batch_counts(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[np.ndarray, int]:
         """TP/FP/FN/TN per scored foreground class (or region) of one batch, and its correctly labelled pixels
         (for regions: pixels whose every region is right)."""
         regions = self.cfg.regions
+        label = label.to(logits.device)
         if regions:
             pred, target = (logits > 0).cpu().numpy(), region_targets(label, regions).bool().cpu().numpy()
             counts = np.stack([confusion(p.astype(np.uint8), t.astype(np.uint8), 2)[1]
@@ -284,27 +314,26 @@ class _Loop:
         return confusion(pred, target, len(self.trained.class_names))[1:], int((pred == target).sum())
 
     @torch.no_grad()
-    def validate(self) -> dict:
-        """Loss and metrics per validation case at the case's own resolution, then averaged over cases."""
-        self.trained.model.eval()
-        losses, dice, iou, accuracy = [], [], [], []
+    def validate(self, trained: TrainedModel | None = None) -> dict:
+        """Loss and metrics of the validation cases on their own grids, through `medseg.scoring` (as `medseg
+        evaluate` scores); val_dice is `scoring.mean_dice`, the figure evaluation reports."""
+        trained = trained or self.trained
+        trained.model.eval()
+        losses, rows, accuracy = [], [], []
         for case in self.val_cases:
-            probs = predict_probabilities(self.trained, case.image.array)
+            scored = score_case([trained], case, postprocess=False)
             target = torch.from_numpy(case.label.astype(np.int64))[None]
-            p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)[None]
+            p = torch.from_numpy(scored.probs).clamp(1e-7, 1 - 1e-7)[None]
             # logits that give back p: softmax(log p) = p, sigmoid(log p - log(1 - p)) = p
             logits = torch.log(p) - torch.log1p(-p) if self.cfg.regions else torch.log(p)
             losses.append(float(self.loss_fn(logits, target)))
-            pred = to_labels(probs, self.trained)
-            scores = scored_metrics(pred, case.label, self.trained.class_names, self.cfg.regions, case.roi)
-            dice.append(float(np.mean([m["dice"] for m in scores.values()])))
-            iou.append(float(np.mean([m["iou"] for m in scores.values()])))
+            rows += scored.rows()
             inside = np.ones(case.label.shape, bool) if case.roi is None else case.roi
-            right = ((region_masks(pred, self.cfg.regions) == region_masks(case.label, self.cfg.regions)).all(0)
-                     if self.cfg.regions else pred == case.label)
+            right = ((region_masks(scored.pred, self.cfg.regions) == region_masks(case.label, self.cfg.regions)).all(0)
+                     if self.cfg.regions else scored.pred == case.label)
             accuracy.append(float(right[inside].mean()))
-        return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(dice)),
-                "val_iou": float(np.mean(iou)), "val_accuracy": float(np.mean(accuracy))}
+        return {"val_loss": float(np.mean(losses)), "val_dice": mean_dice(rows),
+                "val_iou": nanmean(list(class_means(rows, "iou").values())), "val_accuracy": float(np.mean(accuracy))}
 
     def state(self, model_args: dict, epoch: int, val_dice: float) -> dict:
         return {"model": self.trained.model.state_dict(), "model_name": self.cfg.model, "model_args": model_args,
@@ -313,8 +342,16 @@ class _Loop:
 
     def write_history(self) -> None:
         run = self.trained.run
-        (run / "history.json").write_text(json.dumps(self.history, indent=2))
-        with open(run / "history.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.history)
+        write_text_atomic(run / "history.json", json.dumps(self.history, indent=2))
+        lines = io.StringIO()
+        writer = csv.DictWriter(lines, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text_atomic(run / "history.csv", lines.getvalue())
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,76 @@
+"""Turn a time budget into a number of optimiser steps, once, at the start of a run.
+
+A schedule that follows the wall clock does not repeat: the same seed gives other weights on a busier machine.
+So `--time-budget M` times a few training steps and one validation pass on copies (the run's model, optimiser
+and random streams are left as they were), solves for the steps that fit, and writes them into config.json;
+from then on the run is a fixed number of steps, and `medseg train --config RUN/config.json` repeats it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+
+import torch
+
+from medseg.losses import deep_supervision_loss
+
+WARMUP_STEPS = 2  # the first steps pay for allocation and kernel selection
+MEASURE_STEPS = 8
+MEASURE_SECONDS = 20.0
+CHECKPOINT_SECONDS = 1.0  # per epoch: two checkpoints, the history, a line of output
+
+
+def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
+    """The number of optimiser steps that fit `budget_seconds` (validation after every epoch and the
+    post-processing pass included), at most the configured epochs, and how it was found."""
+    seconds_per_step = _time_steps(loop)
+    seconds_per_validation = _time_validation(loop)
+    per_epoch = seconds_per_validation + CHECKPOINT_SECONDS
+    available = budget_seconds - seconds_per_validation  # the post-processing choice is one more pass
+    steps = int(available / (seconds_per_step + per_epoch / loop.steps))
+    steps = max(1, min(steps, loop.cfg.epochs * loop.steps))
+    return steps, {"budget_seconds": round(budget_seconds, 1), "seconds_per_step": round(seconds_per_step, 4),
+                   "seconds_per_validation": round(seconds_per_validation, 2), "steps_per_epoch": loop.steps,
+                   "epochs": math.ceil(steps / loop.steps), "capped_by_epochs": steps == loop.cfg.epochs * loop.steps}
+
+
+def _time_steps(loop) -> float:
+    """Mean seconds of a training step (sampling and augmentation included), timed on a copy of the model."""
+    sampler, generator = loop.sampler, loop.sampler.generator
+    saved = generator.get_state(), torch.get_rng_state(), getattr(sampler, "centred", None)
+    model = copy.deepcopy(loop.trained.model).train()
+    device = loop.trained.device
+    optimizer = type(loop.optimizer)(model.parameters(), **loop.optimizer.defaults)  # same kind, on the copy
+    try:
+        batches = sampler.epoch_batches(WARMUP_STEPS + MEASURE_STEPS)
+        timed, started = 0, None
+        for i, (image, label) in enumerate(batches):
+            if i == WARMUP_STEPS:
+                started = time.perf_counter()
+            image, label = image.to(device), label.to(device)
+            outputs = model(image)
+            loss = (deep_supervision_loss(loop.loss_fn, outputs, label) if isinstance(outputs, list)
+                    else loop.loss_fn(outputs, label))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if started is not None:
+                timed += 1
+                if time.perf_counter() - started > MEASURE_SECONDS:
+                    break
+        return (time.perf_counter() - started) / timed if timed else MEASURE_SECONDS
+    finally:
+        generator.set_state(saved[0])
+        torch.set_rng_state(saved[1])
+        if saved[2] is not None:
+            sampler.centred = saved[2]
+
+
+def _time_validation(loop) -> float:
+    """Seconds of one validation pass (every validation case, on its own grid) with a copy of the model."""
+    shadow = dataclasses.replace(loop.trained, model=copy.deepcopy(loop.trained.model))
+    started = time.perf_counter()
+    loop.validate(shadow)
+    return time.perf_counter() - started
