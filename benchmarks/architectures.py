@@ -15,7 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
-from accuracy import RECIPES, SHARED, machine
+from accuracy import machine
+from recipes import RECIPES
 from docs_section import write_section
 from medseg.cli import main as medseg_main
 

@@ -23,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import RECIPES, SHARED, bar_for, train_then_evaluate, with_bar_inputs  # noqa: E402
+from accuracy import bar_for, train_then_evaluate, with_bar_inputs  # noqa: E402
+from recipes import RECIPES, SHARED  # noqa: E402
 from medseg.models import count_flops, create_model  # noqa: E402
 
 # (name, model arguments, input size, batch): the seed's full-width U-Net and the networks the CPU recipes use.
@@ -90,7 +91,7 @@ def throughput(args: dict, size: tuple, batch: int, device: torch.device, repeat
 def train_and_evaluate(data: Path, run: Path, recipe: str, minutes: float, device: str) -> dict:
     """Train with `medseg train DATA RECIPE` on `device` for `minutes`, then evaluate the run's held-out cases."""
     args = [str(data), "--out", str(run), "--overwrite", "--time-budget", f"{minutes:g}", "--quiet",
-            "--device", device, *shlex.split(recipe)]
+            "--device", device, "--recipe", "seed", *shlex.split(recipe)]  # the hand recipe's flags on the seed's
     summary, epochs, trained, evaluated = train_then_evaluate(args, run, device)
     steps = int(recipe.split("--steps-per-epoch")[1].split()[0]) if "--steps-per-epoch" in recipe else None
     return {"budget_min": minutes, "train_s": round(trained, 1), "evaluate_s": round(evaluated, 1),

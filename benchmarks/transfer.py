@@ -23,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from accuracy import RECIPES, machine, train_side_by_side
+from accuracy import machine
+from recipes import RECIPES, train_side_by_side
 from docs_section import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def arms(freeze_epochs: int) -> list[tuple[str, float, int | None]]:
 
 def command(target: str, fraction: float, frozen: int | None, source: Path, budget: float, out: Path,
             threads: int | None) -> list[str]:
-    args = [str(RECIPES[target]["data"]), "--out", str(out), "--overwrite", "--quiet",
+    args = [str(RECIPES[target]["data"]), "--out", str(out), "--overwrite", "--quiet", "--recipe", "seed",
             "--time-budget", f"{budget:g}", "--train-fraction", f"{fraction:g}", *shlex.split(settings(target))]
     if frozen is not None:
         args += ["--init-from", str(source)] + (["--freeze-encoder-epochs", str(frozen)] if frozen else [])

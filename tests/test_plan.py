@@ -31,7 +31,7 @@ def test_normalisation_rules():
     base = {"dims": 3, "dtypes": ["int16"], "modality": ["CT"]}
     assert choose_normalization(base)[0] == "ct"
     assert choose_normalization({**base, "modality": ["MRI"]})[0] == "zscore"
-    assert choose_normalization({"dims": 2, "dtypes": ["uint8"], "modality": []})[0] == "unit"
+    assert choose_normalization({"dims": 2, "dtypes": ["uint8"], "modality": []})[0] == "zscore"
     array = np.random.default_rng(0).normal(40, 5, size=(1, 10, 10, 10))
     z = normalize(array, "zscore")
     assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
@@ -43,18 +43,18 @@ def test_normalisation_rules():
 
 def test_plan_calibrates_and_trains(phantoms_3d, tmp_path):
     plan = make_plan(phantoms_3d, budget_minutes=0.5)
-    assert set(plan["configurations"]) == {"3d", "2d", "seed_2d"} and plan["default"] == "3d"
+    assert set(plan["configurations"]) == {"auto", "3d", "2d", "seed_2d"} and plan["default"] == "auto"
     three = plan["configurations"]["3d"]
     assert three["patch"] == [24, 24, 24] and three["normalization"] == "zscore"
-    timings = plan["reasons"]["3d_width"]["timings"]
+    timings = plan["reasons"]["alternatives"]["3d_width"]["timings"]
     assert set(timings) == {"8", "16", "32"} and all(t["seconds_per_step"] > 0 for t in timings.values())
     assert three["base_channels"] in (8, 16, 32)
     assert three["flip_axes"] == [0, 1, 2]  # one foreground class: nothing to swap, every mirror allowed
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     cfg = config_from_plan(tmp_path / "plan.json", "seed_2d")
     assert cfg.size == 128 and cfg.base_channels == 64 and cfg.lr == 1e-4
-    code = main(["train", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "run"), "--epochs", "1",
-                 "--steps-per-epoch", "2", "--base-channels", "4", "--quiet"])
+    code = main(["train", "--plan", str(tmp_path / "plan.json"), "--configuration", "3d", "--out",
+                 str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "2", "--base-channels", "4", "--quiet"])
     assert code == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["dims"] == 3 and saved["patch"] == [24, 24, 24] and saved["optimizer"] == "sgd"
@@ -63,7 +63,7 @@ def test_plan_calibrates_and_trains(phantoms_3d, tmp_path):
 def test_plan_command_and_unknown_configuration(phantoms_2d, tmp_path, capsys):
     assert main(["plan", str(phantoms_2d), "--out", str(tmp_path / "p.json"), "--no-calibrate"]) == 0
     plan = json.loads((tmp_path / "p.json").read_text())
-    assert plan["default"] == "2d" and plan["configurations"]["2d"]["normalization"] == "unit"
+    assert plan["configurations"]["2d"]["normalization"] == "zscore"
     assert main(["train", "--plan", str(tmp_path / "p.json"), "--configuration", "4d", "--out",
                  str(tmp_path / "r")]) == 2
     assert "no configuration '4d'" in capsys.readouterr().err
@@ -96,3 +96,67 @@ def test_classes_in_a_fixed_order_forbid_mirroring_along_that_axis():
     for case in cases[:5]:
         case[1][1], case[2][1] = case[2][1], case[1][1]
     assert class_order(cases) == []
+
+
+def test_default_recipe_for_isotropic_volumes_is_two_planes(phantoms_3d):
+    plan = make_plan(phantoms_3d, budget_minutes=1, alternatives=False, cores=2)
+    members = plan["configurations"]["auto"]["members"]
+    assert list(members) == ["sagittal", "coronal"]  # RAS phantoms: axis 0 is left-right, axis 1 front-back
+    assert [m["axis"] for m in members.values()] == [0, 1] and all(m["threads"] == 1 for m in members.values())
+    assert all(m["size"] == 32 and m["fit"] == "pad" and m["normalization"] == "zscore" and not m.get("rotate90")
+               for m in members.values())
+    assert all(m["base_channels"] in (8, 16) for m in members.values())
+    one_core = make_plan(phantoms_3d, budget_minutes=1, alternatives=False, cores=1, calibrate=False)
+    assert list(one_core["configurations"]["auto"]["members"]) == ["sagittal"]
+
+
+def test_default_recipe_rotates_only_data_without_an_up():
+    from medseg.plan import foreground_layout
+    from medseg.recipe import _no_up
+
+    rng = np.random.default_rng(0)
+    cells = [(rng.random((64, 64)) > 0.7).astype(float) for _ in range(10)]  # structures anywhere
+    yy, xx = np.mgrid[:64, :64]
+    disc = [((yy - 31.5) ** 2 + (xx - 31.5) ** 2 < (20 + k % 8) ** 2).astype(float) * (rng.random((64, 64)) > 0.5)
+            for k in range(40)]  # a fundus: vessels inside a round field of view
+    lungs = [(((yy > 10) & (yy < 50 + k % 3)) & (((xx > 8) & (xx < 28)) | ((xx > 36) & (xx < 56)))).astype(float)
+             for k in range(10)]  # two tall lobes: an up
+    fp = {"class_order": []}
+    assert _no_up({**fp, "foreground_layout": foreground_layout(cells)})[0]
+    assert _no_up({**fp, "foreground_layout": foreground_layout(disc)})[0]
+    assert not _no_up({**fp, "foreground_layout": foreground_layout(lungs)})[0]
+
+
+def test_default_recipe_for_shared_hippocampus_is_the_measured_pair():
+    plan = make_plan(shared_dataset("msd_hippocampus", "Task04_Hippocampus"), 30, calibrate=False,
+                     alternatives=False, cores=2)
+    members = plan["configurations"]["auto"]["members"]
+    sagittal, coronal = members["sagittal"], members["coronal"]
+    # what the hand recipe found: sagittal slices (up to 58x47) padded to 64 and never mirrored, coronal slices
+    # (up to 43x47) padded to 48 and mirrored left-right only
+    assert (sagittal["axis"], sagittal["size"], sagittal["flip_axes"]) == (0, 64, [])
+    assert (coronal["axis"], coronal["size"], coronal["flip_axes"]) == (1, 48, [0])
+    assert sagittal["normalization"] == "zscore" and sagittal["mirror_tta"] and sagittal["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("name,binary,rotate", [("isbi2012_em", False, True), ("drive", False, True),
+                                                ("dsb2018", True, True)])
+def test_default_recipe_rotates_the_shared_2d_sets(name, binary, rotate):
+    plan = make_plan(shared_dataset(name), 30, calibrate=False, alternatives=False,
+                     data_options={"binary_masks": binary or None})
+    (member,) = plan["configurations"]["auto"]["members"].values()
+    assert member["rotate90"] is rotate and member["size"] == 128 and member["normalization"] == "zscore"
+
+
+def test_train_with_no_recipe_flag_trains_the_planned_ensemble(phantoms_3d, tmp_path, capfd):
+    assert main(["train", str(phantoms_3d), "--out", str(tmp_path / "run"), "--steps", "4", "--base-channels", "4",
+                 "--time-budget", "1", "--quiet"]) == 0
+    out = capfd.readouterr().out  # the members print from their own processes
+    assert out.startswith("Plan: 2 2D networks averaged (sagittal slices padded to 32 and coronal")
+    assert "sagittal: epoch 1/1" in out and "coronal: epoch 1/1" in out
+    run = tmp_path / "run"
+    assert (run / "ensemble.json").exists() and (run / "plan.json").exists()
+    saved = [json.loads((run / m / "config.json").read_text()) for m in ("sagittal", "coronal")]
+    assert [c["axis"] for c in saved] == [0, 1] and all(c["steps"] == 4 and c["base_channels"] == 4 for c in saved)
+    assert main(["evaluate", str(run), "--figures", "0", "--quiet"]) == 0
+    assert "test: 1 case, used for no choice" in capfd.readouterr().out

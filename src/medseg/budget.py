@@ -20,19 +20,27 @@ WARMUP_STEPS = 2  # the first steps pay for allocation and kernel selection
 MEASURE_STEPS = 8
 MEASURE_SECONDS = 20.0
 CHECKPOINT_SECONDS = 1.0  # per epoch: two checkpoints, the history, a line of output
+VALIDATION_SHARE = 0.05  # of the budget, at most, when medseg chooses the epoch length
 
 
 def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
-    """The number of optimiser steps that fit `budget_seconds` (validation after every epoch and the
-    post-processing pass included), at most the configured epochs, and how it was found."""
+    """The number of optimiser steps that fit `budget_seconds` (this calibration, validation after every epoch and
+    the post-processing pass included), at most the configured epochs, and how it was found. Where the epoch length
+    is not set, epochs are lengthened so that validation takes at most VALIDATION_SHARE of the budget."""
+    started = time.perf_counter()
     seconds_per_step = _time_steps(loop)
     seconds_per_validation = _time_validation(loop)
+    available = budget_seconds - (time.perf_counter() - started) - seconds_per_validation  # post-processing pass
+    if loop.cfg.steps_per_epoch is None:
+        most_validations = max(1, int(VALIDATION_SHARE * budget_seconds / max(seconds_per_validation, 1e-3)))
+        rough_steps = available / seconds_per_step
+        loop.steps = max(loop.steps, math.ceil(rough_steps / most_validations))
     per_epoch = seconds_per_validation + CHECKPOINT_SECONDS
-    available = budget_seconds - seconds_per_validation  # the post-processing choice is one more pass
     steps = int(available / (seconds_per_step + per_epoch / loop.steps))
     steps = max(1, min(steps, loop.cfg.epochs * loop.steps))
     return steps, {"budget_seconds": round(budget_seconds, 1), "seconds_per_step": round(seconds_per_step, 4),
                    "seconds_per_validation": round(seconds_per_validation, 2), "steps_per_epoch": loop.steps,
+                   "calibration_seconds": round(time.perf_counter() - started, 1),
                    "epochs": math.ceil(steps / loop.steps), "capped_by_epochs": steps == loop.cfg.epochs * loop.steps}
 
 

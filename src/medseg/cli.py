@@ -11,6 +11,8 @@ from medseg.config import FITS, LOSSES, SCHEDULES, TrainConfig
 from medseg.errors import MedsegError
 
 # Training options: (flag, type, help). Each maps onto the TrainConfig field of the same name.
+DEFAULT_BUDGET_MINUTES = 30.0  # `medseg train DATA` without --time-budget: what the accuracy bars are measured at
+
 # How data is read: every command that reads a labelled dataset takes these (train, plan, evaluate --data,
 # benchmark-architectures).
 DATA_OPTIONS = [
@@ -90,7 +92,38 @@ def _add_train_options(parser: argparse.ArgumentParser, options: list = TRAIN_OP
                                 help=text)
 
 
+def _explicit_settings(args: argparse.Namespace) -> dict:
+    """TrainConfig fields the user set with a flag (parsed), and nothing else: they override any plan."""
+    names = {f.name for f in fields(TrainConfig)}
+    settings = {}
+    for key, value in vars(args).items():
+        if value is None:
+            continue
+        if key == "no_augment":
+            settings["augment"] = False
+        elif key == "regions":
+            from medseg.regions import parse_regions
+
+            settings["regions"] = parse_regions(value)
+        elif key == "class_names":
+            settings["class_names"] = [n.strip() for n in value.split(",")]
+        elif key == "flip_axes":
+            try:
+                settings["flip_axes"] = [] if value.strip().lower() == "none" else [int(v) for v in value.split(",")]
+            except ValueError as exc:
+                raise MedsegError(f"--flip-axes {value}: give axes like 0 or 0,1, or none") from exc
+        elif key == "patch":
+            try:
+                settings["patch"] = [int(v) for v in value.split(",")]
+            except ValueError as exc:
+                raise MedsegError(f"--patch {value}: give whole numbers separated by commas, e.g. 40,56,40") from exc
+        elif key in names and key not in ("data", "out"):
+            settings[key] = value
+    return settings
+
+
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The seed's recipe (or a saved config, or a plan's single configuration) with the user's flags on top."""
     if args.config and args.plan:
         raise MedsegError("give --config or --plan, not both")
     if args.plan:
@@ -105,32 +138,26 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.out = args.out
     if not cfg.data:
         raise MedsegError("no dataset given; use 'medseg train DATA --out RUN' or --config RUN/config.json")
-    names = {f.name for f in fields(TrainConfig)}
-    for key, value in vars(args).items():
-        if value is None:
-            continue
-        if key == "no_augment":
-            cfg.augment = False
-        elif key == "regions":
-            from medseg.regions import parse_regions
-
-            cfg.regions = parse_regions(value)
-        elif key == "class_names":
-            cfg.class_names = [n.strip() for n in value.split(",")]
-        elif key == "flip_axes":
-            try:
-                cfg.flip_axes = [] if value.strip().lower() == "none" else [int(v) for v in value.split(",")]
-            except ValueError as exc:
-                raise MedsegError(f"--flip-axes {value}: give axes like 0 or 0,1, or none") from exc
-        elif key == "patch":
-            try:
-                cfg.patch = [int(v) for v in value.split(",")]
-            except ValueError as exc:
-                raise MedsegError(f"--patch {value}: give whole numbers separated by commas, e.g. 40,56,40") from exc
-        elif key in names and key not in ("data", "out"):
-            setattr(cfg, key, value)
+    for key, value in _explicit_settings(args).items():
+        setattr(cfg, key, value)
     cfg.progress = not args.quiet
     return cfg
+
+
+def _planned_members(args: argparse.Namespace) -> tuple[dict[str, TrainConfig], dict]:
+    """`medseg train DATA` with no recipe: fingerprint and plan the data here (or read --plan), then each
+    network's settings with the user's flags on top; returns them and the plan."""
+    from medseg.autotrain import configs_from_plan, planned_members
+    from medseg.plan import read_plan
+
+    explicit = _explicit_settings(args)
+    if args.plan:
+        plan = read_plan(args.plan)
+        return configs_from_plan(plan, args.configuration, args.data, explicit, not args.quiet, args.plan), plan
+    if not args.data:
+        raise MedsegError("no dataset given; use 'medseg train DATA --out RUN'")
+    budget = explicit.setdefault("time_budget", DEFAULT_BUDGET_MINUTES)
+    return planned_members(args.data, budget, explicit, progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data", nargs="?", help="dataset folder or CSV manifest")
     train.add_argument("--out", help="run folder to create")
     train.add_argument("--config", help="re-run from a saved RUN/config.json (flags override it)")
+    train.add_argument("--recipe", choices=("auto", "seed"), default="auto",
+                       help="auto (default): fingerprint the data and train what the plan chooses (printed, and "
+                            "kept as RUN/plan.json); seed: the seed's recipe (128x128 resized slices, U-Net 64..1024, "
+                            "Adam 1e-4, batch 16, 20 epochs). Every flag overrides either")
     train.add_argument("--plan", help="train with a configuration of a plan.json from 'medseg plan'")
     train.add_argument("--configuration", help="which configuration of the plan (default: the plan's default)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -237,6 +268,40 @@ def _data_options(args: argparse.Namespace) -> dict:
     return {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"), None) for flag, _, _ in DATA_OPTIONS}
 
 
+def _train_command(args: argparse.Namespace) -> None:
+    from medseg.train import train, train_folds
+
+    if args.config or args.recipe == "seed" or (args.plan and _single_configuration(args)):
+        cfg = _config_from_args(args).validate()
+        runs = train_folds(cfg, args.overwrite) if args.all_folds else [train(cfg, overwrite=args.overwrite)]
+    else:
+        from medseg.autotrain import train_members
+
+        members, plan = _planned_members(args)
+        if args.all_folds and len(members) > 1:
+            raise MedsegError(f"--all-folds trains one network per fold, and the plan is an ensemble of "
+                              f"{', '.join(members)}: add --recipe seed, or train the folds of one member with --plan")
+        if args.all_folds:
+            (cfg,) = members.values()
+            cfg.out = args.out or cfg.out
+            runs = train_folds(cfg.validate(), args.overwrite)
+        else:
+            runs = [train_members(members, args.out or next(iter(members.values())).out, plan, args.overwrite)]
+    for run in runs:
+        for member in sorted(run.glob("*/train_summary.json")) or [run / "train_summary.json"]:
+            summary = json.loads(member.read_text())
+            print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+                  f"({summary['stopped']}); run: {member.parent}")
+        if (run / "ensemble.json").exists():
+            print(f"ensemble: {run} (medseg evaluate {run})")
+
+
+def _single_configuration(args: argparse.Namespace) -> bool:
+    from medseg.plan import plan_members, read_plan
+
+    return len(plan_members(read_plan(args.plan), args.configuration, args.plan)) == 1
+
+
 def run_command(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None) and args.command != "train":
         import torch
@@ -253,14 +318,7 @@ def run_command(args: argparse.Namespace) -> None:
 
         print(write_synthetic_dataset(args.out, args.cases, args.dim, args.size, args.classes, args.seed))
     elif args.command == "train":
-        from medseg.train import train, train_folds
-
-        cfg = _config_from_args(args).validate()
-        runs = train_folds(cfg, args.overwrite) if args.all_folds else [train(cfg, overwrite=args.overwrite)]
-        for run in runs:
-            summary = json.loads((run / "train_summary.json").read_text())
-            print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
-                  f"({summary['stopped']}); run: {run}")
+        _train_command(args)
     elif args.command == "plan":
         from medseg.checkpoint import resolve_device
         from medseg.plan import make_plan

@@ -57,18 +57,23 @@ def read_label(case: Case, cfg: TrainConfig) -> tuple[Image, np.ndarray]:
     return mask, labels_to_classes(mask.array, case.mask, cfg.binary_masks, cfg.mask_threshold)
 
 
-def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True) -> LoadedCase:
-    """Read, check and normalise one case as `cfg` says (colour, mask rule, normalisation), and resample a volume
-    to `cfg.target_spacing` (image trilinear, mask nearest) unless `resample` is False."""
-    cfg = cfg or TrainConfig()
-    image = read_case_image(case.images, cfg.color, cfg.npy_layout)
-    mask, label = read_label(case, cfg)
+def check_same_grid(case: Case, image: Image, mask: Image) -> None:
+    """Image and mask must share a size (and, for volumes, an affine)."""
     if mask.spatial_shape != image.spatial_shape:
         raise MedsegError(f"{case.mask}: mask shape {mask.spatial_shape} differs from image {case.images[0]} "
                           f"{image.spatial_shape}; image and mask must have the same size")
     if image.affine is not None and mask.affine is not None and not np.allclose(image.affine, mask.affine, atol=1e-3):
         raise MedsegError(f"{case.mask}: spacing, orientation or origin differ from the image {case.images[0]} "
                           "(affines differ); resample the mask onto the image grid")
+
+
+def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True) -> LoadedCase:
+    """Read, check and normalise one case as `cfg` says (colour, mask rule, normalisation), and resample a volume
+    to `cfg.target_spacing` (image trilinear, mask nearest) unless `resample` is False."""
+    cfg = cfg or TrainConfig()
+    image = read_case_image(case.images, cfg.color, cfg.npy_layout)
+    mask, label = read_label(case, cfg)
+    check_same_grid(case, image, mask)
     roi = _read_roi(case, image.spatial_shape)
     image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
     if resample and cfg.orientation and image.affine is not None and orientation_of(image.affine) != cfg.orientation:

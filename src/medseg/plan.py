@@ -29,7 +29,7 @@ import torch
 from scipy import ndimage
 
 from medseg.config import TrainConfig
-from medseg.data import read_case_image, read_label
+from medseg.data import check_same_grid, read_case_image, read_label
 from medseg.datasets import Dataset, find_cases
 from medseg.transforms import reorient
 
@@ -47,14 +47,17 @@ def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0,
     by the rules of `reading` (binary masks, mask threshold, .npy layout)."""
     reading = reading or TrainConfig()
     rng = np.random.default_rng(seed)
-    shapes, spacings, dtypes, counts, foreground, centroids = [], [], set(), {}, None, []
+    shapes, spacings, dtypes, counts, foreground, centroids, atlas = [], [], set(), {}, None, [], []
     orientation = None
     for case in dataset.cases:
         image = read_case_image(case.images, "keep", reading.npy_layout)
-        label = read_label(case, reading)[1]
+        mask, label = read_label(case, reading)
+        check_same_grid(case, image, mask)
         orientation = orientation or image.orientation
         centroids.append(_class_centroids(label if not image.orientation or image.orientation == orientation
                                           else reorient(label, image.affine, orientation)))
+        if label.ndim == 2:
+            atlas.append(_small_mask(label > 0))
         shapes.append(list(image.spatial_shape))
         spacings.append(list(image.spacing))
         dtypes.add(str(image.array.dtype))
@@ -75,9 +78,30 @@ def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0,
                     "max": np.max(spacings, 0).tolist(), "p10": np.percentile(spacings, 10, 0).tolist()},
         "class_frequency": {str(k): counts[k] / total for k in sorted(counts)},
         "class_order": class_order(centroids),
+        "orientation": orientation or "",
+        "foreground_layout": foreground_layout(atlas) if atlas else None,
         "foreground_intensity": [_intensity_stats(channel) for channel in foreground] if foreground is not None
         and foreground.shape[1] else [],
     }
+
+
+def _small_mask(mask: np.ndarray, side: int = 64) -> np.ndarray:
+    """A 2D mask averaged down to side x side (area interpolation): where the foreground lies, at any size."""
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=(side, side), mode="area")[0, 0].numpy()
+
+
+def foreground_layout(masks: list[np.ndarray]) -> dict:
+    """How the foreground is laid out across 2D cases: the mean mask (an atlas), its structure (coefficient of
+    variation: near 0 when structures lie anywhere, as cells or membranes do) and how much it looks like itself
+    turned by 90 degrees (the lowest correlation of the centred atlas with its three rotations: near 1 for a
+    fundus, whose vessels fill a disc; low for lungs in a chest X-ray, which have an up)."""
+    atlas = np.mean(masks, 0)
+    centred = atlas - atlas.mean()
+    energy = float((centred**2).sum())
+    rotations = [float((centred * np.rot90(centred, k)).sum() / energy) if energy > 0 else 1.0 for k in (1, 2, 3)]
+    return {"structure": round(float(atlas.std() / max(atlas.mean(), 1e-9)), 3),
+            "rotation_similarity": round(min(rotations), 3)}
 
 
 def _class_centroids(label: np.ndarray) -> dict[int, np.ndarray]:
@@ -141,8 +165,10 @@ def choose_normalization(fp: dict) -> tuple[str, str]:
     modalities = " ".join(fp["modality"]).lower()
     if "ct" in modalities.split():
         return "ct", "CT: Hounsfield units are comparable across scans, so dataset-wide foreground statistics"
-    if fp["dims"] == 2 and fp["dtypes"] == ["uint8"]:
-        return "unit", "8-bit 2D images: scaled to [0, 1] by 255"
+    if fp["dims"] == 2:
+        return "zscore", ("2D images (8-bit photographs, microscopy): per-image z-score; measured against [0, 1] "
+                          "scaling on DSB 2018 nuclei (foreground IoU 0.858 against 0.814, docs/benchmarks.md), "
+                          "where stain and exposure vary from image to image")
     return "zscore", "uncalibrated intensities (MRI, microscopy): per-case z-score"
 
 
@@ -160,46 +186,79 @@ def patch_and_depth(shape: list[float], dims: int, max_depth: int = 5) -> tuple[
 
 
 def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, classes: int, batch: int,
-                    budget_minutes: float, device: str = "cpu", steps: int = 2) -> tuple[int, dict]:
-    """Time a few training steps per candidate width; return the widest meeting MIN_SAMPLES, and the timings."""
+                    budget_minutes: float, device: str = "cpu", steps: int = 2, threads: int | None = None,
+                    widths: tuple[int, ...] = WIDTHS, norm: str = "instance", activation: str = "leaky_relu"
+                    ) -> tuple[int, dict]:
+    """Time a few training steps per candidate width (on `threads` CPU threads, as the run will use); return the
+    widest meeting MIN_SAMPLES (else the narrowest), and the timings."""
     from medseg.models import UNet
 
-    timings, chosen = {}, WIDTHS[0]
+    timings, chosen = {}, widths[0]
     target = torch.device(device)
-    for width in WIDTHS:
-        model = UNet(channels, classes, width, depth, spatial_dims=dims, norm="instance",
-                     activation="leaky_relu").to(target)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-        x = torch.rand(batch, channels, *patch, device=target)
-        y = torch.randint(0, classes, (batch, *patch), device=target)
-        for step in range(steps + 1):
-            if step == 1:  # the first step pays for allocation and kernel selection
-                started = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        seconds = (time.perf_counter() - started) / steps
-        samples = budget_minutes * 60 / seconds * batch
-        timings[str(width)] = {"seconds_per_step": round(seconds, 4), "samples_in_budget": int(samples)}
-        if samples >= MIN_SAMPLES[dims]:
-            chosen = width
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for width in widths:
+            seconds = _time_width(UNet(channels, classes, width, depth, spatial_dims=dims, norm=norm,
+                                       activation=activation).to(target), batch, channels, classes, patch, target,
+                                  steps)
+            samples = budget_minutes * 60 / seconds * batch
+            timings[str(width)] = {"seconds_per_step": round(seconds, 4), "samples_in_budget": int(samples)}
+            if samples >= MIN_SAMPLES[dims]:
+                chosen = width
+    finally:
+        torch.set_num_threads(previous)
     return chosen, timings
 
 
+def _time_width(model, batch: int, channels: int, classes: int, patch: list[int], target, steps: int) -> float:
+    """Seconds per training step of `model` on random data, the first (allocating) step not counted."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, channels, *patch, device=target)
+    y = torch.randint(0, classes, (batch, *patch), device=target)
+    for step in range(steps + 1):
+        if step == 1:
+            started = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - started) / steps
+
+
 def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu", calibrate: bool = True,
-              data_options: dict | None = None) -> dict:
+              data_options: dict | None = None, alternatives: bool = True, cores: int | None = None) -> dict:
     """Fingerprint DATA and plan its configurations; the result is what `plan.json` holds. `data_options` are
-    the reading flags (images, masks, binary_masks, mask_threshold, npy_layout), kept in every configuration."""
+    the reading flags (images, masks, binary_masks, mask_threshold, npy_layout), kept in every configuration.
+
+    `auto` (the default, `medseg.recipe`) is what `medseg train DATA` trains: one network or an ensemble of
+    slicing planes. With `alternatives`, nnU-Net-style `2d` and `3d` configurations and the seed's recipe
+    `seed_2d` are planned beside it."""
+    from medseg.recipe import default_configuration
+
     options = {k: v for k, v in (data_options or {}).items() if v is not None}
     reading = TrainConfig(**options)
     dataset = find_cases(data, reading.images, reading.masks)
     fp = fingerprint(dataset, reading=reading)
+    auto, reasons = default_configuration(fp, str(data), options, budget_minutes, device, cores, calibrate)
+    configurations = {"auto": auto}
+    if alternatives:
+        more, more_reasons = _alternative_configurations(fp, str(data), options, budget_minutes, device, calibrate)
+        configurations.update(more)
+        reasons["alternatives"] = more_reasons
+    return {"fingerprint": fp, "configurations": configurations, "reasons": reasons, "default": "auto",
+            "device": device}
+
+
+def _alternative_configurations(fp: dict, data: str, options: dict, budget_minutes: float, device: str,
+                                calibrate: bool) -> tuple[dict, dict]:
+    """nnU-Net-style `2d` and (for volumes) `3d` configurations, and the seed's recipe `seed_2d`."""
     normalization, why_norm = choose_normalization(fp)
     classes = max(len(fp["class_names"]), int(max(map(int, fp["class_frequency"]))) + 1)
-    common = {"data": str(data), **options, "normalization": normalization, "norm": "instance", "activation": "leaky_relu",
-              "loss": "dice_ce", "optimizer": "sgd", "lr": 1e-2, "lr_schedule": "poly", "patience": 0,
-              "epochs": 1000, "steps_per_epoch": 100, "time_budget": budget_minutes,
+    common = {"data": data, **options, "normalization": normalization, "norm": "instance",
+              "activation": "leaky_relu", "loss": "dice_ce", "optimizer": "sgd", "lr": 1e-2, "lr_schedule": "poly",
+              "patience": 0, "epochs": 1000, "steps_per_epoch": 100, "time_budget": budget_minutes,
               "intensity_stats": fp["foreground_intensity"] if normalization == "ct" else None}
     configurations, reasons = {}, {"normalization": why_norm}
     mirrored, reasons["mirroring"] = mirror_axes(fp)
@@ -231,20 +290,37 @@ def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu
                                              settings["batch_size"], budget_minutes, device)
         settings["base_channels"] = width
         reasons[f"{name}_width"] = {"chosen": width, "timings": timings, "min_samples": MIN_SAMPLES[dims]}
-    configurations["seed_2d"] = {"data": str(data), **options}  # the seed's recipe: TrainConfig's defaults
-    return {"fingerprint": fp, "configurations": configurations, "reasons": reasons,
-            "default": "3d" if "3d" in configurations else "2d", "device": device}
+    configurations["seed_2d"] = {"data": data, **options}  # the seed's recipe: TrainConfig's defaults
+    return configurations, reasons
 
 
-def config_from_plan(plan_path: str | Path, configuration: str | None = None) -> TrainConfig:
-    """The training settings of one configuration of a saved plan."""
+def plan_members(plan: dict, configuration: str | None = None, where: str = "plan") -> dict[str, dict]:
+    """The settings of each network one configuration trains: {name: settings}, one entry for a single network,
+    several for an ensemble of slicing planes."""
+    from medseg.errors import MedsegError
+
+    name = configuration or plan["default"]
+    if name not in plan["configurations"]:
+        raise MedsegError(f"{where}: no configuration {name!r}; choose from {', '.join(plan['configurations'])}")
+    chosen = plan["configurations"][name]
+    return dict(chosen["members"]) if "members" in chosen else {name: chosen}
+
+
+def read_plan(plan_path: str | Path) -> dict:
     from medseg.errors import MedsegError
 
     path = Path(plan_path)
     if not path.exists():
         raise MedsegError(f"{path}: plan not found; make one with 'medseg plan DATA --out {path}'")
-    plan = json.loads(path.read_text())
-    name = configuration or plan["default"]
-    if name not in plan["configurations"]:
-        raise MedsegError(f"{path}: no configuration {name!r}; choose from {', '.join(plan['configurations'])}")
-    return TrainConfig(**plan["configurations"][name])
+    return json.loads(path.read_text())
+
+
+def config_from_plan(plan_path: str | Path, configuration: str | None = None) -> TrainConfig:
+    """The training settings of one single-network configuration of a saved plan."""
+    from medseg.errors import MedsegError
+
+    members = plan_members(read_plan(plan_path), configuration, str(plan_path))
+    if len(members) > 1:
+        raise MedsegError(f"{plan_path}: configuration {configuration or 'auto'} is an ensemble of "
+                          f"{', '.join(members)}; train it with 'medseg train --plan {plan_path}'")
+    return TrainConfig(**next(iter(members.values())))

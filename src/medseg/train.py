@@ -122,6 +122,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started, tracker)
     if cfg.steps is None and cfg.time_budget:
         cfg.steps, cfg.calibration = calibrate_steps(loop, cfg.time_budget * 60 - (time.monotonic() - started))
+        cfg.steps_per_epoch = loop.steps  # written to config.json: a re-run repeats the same epochs
         say(f"time budget {cfg.time_budget:g} min -> {cfg.steps} optimiser steps "
                  f"({cfg.calibration['seconds_per_step']:.3f} s per step, "
                  f"{cfg.calibration['seconds_per_validation']:.1f} s per validation, measured here)")
@@ -156,9 +157,12 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     return run
 
 
+LINE_PREFIX = ""  # an ensemble member's name, so that members training side by side can be told apart
+
+
 def say(line: str) -> None:
     """A line for the person running training: printed even with --quiet (which only turns bars off)."""
-    print(line, flush=True)
+    print(LINE_PREFIX + line, flush=True)
 
 
 def initialise(model: torch.nn.Module, cfg: TrainConfig) -> dict | None:

@@ -1,0 +1,100 @@
+"""Train what a plan configures: one network, or the members of an ensemble side by side, one process each.
+
+`medseg train DATA` with no recipe flag lands here: fingerprint -> plan (`medseg.recipe`) -> train. An ensemble's
+run folder is the ensemble (RUN/ensemble.json naming RUN/<member>/ runs, RUN/plan.json), so `medseg evaluate RUN`,
+`predict` and `report` take it as they take a single run. Members share the seed, so they share the validation
+and test cases, and every member gets the whole time budget on its own share of the cores.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from dataclasses import asdict
+from pathlib import Path
+
+from medseg.config import TrainConfig
+from medseg.io import write_text_atomic
+
+
+READING = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout")
+
+
+def planned_members(data: str | Path, budget_minutes: float, overrides: dict, device: str = "auto",
+                    progress: bool = True) -> tuple[dict[str, TrainConfig], dict]:
+    """Fingerprint and plan DATA (`medseg.recipe`), print the plan's paragraph, and return each network's
+    settings with `overrides` (the user's explicit settings) on top, and the plan."""
+    from medseg.checkpoint import resolve_device
+    from medseg.plan import make_plan
+    from medseg.recipe import describe
+
+    device = str(resolve_device(overrides.get("device", device)))
+    plan = make_plan(data, budget_minutes, device, data_options={k: overrides.get(k) for k in READING},
+                     alternatives=False, cores=overrides.get("threads"))
+    print(describe(plan["configurations"]["auto"], plan["reasons"]), flush=True)
+    return configs_from_plan(plan, None, data, overrides, progress), plan
+
+
+def configs_from_plan(plan: dict, configuration: str | None, data: str | Path | None, overrides: dict,
+                      progress: bool = True, where: str = "plan") -> dict[str, TrainConfig]:
+    from medseg.plan import plan_members
+
+    members = {}
+    for name, settings in plan_members(plan, configuration, where).items():
+        cfg = TrainConfig(**settings)
+        if data:
+            cfg.data = str(data)
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        cfg.progress = progress
+        members[name] = cfg
+    return members
+
+
+def plan_and_train(data: str | Path, out: str | Path, time_budget: float = 30.0, overwrite: bool = False,
+                   progress: bool = True, **overrides) -> Path:
+    """What `medseg train DATA --time-budget M` does, from Python: plan, then train one network or the planned
+    ensemble; `overrides` are TrainConfig fields that win over the plan. Returns the run (or ensemble) folder."""
+    members, plan = planned_members(data, time_budget, {"time_budget": time_budget, **overrides},
+                                    progress=progress)
+    return train_members(members, out, plan, overwrite)
+
+
+def train_members(members: dict[str, TrainConfig], out: str | Path, plan: dict | None = None,
+                  overwrite: bool = False) -> Path:
+    """Train each configuration (its `out` is set here) and return the run folder: the run itself for one
+    member, else OUT holding the members and an ensemble.json."""
+    from medseg.train import create_run_dir, train
+
+    out = Path(out)
+    for config in members.values():
+        config.validate()
+    if len(members) == 1:
+        (config,) = members.values()
+        config.out = str(out)
+        run = train(config, overwrite=overwrite)
+        if plan is not None:
+            write_text_atomic(run / "plan.json", json.dumps(plan, indent=2))
+        return run
+    from medseg.ensemble import create_ensemble
+
+    run = create_run_dir(out, overwrite)
+    if plan is not None:
+        write_text_atomic(run / "plan.json", json.dumps(plan, indent=2))
+    jobs = []
+    for name, config in members.items():
+        config.out = str(run / name)
+        jobs.append((name, asdict(config)))
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        paths = pool.map(_train_member, jobs)
+    create_ensemble([Path(p) for p in paths], run)
+    return run
+
+
+def _train_member(job: tuple[str, dict]) -> str:
+    """One member in its own process (its own threads); its lines carry its name."""
+    import importlib
+
+    name, settings = job
+    module = importlib.import_module("medseg.train")  # the module: the package exports a function of that name
+    module.LINE_PREFIX = f"{name}: "
+    return str(module.train(TrainConfig(**settings)))
