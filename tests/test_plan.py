@@ -160,3 +160,13 @@ def test_train_with_no_recipe_flag_trains_the_planned_ensemble(phantoms_3d, tmp_
     assert [c["axis"] for c in saved] == [0, 1] and all(c["steps"] == 4 and c["base_channels"] == 4 for c in saved)
     assert main(["evaluate", str(run), "--figures", "0", "--quiet"]) == 0
     assert "test: 1 case, used for no choice" in capfd.readouterr().out
+
+
+def test_width_rule_counts_pixels_seen(monkeypatch):
+    """Width 16 where the budget shows it as many pixels as 50k 64x64 slices: a 128x128 crop counts four times."""
+    import medseg.plan as plan
+
+    monkeypatch.setattr(plan, "_time_width", lambda model, *args: 1.0)  # one second a step, any width
+    # 30 minutes, batch 16: 28,800 samples; enough at 128x128 (4.7e8 pixels), not at 64x64 (1.2e8)
+    assert plan.calibrate_width(2, [128, 128], 4, 1, 2, 16, 30, widths=(8, 16))[0] == 16
+    assert plan.calibrate_width(2, [64, 64], 4, 1, 2, 16, 30, widths=(8, 16))[0] == 8

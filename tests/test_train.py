@@ -193,3 +193,22 @@ def test_one_unnamed_class_is_called_foreground(tmp_path):
             PILImage.fromarray(array).save(tmp_path / "d" / folder / f"{name}.png")
     run = train(tiny_config(tmp_path / "d", tmp_path / "run", size=16, epochs=1))
     assert json.loads((run / "dataset.json").read_text())["class_names"] == ["background", "foreground"]
+
+
+def test_clock_guard_stops_a_late_run_and_a_rerun_stops_at_the_same_step(phantoms_2d, tmp_path, monkeypatch):
+    """Calibration is an estimate: a run that would overrun its budget stops on the clock, records where, and a
+    re-run from its config.json stops at that step with the same weights."""
+    from medseg import budget
+
+    monkeypatch.setattr(budget, "SAFETY", 30.0)  # plan far more steps than the budget holds
+    run = train(tiny_config(phantoms_2d, tmp_path / "run", epochs=100_000, steps_per_epoch=20, time_budget=0.1,
+                            patience=0, lr_schedule="poly"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    cfg = TrainConfig.load(run / "config.json")
+    assert cfg.stop_at and cfg.stop_at < cfg.steps and summary["stopped"].startswith("time budget")
+    assert summary["steps"] == cfg.stop_at and summary["seconds"] < 0.1 * 60 + 5
+    monkeypatch.setattr(budget, "SAFETY", 0.95)
+    assert main(["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    first, again = _weights(run), _weights(tmp_path / "again")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert json.loads((tmp_path / "again" / "train_summary.json").read_text())["steps"] == cfg.stop_at

@@ -80,21 +80,32 @@ def train_members(members: dict[str, TrainConfig], out: str | Path, plan: dict |
     run = create_run_dir(out, overwrite)
     if plan is not None:
         write_text_atomic(run / "plan.json", json.dumps(plan, indent=2))
-    jobs = []
-    for name, config in members.items():
-        config.out = str(run / name)
-        jobs.append((name, asdict(config)))
-    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
-        paths = pool.map(_train_member, jobs)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        together = manager.Barrier(len(members), timeout=1800)  # members calibrate at the same time
+        jobs = []
+        for name, config in members.items():
+            config.out = str(run / name)
+            jobs.append((name, asdict(config), together))
+        with context.Pool(len(jobs)) as pool:
+            paths = pool.map(_train_member, jobs)
     create_ensemble([Path(p) for p in paths], run)
     return run
 
 
-def _train_member(job: tuple[str, dict]) -> str:
-    """One member in its own process (its own threads); its lines carry its name."""
+def _train_member(job: tuple) -> str:
+    """One member in its own process (its own threads); its lines carry its name, and it times its steps only
+    when every member does."""
     import importlib
 
-    name, settings = job
+    from medseg import budget
+
+    name, settings, together = job
     module = importlib.import_module("medseg.train")  # the module: the package exports a function of that name
     module.LINE_PREFIX = f"{name}: "
-    return str(module.train(TrainConfig(**settings)))
+    budget.SIDE_BY_SIDE = together
+    try:
+        return str(module.train(TrainConfig(**settings)))
+    except BaseException:
+        together.abort()  # a member that failed before timing must not leave the others waiting
+        raise

@@ -78,6 +78,9 @@ class TrainConfig:
     # or, with --time-budget, what a calibration at the start finds fits the budget (then written here)
     steps: int | None = None
     calibration: dict | None = None  # how --time-budget became `steps` (seconds per step and per validation)
+    # where a time-budgeted run stopped because the clock ran out before `steps` (the schedule still spans `steps`):
+    # written to config.json, so that a re-run stops at the same step and repeats the same weights
+    stop_at: int | None = None
     patience: int = 10  # early stopping on validation Dice; 0 switches it off
     augment: bool = True
     rotate90: bool = False  # also rotate training samples by multiples of 90 degrees (EM, microscopy)

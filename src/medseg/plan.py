@@ -38,6 +38,9 @@ PATCH_VOXELS = {2: 256 * 256, 3: 96 * 96 * 96}  # caps that keep one CPU step ar
 # minutes reached Dice 0.67 where width 16 seeing 45k reached 0.83 (docs/benchmarks.md); provisional until the
 # accuracy benchmark tunes it.
 MIN_SAMPLES = {2: 50_000, 3: 2_000}
+# ... of this size: the rule counts pixels seen (samples x patch pixels), so that a 128x128 crop counts four times
+# a 64x64 slice (DRIVE's hand recipe: width 16 at 128x128 crops met its bar; per sample the rule picked width 8)
+REFERENCE_PIXELS = {2: 64 * 64, 3: 40 * 56 * 40}
 WIDTHS = (8, 16, 32)
 
 
@@ -190,7 +193,8 @@ def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, clas
                     widths: tuple[int, ...] = WIDTHS, norm: str = "instance", activation: str = "leaky_relu"
                     ) -> tuple[int, dict]:
     """Time a few training steps per candidate width (on `threads` CPU threads, as the run will use); return the
-    widest meeting MIN_SAMPLES (else the narrowest), and the timings."""
+    widest that sees as many pixels as MIN_SAMPLES samples of REFERENCE_PIXELS (else the narrowest), and the
+    timings."""
     from medseg.models import UNet
 
     timings, chosen = {}, widths[0]
@@ -205,7 +209,7 @@ def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, clas
                                   steps)
             samples = budget_minutes * 60 / seconds * batch
             timings[str(width)] = {"seconds_per_step": round(seconds, 4), "samples_in_budget": int(samples)}
-            if samples >= MIN_SAMPLES[dims]:
+            if samples * math.prod(patch) >= MIN_SAMPLES[dims] * REFERENCE_PIXELS[dims]:
                 chosen = width
     finally:
         torch.set_num_threads(previous)

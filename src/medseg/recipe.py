@@ -19,8 +19,8 @@ docs/benchmarks.md (the reason written beside each choice names it):
 - Mirroring only along axes where no two classes lie in a fixed order (hippocampus: left-right only).
 - 90-degree rotations only for 2D data with no up: a foreground atlas that is flat (cells, membranes) or looks the
   same when turned (a fundus); on the hippocampus, rotations cost 0.07 Dice in an 8-minute A/B.
-- Width 16, or 8 where timing training steps on this device shows that the budget would hold fewer than
-  `medseg.plan.MIN_SAMPLES` samples at 16 (hippocampus: width 16 seeing 45k slices in 15 minutes reached 0.83,
+- Width 16, or 8 where timing training steps on this device shows that the budget would show the network fewer
+  pixels than `medseg.plan.MIN_SAMPLES` 64x64 slices at 16 (hippocampus: width 16 seeing 45k slices in 15 minutes reached 0.83,
   width 32 seeing 18k reached 0.67).
 """
 from __future__ import annotations
@@ -159,7 +159,8 @@ def describe(configuration: dict, reasons: dict) -> str:
         name, m = next(iter(members.items()))
         layout = f"one 2D network ({name}, padded or cropped to {m['size']})"
     widths = ", ".join(str(m["base_channels"]) for m in members.values())
+    flips = "; ".join(f"{name} along {m['flip_axes'] or 'no axis'}" for name, m in members.items())
     extras = "; 90-degree rotations" if first.get("rotate90") else ""
-    return (f"Plan: {layout}; {first['normalization']} intensities; width {widths} (timed here); mirrored along "
-            f"{first['flip_axes'] or 'no axis'} ({reasons['mirroring']}){extras}; Adam 1e-3 poly, Dice + CE, "
-            f"batch {first['batch_size']}, {first['time_budget']:g} min. Every reason: plan.json in the run folder.")
+    return (f"Plan: {layout}; {first['normalization']} intensities; width {widths} (timed here); mirrored {flips} "
+            f"({reasons['mirroring']}){extras}; Adam 1e-3 poly, Dice + CE, batch {first['batch_size']}, "
+            f"{first['time_budget']:g} min. Every reason: plan.json in the run folder.")

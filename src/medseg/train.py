@@ -144,6 +144,9 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     except BaseException:
         tracker.abort()
         raise
+    if loop.stopped_at is not None:
+        cfg.stop_at = loop.stopped_at
+        cfg.save(run / "config.json")
     summary["postprocessing"] = choose_postprocessing(run, val_cases, device)
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
                    device=str(device), seconds=round(time.monotonic() - started, 1))
@@ -216,6 +219,20 @@ class _Loop:
         self.optimizer = make_optimizer(cfg, trained.model)
         self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
         self.history: list[dict] = []
+        self.stopped_at: int | None = None  # the step where the clock ran out, if it did
+
+    @property
+    def last_step(self) -> int:
+        """Where training ends: every step of the schedule, or where a budgeted run once ran out of time."""
+        return min(self.total_steps, self.cfg.stop_at or self.total_steps)
+
+    def out_of_time(self) -> bool:
+        """A budgeted run's guard (calibration is an estimate): true once the clock leaves no room for one
+        more validation and the post-processing pass. Never on a re-run, which stops where the run stopped."""
+        if not self.cfg.time_budget or self.cfg.stop_at is not None or not self.cfg.calibration:
+            return False
+        reserve = 2 * self.cfg.calibration["seconds_per_validation"] + 2.0
+        return self.elapsed() > self.cfg.time_budget * 60 - reserve
 
     @property
     def total_steps(self) -> int:
@@ -236,7 +253,7 @@ class _Loop:
 
     def run(self, model_args: dict) -> dict:
         best, best_epoch, stale, reason = -1.0, 0, 0, "steps done"
-        epochs = math.ceil(self.total_steps / self.steps)
+        epochs = math.ceil(self.last_step / self.steps)
         for epoch in range(1, epochs + 1):
             epoch_start = time.monotonic()
             row = {"epoch": epoch, **self.train_epoch(epoch)}
@@ -255,11 +272,18 @@ class _Loop:
                 stale += 1
             say(f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
                           f"val Dice {row['val_dice']:.4f} ({row['seconds']:.0f}s)")
+            if self.stopped_at is not None:
+                reason = (f"time budget: the clock ran out at step {self.stopped_at} of {self.total_steps} (kept as "
+                          "stop_at in config.json, so a re-run stops there too)")
+                break
             if self.cfg.patience and stale >= self.cfg.patience:
                 reason = f"early stopping (no better validation Dice for {self.cfg.patience} epochs)"
                 break
+        if self.cfg.stop_at is not None:
+            reason = f"stopped at step {self.cfg.stop_at} of {self.total_steps}, where the budgeted run stopped"
+        done = self.stopped_at or min(self.last_step, len(self.history) * self.steps)
         return {"best_epoch": best_epoch, "best_val_dice": best, "epochs_run": len(self.history),
-                "steps": min(self.total_steps, len(self.history) * self.steps), "stopped": reason}
+                "steps": done, "stopped": reason}
 
     def train_epoch(self, epoch: int) -> dict:
         model = self.trained.model
@@ -267,7 +291,7 @@ class _Loop:
         if self.cfg.freeze_encoder_epochs:
             set_encoder_frozen(model, epoch <= self.cfg.freeze_encoder_epochs)
         first = (epoch - 1) * self.steps
-        steps = min(self.steps, self.total_steps - first)
+        steps = min(self.steps, self.last_step - first)
         counts, pixels, correct, losses, lr = None, 0, 0, [], self.cfg.lr
         bar = tqdm(self.sampler.epoch_batches(steps), total=steps, desc=f"epoch {epoch}",
                    disable=not show_bars(self.cfg.progress), leave=False)
@@ -283,6 +307,9 @@ class _Loop:
             counts = batch_counts if counts is None else counts + batch_counts
             pixels, correct = pixels + label.numel(), correct + batch_correct
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if self.out_of_time():
+                self.stopped_at = first + step + 1
+                break
         pooled = [metrics_from_counts(*row) for row in counts]
         return {"train_loss": float(np.mean(losses)), "train_dice": nanmean([m["dice"] for m in pooled]),
                 "train_iou": nanmean([m["iou"] for m in pooled]),
