@@ -80,3 +80,14 @@ def test_runs_that_cannot_be_averaged_are_refused(trained_3d, phantoms_3d, tmp_p
     with pytest.raises(MedsegError, match="validated by some members and trained on by others"):
         evaluate_run(tmp_path / "mixed", cases="val", figures=0, progress=False, device="cpu")
     assert load_run(trained_3d).config.normalization != "zscore"
+
+
+def test_report_of_an_ensemble_shows_each_member(members, tmp_path):
+    from medseg.report import write_report
+
+    create_ensemble(list(members), tmp_path / "both")
+    page, markdown = write_report(tmp_path / "both", progress=False, device="cpu")
+    text = markdown.read_text()
+    assert "An ensemble: the mean probability of axis2, axis0" in text
+    assert "## Training (axis2)" in text and "## Training (axis0)" in text and "Configuration of axis0" in text
+    assert "test:" in page.read_text()

@@ -293,7 +293,8 @@ def _train_command(args: argparse.Namespace) -> None:
             print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
                   f"({summary['stopped']}); run: {member.parent}")
         if (run / "ensemble.json").exists():
-            print(f"ensemble: {run} (medseg evaluate {run})")
+            print(f"ensemble: {run}")
+        print(f"validation Dice chose the checkpoint (optimistic); 'medseg evaluate {run}' scores the test cases")
 
 
 def _single_configuration(args: argparse.Namespace) -> bool:

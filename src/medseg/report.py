@@ -36,8 +36,7 @@ def write_report(run: str | Path, out: str | Path | None = None, device: str = "
     from medseg.figures import plot_curves, plot_distributions
 
     run = Path(run)
-    if not (run / "best.pt").exists():
-        raise MedsegError(f"{run}: not a training run (no best.pt); train first or point at a run folder")
+    trainings = training_runs(run)
     if not evaluated(run):
         from medseg.evaluate import evaluate_run
 
@@ -49,8 +48,12 @@ def write_report(run: str | Path, out: str | Path | None = None, device: str = "
     files.mkdir(parents=True, exist_ok=True)
     classes = list(summary["per_class"])
 
-    history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
-    curves = plot_curves(history, files / "curves.png") if history else None
+    curves = {}
+    for member in trainings:
+        history_path = member / "history.json"
+        if history_path.exists():
+            history = json.loads(history_path.read_text())
+            curves[member] = plot_curves(history, files / f"curves_{member.name}.png") if history else None
     distributions = plot_distributions(rows, classes, DISTRIBUTION_METRICS, files / "distributions.png",
                                        summary.get("distance_unit", "mm"))
     shown = draw_chosen_cases(run, summary, rows, files, device)
@@ -64,18 +67,38 @@ def write_report(run: str | Path, out: str | Path | None = None, device: str = "
               ("p", "Mean ± sd over cases, with the bootstrap 95% confidence interval of the mean. Distances in "
                     f"{summary.get('distance_unit', 'mm')}. Undefined cases (a class absent from both ground truth "
                     "and prediction) are left out of that class's mean. " + summary.get("policy", ""))]
-    blocks += training_blocks(run, curves)
+    if trainings != [run]:
+        blocks.append(("p", f"An ensemble: the mean probability of {', '.join(m.name for m in trainings)}, each "
+                            "trained in its own folder; their training follows, one after the other."))
+    for member in trainings:
+        blocks += training_blocks(member, curves.get(member), member != run)
     blocks += [("h2", "Metric distributions"), ("figure", (distributions, "per-case values, one box per class"))]
     blocks += [("h2", "Best, median and worst cases"),
                ("p", "Ranked by the case's mean Dice over classes. Contours: ground truth solid, prediction dashed. "
                      + UNCERTAINTY_NOTE)]
     blocks += [("figure", (path, caption)) for path, caption in shown]
-    blocks += [("h2", "Configuration and plan"), ("table", settings_table(run))]
+    for member in trainings:
+        blocks += [("h2", "Configuration and plan" if member == run else f"Configuration of {member.name}"),
+                   ("table", settings_table(member))]
     blocks += [("h2", "Every case"), ("table", case_table(rows))]
     out.write_text(to_html(blocks))
     markdown = out.with_suffix(".md")
     markdown.write_text(to_markdown(blocks, markdown.parent))
     return out, markdown
+
+
+def training_runs(run: Path) -> list[Path]:
+    """The run itself, or the members of an ensemble (`medseg ensemble`, a planned ensemble) or the folds of a
+    cross-validation folder."""
+    from medseg.ensemble import is_ensemble, member_paths
+
+    if (run / "best.pt").exists():
+        return [run]
+    found = member_paths(run) if is_ensemble(run) else sorted(p for p in run.glob("fold_*") if (p / "best.pt").exists())
+    if not found:
+        raise MedsegError(f"{run}: not a training run (no best.pt, ensemble.json or fold_*); train first or point "
+                          "at a run folder")
+    return found
 
 
 def evaluated(run: Path) -> bool:
@@ -150,13 +173,15 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return ["class", *SUMMARY_METRICS, "cases undefined (Dice)"], rows
 
 
-def training_blocks(run: Path, curves: Path | None) -> list[tuple]:
+def training_blocks(run: Path, curves: Path | None, member: bool = False) -> list[tuple]:
     path = run / "train_summary.json"
     facts = json.loads(path.read_text()) if path.exists() else {}
-    keep = ["epochs_run", "best_epoch", "best_val_dice", "stopped", "seconds", "device", "parameters",
+    keep = ["epochs_run", "steps", "best_epoch", "best_val_dice", "stopped", "seconds", "device", "parameters",
             "train_samples", "postprocessing"]
     table = (["", "value"], [[k, _text(facts[k])] for k in keep if k in facts])
-    blocks = [("h2", "Training"), ("table", table)]
+    blocks = [("h2", f"Training ({run.name})" if member else "Training"), ("table", table),
+              ("p", "best_val_dice is measured on the validation cases that chose the checkpoint: it is optimistic; "
+                    "the metrics above are on the cases named there.")]
     if curves:
         blocks.append(("figure", (curves, "loss, Dice and accuracy per epoch, training against validation")))
     return blocks
