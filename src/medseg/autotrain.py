@@ -89,6 +89,8 @@ def train_members(members: dict[str, TrainConfig], out: str | Path, plan: dict |
             jobs.append((name, asdict(config), together))
         with context.Pool(len(jobs)) as pool:
             paths = pool.map(_train_member, jobs)
+            pool.close()  # joined, not terminated: a terminated pool leaves semaphores behind (and a warning)
+            pool.join()
     create_ensemble([Path(p) for p in paths], run)
     return run
 
