@@ -32,7 +32,8 @@ DOCS = ROOT / "docs" / "benchmarks"
 VENV = ROOT / ".venv-nnunet"
 HIPPOCAMPUS = SHARED / "msd_hippocampus" / "Task04_Hippocampus"
 DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
-TRAINER_TEMPLATE = '''from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+TRAINER_TEMPLATE = '''import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class {name}(nnUNetTrainer):
@@ -93,9 +94,16 @@ def write_raw(raw: Path, parts: dict) -> None:
 def write_trainer(python: Path, epochs: int, iterations: int) -> str:
     """The budget trainer, with the installed nnUNetTrainer's own constructor signature; returns its name."""
     name = f"nnUNetTrainerBudget_{epochs}ep_{iterations}it"
-    probe = ("import inspect, os, nnunetv2; from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer;"
-             "s = inspect.signature(nnUNetTrainer.__init__); print(os.path.dirname(nnunetv2.__file__));"
-             "print(str(s)[1:-1]); print(', '.join(p for p in s.parameters if p != 'self'))")
+    probe = ("import inspect, os, torch, nnunetv2\n"
+             "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
+             "s = inspect.signature(nnUNetTrainer.__init__)\n"
+             "def text(p):\n"
+             "    if p.default is inspect.Parameter.empty: return p.name\n"
+             "    d = p.default\n"
+             "    return f'{p.name}=torch.device({str(d)!r})' if isinstance(d, torch.device) else f'{p.name}={d!r}'\n"
+             "print(os.path.dirname(nnunetv2.__file__))\n"
+             "print(', '.join(text(p) for p in s.parameters.values()))\n"
+             "print(', '.join(p for p in s.parameters if p != 'self'))")
     package, signature, call = subprocess.run([str(python), "-c", probe], check=True, capture_output=True,
                                               text=True).stdout.strip().split("\n")
     target = Path(package) / "training" / "nnUNetTrainer" / "variants" / "medseg_budget.py"
