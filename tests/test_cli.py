@@ -118,3 +118,10 @@ def test_every_training_setting_has_a_flag():
     flags = {flag[2:].replace("-", "_") for flag, _, _ in TRAIN_OPTIONS}
     set_elsewhere = {"data", "out", "progress", "augment", "intensity_stats", "target_spacing", "calibration", "stop_at"}
     assert {f.name for f in fields(TrainConfig)} - set_elsewhere - flags == set()
+
+
+def test_reading_flags_are_the_reading_settings():
+    from medseg.cli import DATA_OPTIONS
+    from medseg.config import READING_FIELDS
+
+    assert [flag[2:].replace("-", "_") for flag, _, _ in DATA_OPTIONS] == list(READING_FIELDS)

@@ -12,11 +12,8 @@ import multiprocessing
 from dataclasses import asdict
 from pathlib import Path
 
-from medseg.config import TrainConfig
+from medseg.config import READING_FIELDS, TrainConfig
 from medseg.io import write_text_atomic
-
-
-READING = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout")
 
 
 def planned_members(data: str | Path, budget_minutes: float, overrides: dict, device: str = "auto",
@@ -28,7 +25,7 @@ def planned_members(data: str | Path, budget_minutes: float, overrides: dict, de
     from medseg.recipe import describe
 
     device = str(resolve_device(overrides.get("device", device)))
-    plan = make_plan(data, budget_minutes, device, data_options={k: overrides.get(k) for k in READING},
+    plan = make_plan(data, budget_minutes, device, data_options={k: overrides.get(k) for k in READING_FIELDS},
                      alternatives=False, cores=overrides.get("threads"))
     print(describe(plan["configurations"]["auto"], plan["reasons"]), flush=True)
     return configs_from_plan(plan, None, data, overrides, progress), plan

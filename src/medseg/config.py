@@ -17,6 +17,8 @@ FITS = ("resize", "pad")
 SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
 NPY_LAYOUTS = ("auto", "volume", "hwc", "chw")
+# The settings that say how a labelled dataset is read (every command that reads one takes them)
+READING_FIELDS = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout")
 
 
 def _model_names() -> list[str]:

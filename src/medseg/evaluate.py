@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medseg.config import READING_FIELDS
 from medseg.console import show_bars
 from medseg.checkpoint import load_models
 from medseg.data import load_case
@@ -41,7 +42,6 @@ COLUMNS = METRICS + BOUNDARY_METRICS
 TEXT_COLUMNS = ("case", "class", "role", "counted")
 ROLE_TEXT = {"test": "used for no choice", "selection": "used to choose the checkpoint and post-processing "
              "(optimistic)", "new": "not part of the run's dataset split", "trained": "trained on"}
-DATA_FLAGS = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout")
 
 
 @dataclass
@@ -164,7 +164,7 @@ def _evaluate_cases(models: list, planned: list[Planned], source: str, out: Path
                     group_of, data: str | Path | None, run: Path, data_options: dict | None) -> dict:
     trained = models[0]
     cfg, names = trained.config, trained.class_names
-    read_cfg = replace(cfg, **{k: v for k, v in (data_options or {}).items() if k in DATA_FLAGS and v is not None})
+    read_cfg = replace(cfg, **{k: v for k, v in (data_options or {}).items() if k in READING_FIELDS and v is not None})
     rows, raw_rows, shown, seconds, units = [], [], [], [], set()
     for item in tqdm(planned, desc="evaluating", disable=not show_bars(progress), leave=False):
         loaded = load_case(item.case, read_cfg, resample=False)  # metrics on the case's own grid
@@ -193,7 +193,7 @@ def _evaluate_cases(models: list, planned: list[Planned], source: str, out: Path
     summary["distance_unit"] = "mm" if units == {"mm"} else "pixels" if units == {"pixels"} else "mm or pixels"
     summary["inference_seconds_per_case"] = float(np.median(seconds))
     summary["data_path"] = str(data) if data else None  # for `medseg report`: where the cases came from
-    summary["data_options"] = {k: v for k, v in (data_options or {}).items() if k in DATA_FLAGS and v is not None}
+    summary["data_options"] = {k: v for k, v in (data_options or {}).items() if k in READING_FIELDS and v is not None}
     summary["evaluated"] = "external" if data else planned[0].role
     if group_of is not None:
         from medseg.groups import groups_markdown, subgroup_report
