@@ -88,6 +88,11 @@ def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0,
     }
 
 
+def class_count(fp: dict) -> int:
+    """Output classes, background included: those named, or as many as the largest label seen needs."""
+    return max(len(fp["class_names"]), int(max(map(int, fp["class_frequency"]))) + 1)
+
+
 def _small_mask(mask: np.ndarray, side: int = 64) -> np.ndarray:
     """A 2D mask averaged down to side x side (area interpolation): where the foreground lies, at any size."""
     tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
@@ -259,7 +264,7 @@ def _alternative_configurations(fp: dict, data: str, options: dict, budget_minut
                                 calibrate: bool) -> tuple[dict, dict]:
     """nnU-Net-style `2d` and (for volumes) `3d` configurations, and the seed's recipe `seed_2d`."""
     normalization, why_norm = choose_normalization(fp)
-    classes = max(len(fp["class_names"]), int(max(map(int, fp["class_frequency"]))) + 1)
+    classes = class_count(fp)
     common = {"data": data, **options, "normalization": normalization, "norm": "instance",
               "activation": "leaky_relu", "loss": "dice_ce", "optimizer": "sgd", "lr": 1e-2, "lr_schedule": "poly",
               "patience": 0, "epochs": 1000, "steps_per_epoch": 100, "time_budget": budget_minutes,

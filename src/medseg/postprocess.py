@@ -24,16 +24,17 @@ def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray
 
 
 def choose_classes(predictions: list[np.ndarray], truths: list[np.ndarray], class_names: list[str],
-                   rois: list | None = None, spacings: list | None = None) -> dict:
+                   rois: list | None = None) -> dict:
     """Per foreground class: mean validation Dice without and with the rule (cases where the class is undefined
     left out, as everywhere); `classes` lists where it helped. `rois` (one boolean array or None per case)
     restricts scoring to each case's region of interest. Scored with `scored_metrics`, as evaluation scores."""
     report, chosen = {}, []
     rois = rois or [None] * len(truths)
+    plain = [scored_metrics(p, t, class_names, roi=r) for p, t, r in zip(predictions, truths, rois)]  # once
     for k in range(1, len(class_names)):
-        before = nanmean([_dice(p, t, r, class_names, k) for p, t, r in zip(predictions, truths, rois)])
+        before = nanmean([scores[class_names[k]]["dice"] for scores in plain])
         after = nanmean([_dice(keep_largest_component(p, [k]), t, r, class_names, k)
-                          for p, t, r in zip(predictions, truths, rois)])
+                         for p, t, r in zip(predictions, truths, rois)])
         report[str(k)] = {"dice_without": before, "dice_with": after}
         if after > before:
             chosen.append(k)

@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from medseg.plan import calibrate_width, choose_normalization, mirror_axes
+from medseg.plan import calibrate_width, choose_normalization, class_count, mirror_axes
 
 MAX_SIDE = 128
 WIDTHS = (8, 16)  # 16 is every measured recipe's width; 8 only where the budget holds too few samples for 16
@@ -69,7 +69,7 @@ def default_configuration(fp: dict, data: str, options: dict, budget_minutes: fl
         width, timings = 16, {}
         if calibrate:
             width, timings = calibrate_width(2, [settings["size"]] * 2, settings["depth"], fp["channels"],
-                                             _classes(fp), BATCH, budget_minutes, device, threads=threads,
+                                             class_count(fp), BATCH, budget_minutes, device, threads=threads,
                                              widths=WIDTHS, norm="batch", activation="relu")
         settings["base_channels"] = width
         reasons[f"{name}_width"] = {"chosen": width, "timings": timings, "threads": threads}
@@ -142,10 +142,6 @@ def _no_up(fp: dict) -> tuple[bool, str]:
                       "anything false (ISBI, DSB, DRIVE)")
     return False, (f"the foreground has a place and an up (structure {layout['structure']}, rotation similarity "
                    f"{layout['rotation_similarity']}): no rotations, which cost 0.07 Dice on anatomy")
-
-
-def _classes(fp: dict) -> int:
-    return max(len(fp["class_names"]), int(max(map(int, fp["class_frequency"]))) + 1)
 
 
 def describe(configuration: dict, reasons: dict) -> str:
