@@ -11,6 +11,7 @@ from medseg.datasets import find_cases
 from medseg.errors import MedsegError
 from medseg.config import TrainConfig
 from medseg.infer import (forward_probabilities, gaussian_weights, predict_probabilities, sliding_window, tta_axes,
+                          tta_rotates,
                           window_starts)
 from medseg.models import UNet
 from medseg.train import train
@@ -62,6 +63,26 @@ def test_mirroring_only_along_the_axes_trained_with_flips():
         both = forward_probabilities(model, image, mirror=(0, 1))
     np.testing.assert_allclose(rows_only, expected, atol=1e-6)
     assert not torch.allclose(both, expected)
+
+
+def test_rotation_tta_averages_all_eight_symmetries():
+    """A network trained with quarter turns and both flips (data with no up) is averaged over the dihedral group, so
+    its prediction turns with the input, also for a slice that is not square; networks trained without turns, or
+    3D ones, are not turned."""
+    assert tta_rotates(TrainConfig(data="x", dims=2, mirror_tta=True, rotate90=True))
+    assert not tta_rotates(TrainConfig(data="x", dims=2, mirror_tta=True))
+    assert not tta_rotates(TrainConfig(data="x", dims=2, mirror_tta=False, rotate90=True))
+    assert not tta_rotates(TrainConfig(data="x", dims=3, mirror_tta=True, rotate90=True))
+    model = UNet(1, 2, base_channels=4, depth=2).eval()
+    image = torch.rand(1, 1, 12, 16)
+    with torch.no_grad():
+        averaged = forward_probabilities(model, image, mirror=(0, 1), rotate=True)
+        turned = forward_probabilities(model, image.rot90(1, (-2, -1)), mirror=(0, 1), rotate=True)
+        flips_only = forward_probabilities(model, image, mirror=(0, 1))
+        flips_turned = forward_probabilities(model, image.rot90(1, (-2, -1)), mirror=(0, 1))
+    assert averaged.shape == (1, 2, 12, 16)
+    np.testing.assert_allclose(turned, averaged.rot90(1, (-2, -1)), atol=1e-6)
+    assert not torch.allclose(flips_turned, flips_only.rot90(1, (-2, -1)), atol=1e-4)
 
 
 def test_foreground_oversampling(phantoms_3d, tmp_path):

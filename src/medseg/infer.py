@@ -33,6 +33,7 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
         volume = torch.from_numpy(np.ascontiguousarray(array))[None].to(trained.device)
         return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=tta_axes(cfg),
                               sigmoid=sigmoid).cpu().numpy()
+    rotate = tta_rotates(cfg)
     slices = to_slices(array, cfg.axis, cfg.context)
     native = slices[0].shape[-2:]
     out = []
@@ -40,9 +41,9 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
         batch = torch.from_numpy(np.stack(slices[start:start + batch_size])).to(trained.device)
         if cfg.fit == "resize":
             probs = resize_image(forward_probabilities(model, resize_image(batch, (cfg.size, cfg.size)),
-                                                       tta_axes(cfg), sigmoid), native)
+                                                       tta_axes(cfg), sigmoid, rotate), native)
         else:
-            probs = _at_least_training_size(model, batch, cfg.size, tta_axes(cfg), sigmoid)
+            probs = _at_least_training_size(model, batch, cfg.size, tta_axes(cfg), sigmoid, rotate)
         out.append(probs.cpu().numpy())
     probs = np.concatenate(out, 0)  # (S, K, H, W)
     if array.ndim == 3:
@@ -58,19 +59,29 @@ def tta_axes(cfg) -> tuple[int, ...]:
     return tuple(range(cfg.dims)) if cfg.flip_axes is None else tuple(cfg.flip_axes)
 
 
+def tta_rotates(cfg) -> bool:
+    """Whether TTA also averages over a quarter turn: for 2D networks trained with 90-degree rotations (data with
+    no up), so that with both flips the prediction is averaged over all eight symmetries the training used."""
+    return bool(cfg.mirror_tta and cfg.rotate90 and cfg.dims == 2)
+
+
 def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: tuple[int, ...] = (),
-                          sigmoid: bool = False) -> torch.Tensor:
+                          sigmoid: bool = False, rotate: bool = False) -> torch.Tensor:
     """Softmax (or, for region outputs, sigmoid) of the model for (B, C, *spatial); averaged over every
-    combination of flips along the spatial axes `mirror` (counted from 0)."""
+    combination of flips along the spatial axes `mirror` (counted from 0), and with `rotate` over each of those
+    turned by 90 degrees in the last two axes too."""
     axes = [2 + a for a in mirror]
     combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
-    total = None
-    for flip in combos:
-        logits = model(batch.flip(flip) if flip else batch)
-        probs = logits.sigmoid() if sigmoid else logits.softmax(1)
-        probs = probs.flip(flip) if flip else probs
-        total = probs if total is None else total + probs
-    return total / len(combos)
+    total, count = None, 0
+    for turns in (0, 1) if rotate else (0,):
+        for flip in combos:
+            seen = batch.flip(flip) if flip else batch
+            logits = model(seen.rot90(turns, (-2, -1)) if turns else seen)
+            probs = logits.sigmoid() if sigmoid else logits.softmax(1)
+            probs = probs.rot90(-turns, (-2, -1)) if turns else probs
+            probs = probs.flip(flip) if flip else probs
+            total, count = (probs if total is None else total + probs), count + 1
+    return total / count
 
 
 def _crop_centre(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
@@ -80,11 +91,11 @@ def _crop_centre(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor
 
 
 def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: tuple[int, ...],
-                            sigmoid: bool = False) -> torch.Tensor:
+                            sigmoid: bool = False, rotate: bool = False) -> torch.Tensor:
     """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
     h, w = batch.shape[-2:]
     padded, _ = pad_or_crop(batch, None, (max(h, size), max(w, size)))
-    return _crop_centre(forward_probabilities(model, padded, mirror, sigmoid), (h, w))
+    return _crop_centre(forward_probabilities(model, padded, mirror, sigmoid, rotate), (h, w))
 
 
 def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
