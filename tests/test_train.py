@@ -28,7 +28,7 @@ def test_run_folder_holds_everything(trained_2d):
     assert len(split["test"]) == 2 and len(split["val"]) == 2 and len(split["train"]) == 8  # 20% of 12, 20% of 10
     trained = load_run(trained_2d)
     assert trained.class_names == ["background", "ellipse", "ring"] and not trained.model.training
-    assert torch.load(trained_2d / "last.pt", weights_only=False)["optimizer"]
+    assert torch.load(trained_2d / "last.pt", weights_only=True)["optimizer"]
 
 
 def test_training_learns_phantoms(phantoms_2d, tmp_path):
@@ -48,7 +48,7 @@ def test_seeded_runs_repeat(phantoms_2d, tmp_path):
 
 
 def _weights(run):
-    return torch.load(run / "last.pt", weights_only=False)["model"]
+    return torch.load(run / "last.pt", weights_only=True)["model"]
 
 
 def test_time_budget_becomes_steps_and_a_rerun_repeats_the_weights(phantoms_2d, tmp_path):
@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantoms_2d, t
     with pytest.raises(MedsegError, match=r"epoch 2, step \d+: the training loss is nan.*last.pt keeps the last "
                                           r"good epoch \(1\)"):
         train(tiny_config(phantoms_2d, tmp_path / "run", epochs=3))
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 

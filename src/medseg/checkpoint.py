@@ -1,9 +1,11 @@
 """Checkpoints written atomically, and a trained run loaded back as (model, config, metadata)."""
 from __future__ import annotations
 
-import os
-import tempfile
 import json
+import os
+import pickle
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,26 @@ def save_checkpoint(path: Path, state: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
+    """A checkpoint's tensors and plain values, read without unpickling anything else: a checkpoint is data a user
+    may have been handed, and unpickling arbitrary objects would run code chosen by whoever wrote the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise MedsegError(f"{path}: refused; this {what} holds Python objects beyond tensors and plain values "
+                              f"({found.group(1)}), and loading them could run code from the file (medseg loads "
+                              "weights only; if you trust the file, save just its state dict with torch.save)") from exc
+        raise MedsegError(f"{path}: {what} cannot be read (not a PyTorch checkpoint, or damaged); retrain or "
+                          "restore it") from exc
+    except Exception as exc:  # truncated, zero bytes, not a zip
+        raise MedsegError(f"{path}: {what} cannot be read ({type(exc).__name__}); retrain or restore it") from exc
+    if not isinstance(state, dict):
+        raise MedsegError(f"{path}: {what} holds a {type(state).__name__}, not a dictionary of weights")
+    return state
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -65,10 +87,7 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto") -> Trai
     path = run if run.is_file() else run / f"{which}.pt"
     if not path.exists():
         raise MedsegError(f"{run}: no checkpoint {path.name} found; train first with 'medseg train DATA --out {run}'")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise MedsegError(f"{path}: checkpoint cannot be read ({type(exc).__name__}); retrain or restore it") from exc
+    state = read_checkpoint(path)
     target = resolve_device(device)
     model = create_model(state["model_name"], **state["model_args"])
     model.load_state_dict(state["model"])

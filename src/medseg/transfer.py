@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from medseg.checkpoint import read_checkpoint
 from medseg.errors import MedsegError
 
 
@@ -28,11 +29,8 @@ def checkpoint_path(source: str | Path) -> Path:
 def load_matching(model: nn.Module, source: str | Path) -> dict:
     """Copy into `model` every tensor of the checkpoint with the same name and shape; return the account."""
     path = checkpoint_path(source)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise MedsegError(f"--init-from {path}: not a readable PyTorch checkpoint ({exc})") from exc
-    weights = state.get("model", state) if isinstance(state, dict) else None
+    state = read_checkpoint(path, "--init-from checkpoint")
+    weights = state.get("model", state)
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise MedsegError(f"--init-from {path}: holds no state dict of tensors")
     own = model.state_dict()
