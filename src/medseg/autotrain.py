@@ -74,7 +74,7 @@ def train_members(members: dict[str, TrainConfig], out: str | Path, plan: dict |
         return run
     from medseg.ensemble import create_ensemble
 
-    run = create_run_dir(out, overwrite)
+    run = create_run_dir(out, overwrite, kind="ensemble")
     if plan is not None:
         write_text_atomic(run / "plan.json", json.dumps(plan, indent=2))
     context = multiprocessing.get_context("spawn")

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.folders import mark
 
 MANIFEST = "ensemble.json"
 
@@ -47,7 +48,10 @@ def create_ensemble(runs: list[str | Path], out: str | Path) -> Path:
                 raise MedsegError(f"{m.run}: {what} {b} differ from {first.run} ({a}); only runs that read their "
                                   "input the same way and predict the same classes can be averaged")
     out = Path(out)
+    fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
+    if fresh:  # a folder that already held the user's files is never marked as replaceable
+        mark(out, "ensemble")
     members = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in runs]
     (out / MANIFEST).write_text(json.dumps({"members": members}, indent=2))
     return out

@@ -32,6 +32,7 @@ from medseg.checkpoint import load_models
 from medseg.data import load_case
 from medseg.datasets import Case, case_hash, find_cases
 from medseg.errors import MedsegError
+from medseg.folders import check_replaceable, mark, replace_folder
 from medseg.infer import final_labels
 from medseg.metrics import BOUNDARY_METRICS, METRICS, POLICY, scored_metrics
 from medseg.figures import most_informative_slice, plot_case
@@ -65,9 +66,10 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
     from medseg.groups import read_groups
 
     group_of = read_groups(groups) if groups else None  # a bad file fails before any work
+    out = Path(out) if out else Path(run) / "evaluation"
+    check_replaceable(out, "--out")
     models = load_models(run, device=device)
     planned, source = evaluation_cases(models, data, cases, data_options)
-    out = Path(out) if out else Path(run) / "evaluation"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     umask = os.umask(0)
@@ -76,8 +78,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
     try:
         summary = _evaluate_cases(models, planned, source, staging, figures, progress, group_of, data, Path(run),
                                   data_options)
-        if out.exists():
-            shutil.rmtree(out)
+        mark(staging, "evaluation")
+        replace_folder(out, "--out")
         os.replace(staging, out)  # a failed evaluation leaves no half-written folder behind
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -68,10 +68,13 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     trained = models[0]
     inputs_ = group_channels(collect_inputs(inputs), trained.in_channels)
     targets: list[Path] = []
+    originals = {path.resolve() for group in inputs_ for path in group}
     for group in inputs_:
         target = mask_path_for(group[0], out)
         if len(group) > 1:  # channel files: the mask is named after the case, without _0000
             target = target.with_name(target.name.replace(stem_of(group[0]), stem_of(group[0])[:-5], 1))
+        if target.resolve() in originals:
+            raise MedsegError(f"{target}: the mask would overwrite an input file; choose another --out")
         if target in targets:
             raise MedsegError(f"{group[0]}: another input also writes {target.name}; predict them into separate "
                               "folders")

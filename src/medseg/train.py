@@ -14,7 +14,6 @@ import io
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from medseg.checkpoint import TrainedModel, resolve_device, save_checkpoint
+from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
 from medseg.budget import calibrate_steps
 from medseg.console import show_bars
@@ -91,13 +91,16 @@ def class_names_for(cfg: TrainConfig, dataset: Dataset, largest: int) -> list[st
     return names + [f"class_{k}" for k in range(len(names), largest + 1)]
 
 
-def create_run_dir(out: str | Path, overwrite: bool) -> Path:
+def create_run_dir(out: str | Path, overwrite: bool, kind: str = "run") -> Path:
+    """An empty run folder, marked as medseg's; `overwrite` replaces an existing run, never a folder medseg did not
+    write (medseg.folders)."""
     run = Path(out)
     if run.exists() and any(run.iterdir()):
         if not overwrite:
             raise MedsegError(f"{run}: run folder exists and is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(run)
+        replace_folder(run, "--out")
     run.mkdir(parents=True, exist_ok=True)
+    mark(run, kind)
     return run
 
 
