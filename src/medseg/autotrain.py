@@ -28,7 +28,17 @@ def planned_members(data: str | Path, budget_minutes: float, overrides: dict, de
     plan = make_plan(data, budget_minutes, device, data_options={k: overrides.get(k) for k in READING_FIELDS},
                      alternatives=False, cores=overrides.get("threads"))
     print(describe(plan["configurations"]["auto"], plan["reasons"]), flush=True)
+    changed = overridden(plan["configurations"]["auto"]["members"], overrides)
+    if changed:
+        print(f"Your flags override the plan: {changed}.", flush=True)
     return configs_from_plan(plan, None, data, overrides, progress), plan
+
+
+def overridden(members: dict, overrides: dict) -> str:
+    """The user's settings that differ from what the plan chose, as flags ("--base-channels 32")."""
+    changed = {key: value for key, value in overrides.items()
+               if any(key in m and m[key] != value for m in members.values())}
+    return ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in changed.items())
 
 
 def configs_from_plan(plan: dict, configuration: str | None, data: str | Path | None, overrides: dict,
