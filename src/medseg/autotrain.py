@@ -102,6 +102,41 @@ def train_members(members: dict[str, TrainConfig], out: str | Path, plan: dict |
     return run
 
 
+def resume(run: str | Path, progress: bool = True) -> Path:
+    """Continue a stopped run, or each unfinished member of a stopped ensemble (side by side, as they trained),
+    then write the ensemble's manifest."""
+    from medseg.ensemble import create_ensemble
+    from medseg.errors import MedsegError
+    from medseg.train import resume_run
+
+    run = Path(run)
+    if (run / "config.json").exists() or not (run / "plan.json").exists():
+        return resume_run(run, progress)
+    names = list(json.loads((run / "plan.json").read_text())["configurations"]["auto"]["members"])
+    missing = [name for name in names if not (run / name / "config.json").exists()]
+    if missing:
+        raise MedsegError(f"{run / missing[0]}: this member never started, so the ensemble cannot be resumed; "
+                          "train it again with 'medseg train DATA --out RUN --overwrite'")
+    unfinished = [name for name in names if not (run / name / "train_summary.json").exists()]
+    if unfinished:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(len(unfinished)) as pool:
+            pool.map(_resume_member, [(name, str(run / name), progress) for name in unfinished])
+            pool.close()
+            pool.join()
+    create_ensemble([run / name for name in names], run)
+    return run
+
+
+def _resume_member(job: tuple) -> str:
+    import importlib
+
+    name, path, progress = job
+    module = importlib.import_module("medseg.train")
+    module.LINE_PREFIX = f"{name}: "
+    return str(module.resume_run(path, progress))
+
+
 def _train_member(job: tuple) -> str:
     """One member in its own process (its own threads); its lines carry its name, and it times its steps only
     when every member does."""

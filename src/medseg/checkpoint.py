@@ -1,10 +1,13 @@
 """Checkpoints written atomically, and a trained run loaded back as (model, config, metadata)."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 
 from medseg.config import TrainConfig
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, write_error
 from medseg.models import create_model
 
 
@@ -27,16 +30,61 @@ class TrainedModel:
     postprocess_classes: list[int] = field(default_factory=list)  # keep-largest-component, chosen on validation
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
+def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint. A
+    checksum of every tensor and value goes inside, verified on reading. With `keep_previous`, the checkpoint it
+    replaces stays as NAME.prev.pt, the fallback when NAME.pt turns out damaged."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     os.close(handle)
     try:
-        torch.save(state, tmp)
+        buffer = io.BytesIO()  # serialised in memory, written by Python: a full disk raises OSError, not torch's
+        torch.save({**state, "checksum": checksum(state)}, buffer)
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        if keep_previous and path.exists():
+            link = Path(tmp).with_suffix(".prev")
+            os.link(path, link)  # a second name for the old file: the old file stays complete under both
+            os.replace(link, previous_path(path))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
+        Path(tmp).with_suffix(".prev").unlink(missing_ok=True)
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def checksum(state) -> str:
+    """SHA-256 over a checkpoint's tensors (dtype, shape and bytes) and plain values, in key order."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(repr(value).encode())
 
 
 def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
@@ -56,7 +104,26 @@ def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
         raise MedsegError(f"{path}: {what} cannot be read ({type(exc).__name__}); retrain or restore it") from exc
     if not isinstance(state, dict):
         raise MedsegError(f"{path}: {what} holds a {type(state).__name__}, not a dictionary of weights")
+    stored = state.pop("checksum", None)  # checkpoints written before checksums existed have none
+    if stored is not None and stored != checksum(state):
+        raise MedsegError(f"{path}: {what} is damaged (its checksum does not match its contents); retrain or "
+                          "restore it")
     return state
+
+
+def read_checkpoint_or_previous(path: Path, what: str = "checkpoint") -> tuple[dict, Path]:
+    """`read_checkpoint`, falling back to the NAME.prev.pt kept beside a damaged or missing one (said on stderr);
+    returns the state and the file it came from."""
+    previous = previous_path(path)
+    try:
+        return read_checkpoint(path, what), path
+    except MedsegError as exc:
+        if not previous.exists():
+            raise
+        state = read_checkpoint(previous, what)
+        print(f"warning: {exc}; using the one before it, {previous.name} (epoch {state.get('epoch', '?')})",
+              file=sys.stderr, flush=True)
+        return state, previous
 
 
 def _umask() -> int:
@@ -81,13 +148,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_run(run: str | Path, which: str = "best", device: str = "auto") -> TrainedModel:
-    """Load RUN/best.pt (or last.pt, or a checkpoint file given directly) into an eval-mode model."""
+def load_run(run: str | Path, which: str = "best", device: str = "auto", unfinished: bool = False) -> TrainedModel:
+    """Load RUN/best.pt (or last.pt, or a checkpoint file given directly) into an eval-mode model. A run whose
+    training did not finish (no train_summary.json: killed, or still running) is refused unless `unfinished`: its
+    post-processing decision may be missing, and its checkpoint is not the one training would have ended with."""
     run = Path(run)
     path = run if run.is_file() else run / f"{which}.pt"
-    if not path.exists():
+    if not unfinished and not run.is_file() and (run / "config.json").exists() \
+            and not (run / "train_summary.json").exists():
+        raise MedsegError(f"{run}: training did not finish (no train_summary.json: it was stopped, or is still "
+                          f"running); continue it with 'medseg train --resume {run}'")
+    if not path.exists() and not previous_path(path).exists():
         raise MedsegError(f"{run}: no checkpoint {path.name} found; train first with 'medseg train DATA --out {run}'")
-    state = read_checkpoint(path)
+    state, path = read_checkpoint_or_previous(path) if not run.is_file() else (read_checkpoint(path), path)
     target = resolve_device(device)
     model = create_model(state["model_name"], **state["model_args"])
     model.load_state_dict(state["model"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medseg.config import FITS, LOSSES, SCHEDULES, TrainConfig
 from medseg.errors import MedsegError
+from medseg.io import write_text_atomic
 
 # Training options: (flag, type, help). Each maps onto the TrainConfig field of the same name.
 DEFAULT_BUDGET_MINUTES = 30.0  # `medseg train DATA` without --time-budget: what the accuracy bars are measured at
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", help="train with a configuration of a plan.json from 'medseg plan'")
     train.add_argument("--configuration", help="which configuration of the plan (default: the plan's default)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    train.add_argument("--resume", metavar="RUN",
+                       help="continue a stopped run (or ensemble) from its last completed epoch, as configured")
     train.add_argument("--all-folds", action="store_true", help="with --folds K: train every fold into OUT/fold_i")
     _add_train_options(train)
 
@@ -271,7 +274,15 @@ def _data_options(args: argparse.Namespace) -> dict:
 def _train_command(args: argparse.Namespace) -> None:
     from medseg.train import train, train_folds
 
-    if args.config or args.recipe == "seed" or (args.plan and _single_configuration(args)):
+    if args.resume:
+        from medseg.autotrain import resume
+
+        given = [flag for flag, value in (("DATA", args.data), ("--out", args.out), ("--config", args.config),
+                                          ("--plan", args.plan), ("--overwrite", args.overwrite)) if value]
+        if given:
+            raise MedsegError(f"--resume continues RUN exactly as it was configured; drop {', '.join(given)}")
+        runs = [resume(args.resume, progress=not args.quiet)]
+    elif args.config or args.recipe == "seed" or (args.plan and _single_configuration(args)):
         cfg = _config_from_args(args).validate()
         runs = train_folds(cfg, args.overwrite) if args.all_folds else [train(cfg, overwrite=args.overwrite)]
     else:
@@ -327,7 +338,7 @@ def run_command(args: argparse.Namespace) -> None:
         device = str(resolve_device(args.device))
         result = make_plan(args.data, args.budget, device, calibrate=not args.no_calibrate,
                            data_options=_data_options(args))
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.out, json.dumps(result, indent=2))
         print(f"configurations {', '.join(result['configurations'])} (default {result['default']}); plan: {args.out}")
     elif args.command == "models":
         from medseg.models import describe_models
@@ -355,7 +366,7 @@ def run_command(args: argparse.Namespace) -> None:
         table = comparison_table(compare_runs(args.runs))
         print(table, end="")
         if args.out:
-            Path(args.out).write_text(table)
+            write_text_atomic(args.out, table)
     elif args.command == "ensemble":
         from medseg.ensemble import create_ensemble
 

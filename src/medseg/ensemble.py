@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.folders import mark
+from medseg.io import write_text_atomic
 
 MANIFEST = "ensemble.json"
 
@@ -53,5 +54,5 @@ def create_ensemble(runs: list[str | Path], out: str | Path) -> Path:
     if fresh:  # a folder that already held the user's files is never marked as replaceable
         mark(out, "ensemble")
     members = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in runs]
-    (out / MANIFEST).write_text(json.dumps({"members": members}, indent=2))
+    write_text_atomic(out / MANIFEST, json.dumps({"members": members}, indent=2))
     return out

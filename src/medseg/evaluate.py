@@ -15,6 +15,7 @@ Dice) and `per_class` (class name -> metric -> mean, std, ci95, n, undefined).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from medseg.folders import check_replaceable, mark, replace_folder
 from medseg.infer import final_labels
 from medseg.metrics import BOUNDARY_METRICS, METRICS, POLICY, scored_metrics
 from medseg.figures import most_informative_slice, plot_case
+from medseg.io import write_text_atomic
 from medseg.scoring import mean_dice, score_case
 from medseg.stats import bootstrap_ci
 
@@ -201,8 +203,8 @@ def _evaluate_cases(models: list, planned: list[Planned], source: str, out: Path
         from medseg.groups import groups_markdown, subgroup_report
 
         report = subgroup_report(counted, group_of, COLUMNS)
-        (out / "groups.json").write_text(json.dumps(report, indent=2))
-        (out / "groups.md").write_text(groups_markdown(report))
+        write_text_atomic(out / "groups.json", json.dumps(report, indent=2))
+        write_text_atomic(out / "groups.md", groups_markdown(report))
         summary["groups_behind"] = [f"{a}={g}" for a, by in report["attributes"].items()
                                     for g, v in by.items() if v["behind"]]
     if any(p.case.roi is not None for p in planned):
@@ -282,11 +284,12 @@ def mean_dice_per_case(rows: list[dict]) -> dict[str, float]:
 
 
 def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
-    with open(out / "per_case.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["case", "class", "role", "counted", *COLUMNS])
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["case", "class", "role", "counted", *COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "per_case.csv", table.getvalue())
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     lines = [f"# Evaluation of {summary['run']}", "", f"Data: {summary['data']}.", "",
              f"Cases: {summary['cases_role']}.", "",
              f"**Mean foreground Dice: {summary['mean_dice']:.4f}** over {summary['cases']} cases.", "",
@@ -302,4 +305,4 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
     lines += ["", f"Without the post-processing chosen on validation: mean Dice "
                   f"{summary['mean_dice_without_postprocessing']:.4f}."]
     lines += ["", f"Empty-case policy: {summary['policy']}.", "", "Per-case values: per_case.csv."]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")

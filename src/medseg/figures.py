@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only; no display is needed or assumed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from medseg.io import atomic_path  # noqa: E402
 from medseg.transforms import normalize_percentile  # noqa: E402
 
 # Class colours for overlays (index 0, background, is transparent).
@@ -36,8 +37,11 @@ def save_figure(fig, path: str | Path, dpi: int, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

@@ -12,6 +12,7 @@ palette is grey and to RGB otherwise. `color="gray"` converts to luminance (ITU-
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, write_error
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -258,8 +259,7 @@ def write_mask(mask: np.ndarray, reference: Image, path: str | Path, num_classes
     if suffix in (".mhd", ".nhdr"):
         _write_itk_pair(mask, reference, path)
         return path
-    tmp = Path(tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)[1])
-    try:
+    with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(mask, reference, tmp)
         elif suffix in ITK_SUFFIXES:
@@ -270,10 +270,6 @@ def write_mask(mask: np.ndarray, reference: Image, path: str | Path, num_classes
             _write_npy(mask, reference, tmp)
         else:
             _write_raster(mask, tmp, num_classes)
-        _match_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -302,17 +298,27 @@ def _match_umask(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename: a crash leaves the old file or the new one."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temporary name beside `path` (same suffix) to write to; renamed onto `path` when the block ends without an
+    error, so a crash or a full disk leaves the old file or the new one, never half of one, and no temporary."""
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix_of(path))
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
+        yield Path(tmp)
         _match_umask(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_nifti(mask: np.ndarray, reference: Image, path: Path) -> None:

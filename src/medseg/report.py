@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.io import write_text_atomic
 from medseg.evaluate import COLUMNS, TEXT_COLUMNS, mean_dice_per_case, read_per_case
 
 DISTRIBUTION_METRICS = ["dice", "hd95", "assd", "nsd"]
@@ -81,9 +82,9 @@ def write_report(run: str | Path, out: str | Path | None = None, device: str = "
         blocks += [("h2", "Configuration and plan" if member == run else f"Configuration of {member.name}"),
                    ("table", settings_table(member))]
     blocks += [("h2", "Every case"), ("table", case_table(rows))]
-    out.write_text(to_html(blocks))
+    write_text_atomic(out, to_html(blocks))
     markdown = out.with_suffix(".md")
-    markdown.write_text(to_markdown(blocks, markdown.parent))
+    write_text_atomic(markdown, to_markdown(blocks, markdown.parent))
     return out, markdown
 
 

@@ -32,14 +32,23 @@ class Tracker:
                 raise MedsegError("--mlflow needs the mlflow package: pip install mlflow-skinny (or mlflow)") from exc
             self.mlflow = mlflow
 
-    def start(self, run: Path) -> None:
+    def start(self, run: Path, mlflow_run_id: str | None = None) -> None:
+        """Open the trackers; a resumed run continues its MLflow run (`mlflow_run_id`) and its TensorBoard folder."""
         if self._writer_class:
             self.writer = self._writer_class(log_dir=str(Path(self.cfg.tensorboard) / run.name))
         if self.mlflow:
             self.mlflow.set_tracking_uri(self.cfg.mlflow)
             self.mlflow.set_experiment("medseg")
-            self.mlflow.start_run(run_name=run.name)
-            self.mlflow.log_params({k: str(v)[:500] for k, v in asdict(self.cfg).items() if k != "progress"})
+            if mlflow_run_id:
+                self.mlflow.start_run(run_id=mlflow_run_id)
+            else:
+                self.mlflow.start_run(run_name=run.name)
+                self.mlflow.log_params({k: str(v)[:500] for k, v in asdict(self.cfg).items() if k != "progress"})
+
+    @property
+    def run_id(self) -> str | None:
+        active = self.mlflow.active_run() if self.mlflow else None
+        return active.info.run_id if active else None
 
     def log_epoch(self, row: dict) -> None:
         scalars = {k: float(v) for k, v in row.items()

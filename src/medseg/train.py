@@ -104,11 +104,13 @@ def create_run_dir(out: str | Path, overwrite: bool, kind: str = "run") -> Path:
     return run
 
 
-def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
-    """Train as configured and return the run folder."""
+def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None) -> Path:
+    """Train as configured and return the run folder; with `resume` (a run folder, whose config.json `cfg` is),
+    continue that run from its last completed epoch instead (see `resume_run`)."""
     cfg.validate()
     tracker = Tracker(cfg)  # a tracking package asked for but missing fails here, before any work
-    started = time.monotonic()
+    resumed = read_resume_state(resume) if resume else None
+    started = time.monotonic() - (resumed["resume"]["elapsed"] if resumed else 0.0)
     generator = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -129,19 +131,29 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         say(f"time budget {cfg.time_budget:g} min -> {cfg.steps} optimiser steps "
                  f"({cfg.calibration['seconds_per_step']:.3f} s per step, "
                  f"{cfg.calibration['seconds_per_validation']:.1f} s per validation, measured here)")
-    run = create_run_dir(cfg.out, overwrite)
+    if resume:
+        run = Path(resume)
+        check_same_split(run, split)
+        if resumed:
+            loop.restore(resumed)
+            say(f"resuming {run} after epoch {len(loop.history)} (step {len(loop.history) * loop.steps} of "
+                f"{loop.last_step})")
+        else:
+            say(f"resuming {run} from its start: it was stopped before its first epoch ended")
+    else:
+        run = create_run_dir(cfg.out, overwrite)
+        cfg.save(run / "config.json")
+        split["hashes"] = {c.case_id: case_hash(c) for c in dataset.cases
+                           if c.case_id in set(split["train"]) | set(split["val"]) | set(split["test"])}
+        write_text_atomic(run / "split.json", json.dumps(split, indent=2))
+        write_text_atomic(run / "dataset.json", json.dumps({
+            "data": str(Path(cfg.data).resolve()), "layout": dataset.layout, "class_names": class_names,
+            "in_channels": in_channels, "train_cases": len(train_cases), "val_cases": len(val_cases),
+            "test_cases": len(split["test"])}, indent=2))
+        if init:
+            write_account(init, run)
     trained.run = run
-    cfg.save(run / "config.json")
-    split["hashes"] = {c.case_id: case_hash(c) for c in dataset.cases
-                       if c.case_id in set(split["train"]) | set(split["val"]) | set(split["test"])}
-    write_text_atomic(run / "split.json", json.dumps(split, indent=2))
-    write_text_atomic(run / "dataset.json", json.dumps({
-        "data": str(Path(cfg.data).resolve()), "layout": dataset.layout, "class_names": class_names,
-        "in_channels": in_channels, "train_cases": len(train_cases), "val_cases": len(val_cases),
-        "test_cases": len(split["test"])}, indent=2))
-    if init:
-        write_account(init, run)
-    tracker.start(run)
+    tracker.start(run, resumed["resume"].get("mlflow_run_id") if resumed else None)
     try:
         summary = loop.run(model_args)
     except BaseException:
@@ -161,6 +173,70 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     plot_curves(loop.history, run / "curves.png")
     tracker.finish(summary, [run / "curves.png", run / "train_summary.json", run / "config.json"])
     return run
+
+
+def resume_run(run: str | Path, progress: bool = True) -> Path:
+    """Continue a stopped run (killed, out of disk, machine gone) from its last completed epoch: the model,
+    optimiser, schedule position, every random state (sampler, augmentation), early-stopping counters and history
+    come from RUN/last.pt (or last.prev.pt, where last.pt is damaged); settings from RUN/config.json. A seeded run
+    resumed ends with the weights of the same run never stopped."""
+    run = Path(run)
+    if not (run / "config.json").exists():
+        raise MedsegError(f"{run}: no config.json, so no run to resume (it was stopped before it started); start "
+                          "it again with 'medseg train'")
+    if (run / "train_summary.json").exists():
+        raise MedsegError(f"{run}: training finished already (train_summary.json); nothing to resume")
+    for stale in run.glob(".tmp-*"):  # what a kill left half-written; the files they were to replace are whole
+        stale.unlink()
+    cfg = TrainConfig.load(run / "config.json")
+    cfg.progress = progress
+    return train(cfg, resume=run)
+
+
+def read_resume_state(run: Path) -> dict | None:
+    """RUN/last.pt with what resuming needs, or None when the run stopped before its first epoch ended."""
+    from medseg.checkpoint import previous_path, read_checkpoint_or_previous
+
+    path = run / "last.pt"
+    if not path.exists() and not previous_path(path).exists():
+        return None
+    state, _ = read_checkpoint_or_previous(path, "last checkpoint")
+    if "resume" not in state:
+        raise MedsegError(f"{path}: written by a medseg without resume support; this run cannot be resumed")
+    return state
+
+
+def check_same_split(run: Path, split: dict) -> None:
+    """The data must still give the run's cases: a resumed run on other cases would be a different experiment."""
+    stored = json.loads((run / "split.json").read_text())
+    for role in ("train", "val", "test"):
+        if sorted(stored.get(role, [])) != sorted(split[role]):
+            raise MedsegError(f"{run}: the data no longer holds the run's {role} cases (cases were added, removed "
+                              "or renamed since it started); it cannot be resumed, start a new run")
+
+
+def random_states(generator: torch.Generator) -> dict:
+    """Every random state training draws from, as tensors and plain values (a checkpoint holds nothing else)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    states = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                        "has_gauss": int(has_gauss), "cached": float(cached)},
+              "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict, generator: torch.Generator) -> None:
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 LINE_PREFIX = ""  # an ensemble member's name, so that members training side by side can be told apart
@@ -201,7 +277,7 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
     from medseg.checkpoint import load_run
     from medseg.postprocess import choose_classes
 
-    trained = load_run(run, device=str(device))
+    trained = load_run(run, device=str(device), unfinished=True)
     if trained.config.regions:
         decision = {"rule": "keep largest connected component", "classes": [],
                     "validation": "not tried: region-based runs keep their predictions as they are"}
@@ -223,6 +299,8 @@ class _Loop:
         self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
         self.history: list[dict] = []
         self.stopped_at: int | None = None  # the step where the clock ran out, if it did
+        self.best, self.best_epoch, self.stale = -1.0, 0, 0
+        self.finished: str | None = None  # why the loop ended before its last epoch, once it has
 
     @property
     def last_step(self) -> int:
@@ -255,38 +333,63 @@ class _Loop:
         return lr
 
     def run(self, model_args: dict) -> dict:
-        best, best_epoch, stale, reason = -1.0, 0, 0, "steps done"
         epochs = math.ceil(self.last_step / self.steps)
-        for epoch in range(1, epochs + 1):
+        for epoch in range(len(self.history) + 1, epochs + 1):
+            if self.finished:
+                break
             epoch_start = time.monotonic()
             row = {"epoch": epoch, **self.train_epoch(epoch)}
             row.update(self.validate())
             row.update(seconds=round(time.monotonic() - epoch_start, 2), elapsed=round(self.elapsed(), 1))
             self.history.append(row)
+            improved = row["val_dice"] > self.best or self.best_epoch == 0
+            if improved:
+                self.best, self.best_epoch, self.stale = row["val_dice"], epoch, 0
+            else:
+                self.stale += 1
+            if self.stopped_at is not None:
+                self.finished = (f"time budget: the clock ran out at step {self.stopped_at} of {self.total_steps} "
+                                 "(kept as stop_at in config.json, so a re-run stops there too)")
+            elif self.cfg.patience and self.stale >= self.cfg.patience:
+                self.finished = f"early stopping (no better validation Dice for {self.cfg.patience} epochs)"
+            # checkpoints first, each holding the history up to its epoch: a run stopped between these writes
+            # resumes from the last checkpoint and rewrites the history files from it
+            state = self.state(model_args, epoch, row["val_dice"])
+            save_checkpoint(self.trained.run / "last.pt", {**state, "optimizer": self.optimizer.state_dict(),
+                                                           "resume": self.resume_state()}, keep_previous=True)
+            if improved:
+                save_checkpoint(self.trained.run / "best.pt", state, keep_previous=True)
             self.write_history()
             if self.tracker:
                 self.tracker.log_epoch(row)
-            state = self.state(model_args, epoch, row["val_dice"])
-            save_checkpoint(self.trained.run / "last.pt", {**state, "optimizer": self.optimizer.state_dict()})
-            if row["val_dice"] > best or best_epoch == 0:
-                best, best_epoch, stale = row["val_dice"], epoch, 0
-                save_checkpoint(self.trained.run / "best.pt", state)
-            else:
-                stale += 1
             say(f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
-                          f"val Dice {row['val_dice']:.4f} ({row['seconds']:.0f}s)")
-            if self.stopped_at is not None:
-                reason = (f"time budget: the clock ran out at step {self.stopped_at} of {self.total_steps} (kept as "
-                          "stop_at in config.json, so a re-run stops there too)")
-                break
-            if self.cfg.patience and stale >= self.cfg.patience:
-                reason = f"early stopping (no better validation Dice for {self.cfg.patience} epochs)"
-                break
+                f"val Dice {row['val_dice']:.4f} ({row['seconds']:.0f}s)")
+        reason = self.finished or "steps done"
         if self.cfg.stop_at is not None:
             reason = f"stopped at step {self.cfg.stop_at} of {self.total_steps}, where the budgeted run stopped"
         done = self.stopped_at or min(self.last_step, len(self.history) * self.steps)
-        return {"best_epoch": best_epoch, "best_val_dice": best, "epochs_run": len(self.history),
+        return {"best_epoch": self.best_epoch, "best_val_dice": self.best, "epochs_run": len(self.history),
                 "steps": done, "stopped": reason}
+
+    def resume_state(self) -> dict:
+        """What a resumed run needs beyond weights and optimiser, as of the end of the last epoch."""
+        return {"history": self.history, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
+                "finished": self.finished, "stopped_at": self.stopped_at, "elapsed": self.elapsed(),
+                "random": random_states(self.sampler.generator), "centred": getattr(self.sampler, "centred", 0),
+                "mlflow_run_id": self.tracker.run_id if self.tracker else None}
+
+    def restore(self, state: dict) -> None:
+        """Back to the end of the epoch `state` (a last.pt) was written at."""
+        self.trained.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        resume = state["resume"]
+        self.history = list(resume["history"])
+        self.best, self.best_epoch, self.stale = resume["best"], resume["best_epoch"], resume["stale"]
+        self.finished, self.stopped_at = resume["finished"], resume["stopped_at"]
+        set_random_states(resume["random"], self.sampler.generator)
+        if hasattr(self.sampler, "centred"):
+            self.sampler.centred = resume["centred"]
+        self.write_history()  # the files may hold an epoch the checkpoint does not
 
     def train_epoch(self, epoch: int) -> dict:
         model = self.trained.model
@@ -322,16 +425,19 @@ class _Loop:
         """One optimiser step on a batch; returns the full-resolution logits (detached) and the loss. A
         non-finite loss changes no weight."""
         image, label = image.to(self.trained.device), label.to(self.trained.device)
-        outputs = self.trained.model(image)
-        if isinstance(outputs, list):  # deep supervision: full resolution first
-            loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
-        else:
-            loss, logits = self.loss_fn(outputs, label), outputs
-        value = loss.item()
-        if math.isfinite(value):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        try:
+            outputs = self.trained.model(image)
+            if isinstance(outputs, list):  # deep supervision: full resolution first
+                loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
+            else:
+                loss, logits = self.loss_fn(outputs, label), outputs
+            value = loss.item()
+            if math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(self.cfg, tuple(image.shape), self.trained.device) from exc
         return logits.detach(), value
 
     def batch_counts(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[np.ndarray, int]:
@@ -382,6 +488,15 @@ class _Loop:
         writer.writeheader()
         writer.writerows(self.history)
         write_text_atomic(run / "history.csv", lines.getvalue())
+
+
+def out_of_memory(cfg: TrainConfig, shape: tuple[int, ...], device: torch.device) -> MedsegError:
+    """Running out of accelerator memory, as what was being tried and what to lower."""
+    what = f"{'x'.join(map(str, shape[2:]))} {'patches' if cfg.dims == 3 else 'slices'}"
+    size_flag = "--patch" if cfg.dims == 3 else "--size"
+    return MedsegError(f"out of {device.type.upper()} memory training batches of {shape[0]} {what} at width "
+                       f"{cfg.base_channels} ({cfg.model}, depth {cfg.depth}); lower --batch-size (now "
+                       f"{cfg.batch_size}), then {size_flag} or --base-channels, or train with --device cpu")
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

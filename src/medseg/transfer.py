@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from medseg.checkpoint import read_checkpoint
 from medseg.errors import MedsegError
+from medseg.io import write_text_atomic
 
 
 def checkpoint_path(source: str | Path) -> Path:
@@ -61,7 +62,7 @@ def describe(account: dict) -> str:
 
 
 def write_account(account: dict, run: Path) -> None:
-    (run / "init.json").write_text(json.dumps(account, indent=2))
+    write_text_atomic(run / "init.json", json.dumps(account, indent=2))
 
 
 def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
