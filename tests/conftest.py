@@ -29,6 +29,16 @@ def phantoms_3d(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("ph3d"), cases=5, dim=3, size=24, num_classes=2)
 
 
+def save_png(path: Path, array) -> Path:
+    """An 8-bit PNG, folders made as needed; returns its path."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(np.asarray(array, np.uint8)).save(path)
+    return path
+
+
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
     """A network and schedule small enough to train in a few seconds on two cores."""
     settings = dict(data=str(data), out=str(out), size=32, base_channels=4, depth=2, epochs=2, steps_per_epoch=3,

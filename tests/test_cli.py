@@ -6,15 +6,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-from PIL import Image as PILImage
 
 from medseg.cli import main
-
-
-def save_png(path: Path, array) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(np.asarray(array, np.uint8)).save(path)
+from conftest import save_png
 
 
 def pairs(tmp_path: Path, n: int = 3, mask=None, size=(16, 16)) -> Path:

@@ -4,16 +4,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from PIL import Image as PILImage
 
 from medseg.datasets import find_cases, labels_to_classes, split_cases
 from medseg.errors import MedsegError
-from conftest import shared_dataset
-
-
-def save_png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(np.asarray(array, np.uint8)).save(path)
+from conftest import save_png, shared_dataset
 
 
 def test_msd_layout_with_dataset_json(phantoms_3d):

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 from PIL import Image as PILImage
 
 from medseg.errors import MedsegError
-from medseg.predict import predict_files
+from medseg.cli import main
+from medseg.predict import SomeInputsFailed, predict_files
 
 
 def test_png_and_jpeg_inputs_give_masks_of_the_same_size(trained_2d, phantoms_2d, tmp_path):
@@ -118,3 +120,49 @@ def test_nnunet_channel_files_are_one_input(tmp_path):
     (tmp_path / "d" / "imagesTr" / "c_0001.nii.gz").unlink()
     with pytest.raises(MedsegError, match="1 channel files, the model expects 2"):
         predict_files(run, [tmp_path / "d" / "imagesTr"], tmp_path / "out2", progress=False)
+
+
+def folder_with_broken_files(phantoms_2d, folder):
+    """Three good images and four broken ones, interleaved in name order."""
+    folder.mkdir()
+    good = sorted((phantoms_2d / "imagesTr").iterdir())[:3]
+    for i, path in enumerate(good):
+        shutil.copy(path, folder / f"{2 * i}_good.png")
+    (folder / "1_empty.png").write_bytes(b"")
+    (folder / "3_truncated.png").write_bytes(good[0].read_bytes()[:60])
+    (folder / "5_not_an_image.png").write_text("patient list, not a picture\n")
+    PILImage.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "7_colour.png")
+    return folder
+
+
+def test_predict_writes_every_good_case_then_lists_the_broken_ones(trained_2d, phantoms_2d, tmp_path, capsys):
+    folder = folder_with_broken_files(phantoms_2d, tmp_path / "inbox")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["predict", str(trained_2d), str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_good.png", "2_good.png", "4_good.png"]
+    out, err = capsys.readouterr()
+    assert "3 masks written" in out and "4 inputs failed" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 5 and "Traceback" not in err
+    for name, why in [("1_empty.png", "cannot be read"), ("3_truncated.png", "cannot be read"),
+                      ("5_not_an_image.png", "cannot be read"), ("7_colour.png", "3 channels, the model expects 1")]:
+        assert any(name in line and why in line for line in lines[:4]), name
+    assert lines[-1].startswith("medseg: error: 4 of 7 inputs could not be segmented")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # inputs untouched
+
+
+def test_predict_strict_stops_at_the_first_broken_input(trained_2d, phantoms_2d, tmp_path, capsys):
+    folder = folder_with_broken_files(phantoms_2d, tmp_path / "inbox")
+    assert main(["predict", str(trained_2d), str(folder), "--out", str(tmp_path / "out"), "--quiet",
+                 "--strict"]) == 2
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["0_good.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1_empty.png" in err[0]
+
+
+def test_the_python_api_names_the_broken_inputs_after_writing_the_rest(trained_2d, phantoms_2d, tmp_path):
+    folder = folder_with_broken_files(phantoms_2d, tmp_path / "inbox")
+    with pytest.raises(SomeInputsFailed) as failure:
+        predict_files(trained_2d, [folder], tmp_path / "out", progress=False)
+    assert len(failure.value.written) == 3 and [p.name for p, _ in failure.value.failed] == [
+        "1_empty.png", "3_truncated.png", "5_not_an_image.png", "7_colour.png"]

@@ -192,3 +192,17 @@ def test_resume_refuses_what_it_cannot_continue(data, tmp_path):
     with pytest.raises(MedsegError, match="no config.json"):
         from medseg.train import resume_run
         resume_run(tmp_path / "empty")
+
+
+def test_a_stopped_ensemble_resumes_its_unfinished_members_and_becomes_an_ensemble(uninterrupted, tmp_path):
+    from medseg.autotrain import resume
+    from medseg.ensemble import is_ensemble
+
+    folder = tmp_path / "planned"
+    folder.mkdir()
+    (folder / "plan.json").write_text(json.dumps({"configurations": {"auto": {"members": {"one": {}, "two": {}}}}}))
+    shutil.copytree(uninterrupted, folder / "one")  # finished before the stop
+    stopped_copy(uninterrupted, folder / "two")  # stopped after its last epoch
+    assert resume(folder, progress=False) == folder
+    assert is_ensemble(folder) and (folder / "two" / "train_summary.json").exists()
+    assert main(["evaluate", str(folder), "--quiet", "--figures", "0"]) == 0

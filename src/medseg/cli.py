@@ -24,6 +24,8 @@ DATA_OPTIONS = [
                                 "default: such masks are thresholded at half their range, said once)"),
     ("--npy-layout", str, "how a 3D .npy is read: volume (X, Y, Z; the default), hwc or chw (a 2D image with "
                           "channels last or first)"),
+    ("--allow-unmatched", bool, "use the matched cases even when more than 10%% of the files have no partner (an "
+                                "image without a mask, a mask without an image); they are listed either way"),
 ]
 TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--color", str, "keep RGB channels (keep) or convert to luminance (gray)"),
@@ -259,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True)
     predict.add_argument("--overlay", action="store_true", help="also write overlay PNGs to OUT/overlays")
     predict.add_argument("--series", help="DICOM series UID or description, where a folder holds several")
+    predict.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
+    predict.add_argument("--strict", action="store_true",
+                         help="stop at the first input that cannot be segmented (default: write every good one, "
+                              "then list the broken ones and exit 2)")
     predict.add_argument("--device", default="auto")
     predict.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 
@@ -392,10 +398,17 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"mean foreground Dice {summary['mean_dice']:.4f} on {summary['cases_role']}; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
     elif args.command == "predict":
-        from medseg.predict import predict_files
+        from medseg.predict import SomeInputsFailed, predict_files
 
-        written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet,
-                                args.series)
+        try:
+            written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet,
+                                    args.series, args.strict, args.overwrite)
+        except SomeInputsFailed as failure:
+            print(f"{len(failure.written)} masks written to {args.out}; {len(failure.failed)} inputs failed:")
+            for line in failure.lines():
+                print(f"  {line}", file=sys.stderr)
+            raise MedsegError(f"{len(failure.failed)} of {len(failure.written) + len(failure.failed)} inputs could "
+                              "not be segmented (listed above); the other masks were written") from failure
         print(f"{len(written)} masks written to {args.out}")
 
 
@@ -404,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(args)
     except MedsegError as exc:
-        print(f"medseg: error: {exc}", file=sys.stderr)
+        print(f"medseg: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever it quotes
         return 2
     except KeyboardInterrupt:
         print("medseg: interrupted", file=sys.stderr)

@@ -18,7 +18,7 @@ SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
 NPY_LAYOUTS = ("auto", "volume", "hwc", "chw")
 # The settings that say how a labelled dataset is read (every command that reads one takes them)
-READING_FIELDS = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout")
+READING_FIELDS = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout", "allow_unmatched")
 
 
 def _model_names() -> list[str]:
@@ -40,6 +40,7 @@ class TrainConfig:
     binary_masks: bool = False
     mask_threshold: float | None = None  # foreground where the mask value is at least this (grey-level masks)
     npy_layout: str = "auto"  # how a 3D .npy is read: auto/volume (X, Y, Z), hwc or chw (a 2D image with channels)
+    allow_unmatched: bool = False  # use the matched cases even when many files have no partner (always listed)
     color: str = "keep"  # keep RGB channels, or "gray"
     class_names: list[str] | None = None
     regions: dict[str, list[int]] | None = None  # region-based training (e.g. BraTS): name -> labels, sigmoid each

@@ -31,6 +31,9 @@ MASK_SUFFIXES = ("", "_mask", "_label", "_labels", "_seg", "_gt", "_manual1")
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 DRIVE_LABELS = "1st_manual"
 BRATS_LABELS = ["background", "necrosis", "edema", "non-enhancing", "enhancing"]
+# Files without a partner are listed before any work; above this share of all files found, reading refuses (a
+# misnamed folder, not a few unlabelled extras) unless --allow-unmatched says the user meant it
+MAX_UNMATCHED = 0.10
 
 
 @dataclass
@@ -52,10 +55,16 @@ class Dataset:
     root: Path
     modalities: list[str] = field(default_factory=list)
     declared_labels: list[int] | None = None  # mask values the dataset declares (dataset.json); None: not declared
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # e.g. "images without a mask" -> file names
+    grouped: bool = False  # a manifest's case_id column may repeat: rows of one patient, split together
 
 
-def find_cases(data: str | Path, images: str | None = None, masks: str | None = None) -> Dataset:
-    """Find the cases in DATA (a folder or a .csv manifest). `images`/`masks` name the folders explicitly."""
+def find_cases(data: str | Path, images: str | None = None, masks: str | None = None,
+               allow_unmatched: bool = False) -> Dataset:
+    """Find the cases in DATA (a folder or a .csv manifest). `images`/`masks` name the folders explicitly.
+
+    Nothing is dropped in silence: every file left out (an image without a mask, a mask without an image) is
+    listed, and more than MAX_UNMATCHED of them stops here unless `allow_unmatched`. Case ids must be unique."""
     root = Path(data)
     if not root.exists():
         raise MedsegError(f"{root}: dataset not found; pass a folder or a CSV manifest")
@@ -76,12 +85,68 @@ def find_cases(data: str | Path, images: str | None = None, masks: str | None = 
     else:
         dataset = _from_detected_pairs(root)
     if not dataset.cases:
-        raise MedsegError(f"{root}: no labelled cases found ({dataset.layout} layout); check the folder names")
+        raise MedsegError(f"{root}: no labelled cases found ({dataset.layout} layout); check the folder names"
+                          f"{'; ' + _left_out_line(dataset) if dataset.left_out else ''}")
+    _check_unique_ids(dataset)
+    _report_left_out(dataset, allow_unmatched)
     return dataset
 
 
+def _left_out_line(dataset: Dataset) -> str:
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return "left out: " + "; ".join(f"{len(names)} {kind} ({first(names)})" for kind, names in dataset.left_out.items())
+
+
+def _report_left_out(dataset: Dataset, allow: bool) -> None:
+    if not dataset.left_out:
+        return
+    unmatched = sum(len(names) for names in dataset.left_out.values())
+    share = unmatched / (unmatched + len(dataset.cases))
+    line = f"{dataset.root}: {len(dataset.cases)} cases matched; {_left_out_line(dataset)}"
+    if share > MAX_UNMATCHED and not allow:
+        raise MedsegError(f"{line}. That is {share:.0%} of the files, more than {MAX_UNMATCHED:.0%}: rename them so "
+                          f"images and masks pair up, or pass --allow-unmatched to use the {len(dataset.cases)} "
+                          "matched cases")
+    notice(line)
+
+
+def _check_unique_ids(dataset: Dataset) -> None:
+    if dataset.grouped:
+        return
+    seen: dict[str, Case] = {}
+    for case in dataset.cases:
+        if case.case_id in seen:
+            raise MedsegError(f"{case.images[0]}: case id '{case.case_id}' is also the id of "
+                              f"{seen[case.case_id].images[0]}; case ids must be unique (rename one, or list them "
+                              "in a CSV manifest whose case_id column says which rows belong to one patient)")
+        seen[case.case_id] = case
+
+
+def read_dataset_json(path: Path) -> dict:
+    """dataset.json as a dictionary whose fields medseg reads have the shapes MSD and nnU-Net give them."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MedsegError(f"{path}: not valid JSON ({exc}); fix or remove the file") from exc
+    if not isinstance(meta, dict):
+        raise MedsegError(f"{path}: holds a {type(meta).__name__}; dataset.json must be an object with fields such "
+                          "as labels and training")
+    for key, kind, example in (("labels", dict, '{"0": "background", "1": "tumour"}'),
+                               ("modality", dict, '{"0": "MRI"}'), ("channel_names", dict, '{"0": "MRI"}'),
+                               ("training", list, '[{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]')):
+        if key in meta and not isinstance(meta[key], kind):
+            raise MedsegError(f"{path}: '{key}' must be {'an object' if kind is dict else 'a list'}, e.g. {example}")
+    for n, entry in enumerate(meta.get("training") or []):
+        if isinstance(meta["training"][0], dict) and (not isinstance(entry, dict) or not {"image", "label"} <= set(entry)):
+            raise MedsegError(f"{path}: training entry {n + 1} needs both 'image' and 'label' ({entry})")
+    return meta
+
+
 def _from_msd(root: Path) -> Dataset:
-    meta = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").exists() else {}
+    meta = read_dataset_json(root / "dataset.json")
     class_names, declared = _msd_class_names(meta.get("labels", {}))
     modalities = list((meta.get("modality") or meta.get("channel_names") or {}).values())
     if meta.get("training") and isinstance(meta["training"][0], dict) and "image" in meta["training"][0]:
@@ -92,11 +157,21 @@ def _from_msd(root: Path) -> Dataset:
             channels = [image] if image.exists() else _channel_files(root / "imagesTr", stem_of(image))
             cases.append(Case(stem_of(image), channels or [image], mask))
     else:
-        cases = []
-        for mask in sorted(p for p in (root / "labelsTr").iterdir() if is_supported(p)):
+        cases, labels = [], root / "labelsTr"
+        for mask in sorted(p for p in labels.iterdir() if is_supported(p)) if labels.is_dir() else []:
             channels = _channel_files(root / "imagesTr", stem_of(mask))
             cases.append(Case(stem_of(mask), channels, mask))
-    return Dataset(cases, class_names, "msd", root, modalities, declared)
+    left_out = {}
+    used = {path.resolve() for case in cases for path in case.images}
+    spare = sorted(p.name for p in (root / "imagesTr").iterdir()
+                   if is_supported(p) and p.resolve() not in used) if (root / "imagesTr").is_dir() else []
+    if spare:
+        left_out["images in imagesTr without a label"] = spare
+    missing = [c.case_id for c in cases if not c.images or not all(p.exists() for p in c.images) or not c.mask.exists()]
+    if missing:
+        left_out["cases whose image or label file is missing"] = missing
+        cases = [c for c in cases if c.case_id not in set(missing)]
+    return Dataset(cases, class_names, "msd", root, modalities, declared, left_out=left_out)
 
 
 def _msd_class_names(labels: dict) -> tuple[list[str], list[int] | None]:
@@ -143,7 +218,11 @@ def _from_drive(folder: Path) -> Dataset:
 
     images, labels, rois = by_number("images"), by_number(DRIVE_LABELS), by_number("mask")
     cases = [Case(n, [images[n]], labels[n], rois.get(n)) for n in images if n in labels]
-    return Dataset(_natural_sort(cases), ["background", "vessel"], "drive", folder, declared_labels=[0, 1])
+    left_out = {kind: sorted(files[n].name for n in files if n not in others)
+                for kind, files, others in (("images without a mask", images, labels),
+                                            ("masks without an image", labels, images))}
+    return Dataset(_natural_sort(cases), ["background", "vessel"], "drive", folder, declared_labels=[0, 1],
+                   left_out={kind: names for kind, names in left_out.items() if names})
 
 
 def _from_detected_pairs(root: Path) -> Dataset:
@@ -181,7 +260,11 @@ def _from_pairs(root: Path, image_dir: Path, mask_dir: Path) -> Dataset:
             f"{image_dir}: no image has a mask of the same name in {mask_dir} (e.g. {unmatched[0]}); "
             "rename the files or use a CSV manifest"
         )
-    return Dataset(_natural_sort(cases), ["background"], "pairs", root)
+    used = {case.mask for case in cases}
+    left_out = {"images without a mask": unmatched,
+                "masks without an image": sorted(p.name for p in masks.values() if p not in used)}
+    return Dataset(_natural_sort(cases), ["background"], "pairs", root,
+                   left_out={kind: names for kind, names in left_out.items() if names})
 
 
 def _natural_sort(cases: list[Case]) -> list[Case]:
@@ -206,7 +289,7 @@ def _from_manifest(csv_path: Path) -> Dataset:
                 raise MedsegError(f"{csv_path}, line {n}: {path} not found; paths are relative to the CSV's folder")
         case_id = (row.get(columns.get("case_id", ""), "") or "").strip() or stem_of(image)
         cases.append(Case(case_id, [image], mask))
-    return Dataset(cases, ["background"], "manifest", csv_path.parent)
+    return Dataset(cases, ["background"], "manifest", csv_path.parent, grouped="case_id" in columns)
 
 
 def case_hash(case: Case) -> str:
@@ -220,6 +303,11 @@ def case_hash(case: Case) -> str:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
+
+
+def manifest_hash(hashes: dict[str, str]) -> str:
+    """One SHA-256 for a dataset as a run saw it: its case ids with each case's content hash, in id order."""
+    return hashlib.sha256("\n".join(f"{k}:{hashes[k]}" for k in sorted(hashes)).encode()).hexdigest()
 
 
 def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False,

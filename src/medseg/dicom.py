@@ -6,6 +6,7 @@ the series in any viewer. Slices are ordered along the slice normal, not by file
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,9 @@ def list_series(folder: str | Path) -> list[Series]:
     descriptions: dict[str, str] = {}
     for path in dicom_files(Path(folder)):
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            with warnings.catch_warnings():  # a damaged file is reported below, in one line of ours
+                warnings.simplefilter("ignore")
+                header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:
             raise MedsegError(f"{path}: not a readable DICOM file ({type(exc).__name__}); remove it") from exc
         uid = str(header.get("SeriesInstanceUID", "unknown"))
@@ -84,12 +87,15 @@ def read_dicom_series(folder: str | Path, series: str | None = None):
 
     folder = Path(folder)
     chosen = choose_series(folder, series)
-    slices = [pydicom.dcmread(p) for p in chosen.files]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slices = [pydicom.dcmread(p) for p in chosen.files]
     if any("ImagePositionPatient" not in s or "ImageOrientationPatient" not in s for s in slices):
         raise MedsegError(f"{folder}: slices without ImagePositionPatient/ImageOrientationPatient; "
                           "cannot place them in space")
     if any(int(s.get("NumberOfFrames", 1) or 1) > 1 for s in slices):
         raise MedsegError(f"{folder}: multi-frame (enhanced) DICOM is not supported yet; convert it to NIfTI")
+    _check_alike(chosen.files, slices)
     orientation = np.array(slices[0].ImageOrientationPatient, dtype=float)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
@@ -107,6 +113,22 @@ def read_dicom_series(folder: str | Path, series: str | None = None):
     meta = {"format": "dicom", "series_uid": chosen.uid, "series_description": chosen.description,
             "modality": str(slices[0].get("Modality", ""))}
     return Image(volume[None], spacing, LPS_TO_RAS @ affine, folder, meta)
+
+
+def _check_alike(files: list[Path], slices: list) -> None:
+    """Every slice of a volume has the first one's orientation, size and pixel spacing."""
+    first = slices[0]
+    for path, ds in zip(files[1:], slices[1:]):
+        for what, a, b in (("orientation", first.ImageOrientationPatient, ds.ImageOrientationPatient),
+                           ("size (rows, columns)", (first.get("Rows"), first.get("Columns")),
+                            (ds.get("Rows"), ds.get("Columns"))),
+                           ("pixel spacing", first.get("PixelSpacing"), ds.get("PixelSpacing"))):
+            same = (np.allclose(np.array(a, float), np.array(b, float), atol=1e-4) if what != "size (rows, columns)"
+                    else tuple(a) == tuple(b)) if a is not None and b is not None else a == b
+            if not same:
+                raise MedsegError(f"{path}: slice {what} {list(b) if b is not None else None} differs from "
+                                  f"{Path(files[0]).name}'s {list(a) if a is not None else None}; one series must "
+                                  "hold slices of one volume (choose another with --series, or separate them)")
 
 
 def _check_spacing(folder: Path, positions: np.ndarray, normal: np.ndarray) -> np.ndarray:

@@ -107,7 +107,7 @@ def evaluation_cases(models: list, data: str | Path | None = None, which: str = 
         splits = [_split(m) if (m.run / "split.json").exists() else {} for m in models]
         return _external_cases(models, splits, data, data_options), f"every case of {data}"
     splits = [_split(m) for m in models]
-    dataset = find_cases(cfg.data, cfg.images, cfg.masks)
+    dataset = find_cases(data_folder(models[0]), cfg.images, cfg.masks, cfg.allow_unmatched)
     if which == "test":
         tests = [set(s["test"]) for s in splits]
         if any(t != tests[0] for t in tests[1:]):
@@ -117,6 +117,7 @@ def evaluation_cases(models: list, data: str | Path | None = None, which: str = 
             raise MedsegError(f"{models[0].run}: trained without test cases (--test-fraction 0); pass --data with "
                               "your own test set, or --cases val to score the selection cases (optimistic)")
         planned = [Planned(c, "test", models) for c in dataset.cases if c.case_id in tests[0]]
+        check_unchanged(models[0].run, splits[0], [p.case for p in planned])
         return planned, f"test cases of {cfg.data}, {len(planned)} cases, used for no choice"
     planned = []
     for case in dataset.cases:
@@ -136,6 +137,32 @@ def evaluation_cases(models: list, data: str | Path | None = None, which: str = 
                      "and post-processing (selection cases: optimistic)")
 
 
+def data_folder(model) -> Path:
+    """Where the run's data is: config.json's path (absolute since runs store it so), else dataset.json's resolved
+    one (runs given a relative path, evaluated from another folder); gone from both, a clear error."""
+    for candidate in (Path(model.config.data), _recorded_data(model.run)):
+        if candidate is not None and candidate.exists():
+            return candidate
+    raise MedsegError(f"{model.run}: its data {model.config.data} is not there any more (moved or deleted); pass "
+                      "--data WHERE_IT_IS_NOW to evaluate on it")
+
+
+def _recorded_data(run: Path) -> Path | None:
+    path = run / "dataset.json"
+    return Path(json.loads(path.read_text())["data"]) if path.exists() else None
+
+
+def check_unchanged(run: Path, split: dict, cases: list[Case]) -> None:
+    """The cases evaluated must be the files the run split off: a case edited since (its content hash differs from
+    split.json's) would give numbers for something the run never held out."""
+    hashes = split.get("hashes") or {}
+    changed = [case for case in cases if case.case_id in hashes and case_hash(case) != hashes[case.case_id]]
+    if changed:
+        raise MedsegError(f"{changed[0].images[0]}: changed since {run} was trained ({len(changed)} of {len(cases)} "
+                          "cases differ from their hash in split.json); restore the data, or pass --data to evaluate "
+                          "the files as they are now (cases the run trained on are then matched and left out)")
+
+
 def _is_cross_validation(models: list) -> bool:
     return len(models) > 1 and all(m.run.name.startswith("fold_") for m in models)
 
@@ -144,7 +171,7 @@ def _external_cases(models: list, splits: list[dict], data: str | Path, options:
     """Every case of `data`; a case any model trained or selected on (same dataset and id, or same image bytes)
     is marked and not counted."""
     options = options or {}
-    dataset = find_cases(data, options.get("images"), options.get("masks"))
+    dataset = find_cases(data, options.get("images"), options.get("masks"), bool(options.get("allow_unmatched")))
     same_data = {Path(m.config.data).resolve() for m in models} == {Path(data).resolve()}
     planned = []
     for case in dataset.cases:

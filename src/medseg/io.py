@@ -129,7 +129,13 @@ def read_image(path: str | Path, color: str = "keep", series: str | None = None,
     except MedsegError:
         raise
     except Exception as exc:  # a corrupt file surfaces as many different library errors
-        raise MedsegError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); is the file complete?") from exc
+        raise MedsegError(f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)}); is the file "
+                          "complete?") from exc
+    if image.array.size == 0:
+        raise MedsegError(f"{path}: empty image (shape {image.meta.get('shape', image.array.shape)}); nothing to "
+                          "segment")
+    if not (np.issubdtype(image.array.dtype, np.number) or image.array.dtype == bool):
+        raise MedsegError(f"{path}: holds {image.array.dtype} values, not numbers")
     if color == "gray" and image.array.shape[0] == 3:
         weights = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, *[1] * image.ndim)
         image.array = (image.array.astype(np.float32) * weights).sum(0, keepdims=True)
@@ -137,10 +143,19 @@ def read_image(path: str | Path, color: str = "keep", series: str | None = None,
     return image
 
 
+def _first_line(exc: Exception) -> str:
+    """A library's message cut to one line (ITK's run over several, with source file names)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "ERROR" in line or "rror" in line] or lines or [""]
+    return useful[-1][:200]
+
+
 def _read_nifti(path: Path) -> Image:
     import nibabel as nib
 
     nii = nib.load(str(path))
+    if 0 in nii.shape:
+        raise MedsegError(f"{path}: empty image (shape {nii.shape}); nothing to segment")
     data = np.asanyarray(nii.dataobj)
     if data.ndim == 2:
         data = data[..., None]
@@ -155,11 +170,28 @@ def _read_nifti(path: Path) -> Image:
                  {"format": "nifti", "header": nii.header.copy(), "shape": data.shape})
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Route file descriptor 2 to /dev/null for a block: C++ libraries (ITK) write to it directly, around Python."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _read_itk(path: Path) -> Image:
     """NRRD / MetaImage via SimpleITK: volumes become (C, X, Y, Z) with a RAS affine (ITK works in LPS)."""
     import SimpleITK as sitk
 
-    itk = sitk.ReadImage(str(path))
+    with native_stderr_silenced():  # ITK's MetaIO prints its own lines; the failure is reported as one of ours
+        itk = sitk.ReadImage(str(path))
     data = sitk.GetArrayFromImage(itk)
     dims, channels = itk.GetDimension(), itk.GetNumberOfComponentsPerPixel()
     if channels > 1:
@@ -338,12 +370,24 @@ def _itk_mask(mask: np.ndarray, reference: Image):
     import SimpleITK as sitk
 
     itk = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask) if mask.ndim == 3 else mask))
-    geometry = reference.meta.get("itk_geometry")
+    geometry = reference.meta.get("itk_geometry") or _itk_geometry(reference.affine)
     if geometry:
         itk.SetOrigin(geometry["origin"])
         itk.SetSpacing(geometry["spacing"])
         itk.SetDirection(geometry["direction"])
     return itk
+
+
+def _itk_geometry(affine: np.ndarray | None) -> dict | None:
+    """ITK's origin, spacing and direction (LPS) for a RAS affine: a reference read from NIfTI or DICOM."""
+    if affine is None:
+        return None
+    from medseg.dicom import LPS_TO_RAS
+
+    lps = np.linalg.inv(LPS_TO_RAS) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return {"origin": tuple(lps[:3, 3]), "spacing": tuple(spacing), "direction": tuple(direction.ravel())}
 
 
 def _write_itk_pair(mask: np.ndarray, reference: Image, path: Path) -> None:

@@ -58,7 +58,7 @@ def metrics_from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str,
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
-        "accuracy": (tp + tn) / (tp + fp + fn + tn),
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),  # NaN only for no pixels at all (an empty region of interest)
     }
 
 

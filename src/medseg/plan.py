@@ -248,7 +248,7 @@ def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu
 
     options = {k: v for k, v in (data_options or {}).items() if v is not None}
     reading = TrainConfig(**options)
-    dataset = find_cases(data, reading.images, reading.masks)
+    dataset = find_cases(data, reading.images, reading.masks, reading.allow_unmatched)
     fp = fingerprint(dataset, reading=reading)
     auto, reasons = default_configuration(fp, str(data), options, budget_minutes, device, cores, calibrate)
     configurations = {"auto": auto}

@@ -57,19 +57,56 @@ def group_channels(files: list[Path], channels: int) -> list[list[Path]]:
     return [sorted(group) for group in groups.values()]
 
 
+class SomeInputsFailed(MedsegError):
+    """Raised after every good input was written: `written` holds their masks, `failed` (input, reason) pairs."""
+
+    def __init__(self, written: list[Path], failed: list[tuple[Path, str]]):
+        self.written, self.failed = written, failed
+        super().__init__(f"{len(failed)} of {len(written) + len(failed)} inputs could not be segmented (first: "
+                         f"{failed[0][1]}); the masks of the other {len(written)} were written")
+
+    def lines(self) -> list[str]:
+        """One line per broken input, naming it and what is wrong."""
+        return [reason if str(path) in reason else f"{path}: {reason}" for path, reason in self.failed]
+
+
 def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, overlays: bool = False,
-                  device: str = "auto", progress: bool = True, series: str | None = None) -> list[Path]:
+                  device: str = "auto", progress: bool = True, series: str | None = None,
+                  strict: bool = False, overwrite: bool = False) -> list[Path]:
     """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
 
+    A broken input (unreadable, wrong channels, NaN voxels) does not stop the others: once every good input is
+    written, `SomeInputsFailed` names the broken ones with their reasons (`strict`: the first one raises at once).
+    A mask already in `out` is replaced only with `overwrite`.
     series: which DICOM series to read where a folder holds several (UID or description). RUN may be a
     cross-validation folder (`fold_0`, `fold_1`, ...): the folds are ensembled.
     """
     models = load_models(run, device=device)
     trained = models[0]
     inputs_ = group_channels(collect_inputs(inputs), trained.in_channels)
+    targets = mask_targets(inputs_, out, overwrite)
+    written, failed = [], []
+    for group, target in tqdm(list(zip(inputs_, targets)), desc="predicting", disable=not show_bars(progress),
+                              leave=False):
+        try:
+            written.append(_predict_one(models, group, target, out, overlays, series))
+        except MedsegError as exc:
+            if strict:
+                raise
+            failed.append((group[0], str(exc)))
+    if failed:
+        raise SomeInputsFailed(written, failed)
+    return written
+
+
+def mask_targets(inputs: list[list[Path]], out: str | Path, overwrite: bool = False) -> list[Path]:
+    """The mask each input gets in `out`; refuses, before anything is written, a mask that would land on an input,
+    two inputs that would write the same mask, or (without `overwrite`) a file already there."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise MedsegError(f"{out}: --out is a file, not a folder; masks go into a folder")
     targets: list[Path] = []
-    originals = {path.resolve() for group in inputs_ for path in group}
-    for group in inputs_:
+    originals = {path.resolve() for group in inputs for path in group}
+    for group in inputs:
         target = mask_path_for(group[0], out)
         if len(group) > 1:  # channel files: the mask is named after the case, without _0000
             target = target.with_name(target.name.replace(stem_of(group[0]), stem_of(group[0])[:-5], 1))
@@ -79,16 +116,23 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
             raise MedsegError(f"{group[0]}: another input also writes {target.name}; predict them into separate "
                               "folders")
         targets.append(target)
-    written = []
-    for group, target in tqdm(list(zip(inputs_, targets)), desc="predicting", disable=not show_bars(progress), leave=False):
-        cfg = trained.config
-        image = (read_case_image(group, cfg.color, cfg.npy_layout) if len(group) > 1
-                 else read_image(group[0], color=cfg.color, series=series, npy_layout=cfg.npy_layout))
-        check_finite(image)
-        labels = predict_image(models, image)
-        written.append(write_mask(labels, image, target, len(trained.class_names)))
-        if overlays:
-            (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
-            save_overlay_png(image.array, labels,
-                             Path(out) / "overlays" / f"{stem_of(target)}.png", trained.config.axis)
-    return written
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise MedsegError(f"{existing[0]}: already exists ({len(existing)} of the {len(targets)} masks would replace "
+                          "files in --out); choose another --out, or pass --overwrite to replace them")
+    return targets
+
+
+def _predict_one(models: list, group: list[Path], target: Path, out: str | Path, overlays: bool,
+                 series: str | None) -> Path:
+    trained = models[0]
+    cfg = trained.config
+    image = (read_case_image(group, cfg.color, cfg.npy_layout) if len(group) > 1
+             else read_image(group[0], color=cfg.color, series=series, npy_layout=cfg.npy_layout))
+    check_finite(image)
+    labels = predict_image(models, image)
+    path = write_mask(labels, image, target, len(trained.class_names))
+    if overlays:
+        (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
+        save_overlay_png(image.array, labels, Path(out) / "overlays" / f"{stem_of(target)}.png", cfg.axis)
+    return path

@@ -28,7 +28,7 @@ from medseg.config import TrainConfig
 from medseg.budget import calibrate_steps
 from medseg.console import show_bars
 from medseg.data import LoadedCase, PatchSampler, SliceSampler, first_orientation, load_cases, read_label
-from medseg.datasets import Dataset, case_hash, check_label_values, find_cases, split_cases
+from medseg.datasets import Dataset, case_hash, check_label_values, find_cases, manifest_hash, split_cases
 from medseg.errors import MedsegError
 from medseg.io import write_text_atomic
 from medseg.losses import deep_supervision_loss, make_loss
@@ -56,7 +56,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
     Training cases are loaded as the network sees them (reoriented, resampled); validation cases on their own
     grid, where `medseg.scoring` scores them exactly as `medseg evaluate` scores test cases. Test masks are read
     too, only to check their values: a stray label should stop a run, not its evaluation an hour later."""
-    dataset = find_cases(cfg.data, cfg.images, cfg.masks)
+    dataset = find_cases(cfg.data, cfg.images, cfg.masks, cfg.allow_unmatched)
     split = split_cases([c.case_id for c in dataset.cases], cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold,
                         cfg.train_fraction, cfg.test_fraction)
     chosen = {role: [c for c in dataset.cases if c.case_id in set(split[role])] for role in ("train", "val", "test")}
@@ -95,6 +95,8 @@ def create_run_dir(out: str | Path, overwrite: bool, kind: str = "run") -> Path:
     """An empty run folder, marked as medseg's; `overwrite` replaces an existing run, never a folder medseg did not
     write (medseg.folders)."""
     run = Path(out)
+    if run.exists() and not run.is_dir():
+        raise MedsegError(f"{run}: --out is a file; a run is a folder, so choose another --out")
     if run.exists() and any(run.iterdir()):
         if not overwrite:
             raise MedsegError(f"{run}: run folder exists and is not empty; choose another --out or pass --overwrite")
@@ -142,12 +144,14 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
             say(f"resuming {run} from its start: it was stopped before its first epoch ended")
     else:
         run = create_run_dir(cfg.out, overwrite)
+        cfg.data = str(Path(cfg.data).resolve())  # evaluate RUN works from any folder
         cfg.save(run / "config.json")
         split["hashes"] = {c.case_id: case_hash(c) for c in dataset.cases
                            if c.case_id in set(split["train"]) | set(split["val"]) | set(split["test"])}
         write_text_atomic(run / "split.json", json.dumps(split, indent=2))
         write_text_atomic(run / "dataset.json", json.dumps({
-            "data": str(Path(cfg.data).resolve()), "layout": dataset.layout, "class_names": class_names,
+            "data": cfg.data, "manifest_hash": manifest_hash(split["hashes"]), "layout": dataset.layout,
+            "class_names": class_names,
             "in_channels": in_channels, "train_cases": len(train_cases), "val_cases": len(val_cases),
             "test_cases": len(split["test"])}, indent=2))
         if init:
