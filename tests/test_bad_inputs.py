@@ -727,3 +727,25 @@ def test_a_one_voxel_volume_and_a_one_pixel_image_are_segmented(runs, tmp_path):
                  "--quiet"]) == 0
     assert nib.load(tmp_path / "a" / "voxel.nii.gz").shape == (1, 1, 1)
     assert np.asarray(PILImage.open(tmp_path / "b" / "pixel.png")).shape == (1, 1)
+
+
+def test_a_read_only_output_folder_gets_one_line(runs, tmp_path):
+    """Root ignores file permissions, so the folder is a read-only tmpfs in a user and mount namespace."""
+    from test_resume import can_mount_tmpfs
+
+    if not can_mount_tmpfs():
+        pytest.skip("needs a read-only tmpfs: 'unshare -rm' (user and mount namespaces) is not allowed here")
+    import subprocess
+    import sys
+
+    source = nifti(tmp_path / "in" / "scan.nii.gz", volume())
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    before = hashes(tmp_path / "in")
+    command = (f"mount -t tmpfs -o ro,size=64k none {locked} && {sys.executable} -m medseg predict {runs['3d']} "
+               f"{source} --out {locked}/masks --quiet")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "locked/masks" in lines[0] and "Read-only file system" in lines[0]
+    assert hashes(tmp_path / "in") == before

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from medseg.config import TrainConfig
 from medseg.errors import MedsegError
+from medseg.io import write_text_atomic
 
 
 def benchmark_architectures(cfg: TrainConfig, models: list[str], budget: float, out: str | Path,
@@ -50,9 +51,9 @@ def write_comparison(named: list[dict], cfg: TrainConfig, budget: float, out: Pa
               f"{cfg.base_channels}, depth {cfg.depth}, {cfg.fit} {cfg.size}, batch {cfg.batch_size}, lr {cfg.lr}, "
               f"{cfg.lr_schedule}), then evaluated on the same held-out cases. p: paired Wilcoxon signed-rank test "
               f"of per-case Dice against {named[0]['run']}.\n\n")
-    (out / "comparison.md").write_text(header + comparison_table(named)
-                                       + "\n![Dice against inference time](dice_vs_inference_time.png)\n")
-    (out / "comparison.json").write_text(json.dumps(
+    write_text_atomic(out / "comparison.md", header + comparison_table(named)
+                      + "\n![Dice against inference time](dice_vs_inference_time.png)\n")
+    write_text_atomic(out / "comparison.json", json.dumps(
         {"data": cfg.data, "budget_minutes": budget, "config": asdict(cfg),
          "rows": [{k: v for k, v in r.items() if k != "per_case"} for r in named]}, indent=2))
     plot_tradeoff(named, out / "dice_vs_inference_time.png", f"{Path(cfg.data).name}, {budget:g} min each")

@@ -419,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     except MedsegError as exc:
         print(f"medseg: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever it quotes
         return 2
+    except OSError as exc:
+        if not exc.filename:  # not about a file of the user's: a bug, shown in full
+            raise
+        # a folder that cannot be made or written (read-only, no permission, no space): the machine, not medseg
+        print(f"medseg: error: {exc.filename}: {exc.strerror or exc}; choose another place, or fix its "
+              "permissions or free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("medseg: interrupted", file=sys.stderr)
         return 130

@@ -96,7 +96,8 @@ def save_overlay_png(image: np.ndarray, label: np.ndarray, path: str | Path, axi
         image = np.take(image, index, axis=1 + axis % 3)
         label = np.take(label, index, axis=axis % 3)
     rgb = (overlay(image, label) * 255).round().astype(np.uint8)
-    PILImage.fromarray(rgb).save(path)
+    with atomic_path(path) as tmp:
+        PILImage.fromarray(rgb).save(tmp)
     return Path(path)
 
 

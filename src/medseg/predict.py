@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from medseg.console import show_bars
@@ -130,7 +131,12 @@ def _predict_one(models: list, group: list[Path], target: Path, out: str | Path,
     image = (read_case_image(group, cfg.color, cfg.npy_layout) if len(group) > 1
              else read_image(group[0], color=cfg.color, series=series, npy_layout=cfg.npy_layout))
     check_finite(image)
-    labels = predict_image(models, image)
+    try:
+        labels = predict_image(models, image)
+    except torch.OutOfMemoryError as exc:
+        raise MedsegError(f"{group[0]}: out of {trained.device.type.upper()} memory predicting its "
+                          f"{'x'.join(map(str, image.spatial_shape))} voxels; predict with --device cpu, or on a "
+                          "machine with more memory") from exc
     path = write_mask(labels, image, target, len(trained.class_names))
     if overlays:
         (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
