@@ -173,11 +173,14 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto", unfinis
 
 
 def load_models(run: str | Path, device: str = "auto") -> list[TrainedModel]:
-    """One run, the members of an ensemble folder (`medseg ensemble`), or every `fold_*` run under a
-    cross-validation folder (for an ensemble)."""
+    """One run, the members of an ensemble folder (`medseg ensemble`) or of a model package (`medseg export`), or
+    every `fold_*` run under a cross-validation folder (for an ensemble)."""
     from medseg.ensemble import is_ensemble, member_paths
+    from medseg.package import is_package, package_members
 
     run = Path(run)
+    if is_package(run):
+        return [load_run(member, device=device) for member in package_members(run)]
     if is_ensemble(run):
         return [load_run(member, device=device) for member in member_paths(run)]
     if run.is_dir() and not (run / "best.pt").exists():

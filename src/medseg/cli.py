@@ -262,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", action="store_true", help="also write overlay PNGs to OUT/overlays")
     predict.add_argument("--series", help="DICOM series UID or description, where a folder holds several")
     predict.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
+    predict.add_argument("--format", default="auto", choices=("auto", "nifti", "png", "npz", "dicom-seg"),
+                         help="auto (default): the input's own format (NIfTI for DICOM series); nifti (volumes); "
+                              "png (2D); npz: the probabilities; dicom-seg: a DICOM Segmentation referencing the "
+                              "input series")
+    predict.add_argument("--uncertainty", action="store_true",
+                         help="also write NAME_uncertainty (.nii.gz or .png): the entropy of the mean probability, "
+                              "0 certain to 1 undecided")
+    predict.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+                         help="run the networks in PyTorch (default) or as ONNX in onnxruntime (a package exported "
+                              "with --onnx carries them; otherwise they are exported on the spot)")
+
+    export = sub.add_parser("export", help="write a model package: weights, settings, metrics and a model card")
+    export.add_argument("run", help="a run, ensemble or cross-validation folder")
+    export.add_argument("--out", required=True, help="the package: NAME.zip (one file) or a folder")
+    export.add_argument("--onnx", action="store_true", help="also put each network in as ONNX (for --engine "
+                                                            "onnxruntime, or any ONNX runtime)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing package")
     predict.add_argument("--strict", action="store_true",
                          help="stop at the first input that cannot be segmented (default: write every good one, "
                               "then list the broken ones and exit 2)")
@@ -397,12 +414,18 @@ def run_command(args: argparse.Namespace) -> None:
                                args.cases, _data_options(args))
         print(f"mean foreground Dice {summary['mean_dice']:.4f} on {summary['cases_role']}; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
+    elif args.command == "export":
+        from medseg.package import export_package
+
+        out = export_package(args.run, args.out, args.onnx, args.overwrite)
+        print(f"package: {out} (model card inside: model_card.md)")
     elif args.command == "predict":
         from medseg.predict import SomeInputsFailed, predict_files
 
         try:
             written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet,
-                                    args.series, args.strict, args.overwrite)
+                                    args.series, args.strict, args.overwrite, args.engine, args.format,
+                                    args.uncertainty)
         except SomeInputsFailed as failure:
             print(f"{len(failure.written)} masks written to {args.out}; {len(failure.failed)} inputs failed:")
             for line in failure.lines():

@@ -99,7 +99,9 @@ def read_dicom_series(folder: str | Path, series: str | None = None):
     orientation = np.array(slices[0].ImageOrientationPatient, dtype=float)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    slices.sort(key=lambda s: float(np.dot(np.array(s.ImagePositionPatient, float), normal)))
+    order = sorted(range(len(slices)),
+                   key=lambda i: float(np.dot(np.array(slices[i].ImagePositionPatient, float), normal)))
+    slices, files = [slices[i] for i in order], [chosen.files[i] for i in order]
     positions = np.array([s.ImagePositionPatient for s in slices], dtype=float)
     step = _check_spacing(folder, positions, normal)
     row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
@@ -111,7 +113,8 @@ def read_dicom_series(folder: str | Path, series: str | None = None):
     affine[:3, 3] = positions[0]
     spacing = (col_spacing, row_spacing, float(np.linalg.norm(step)))
     meta = {"format": "dicom", "series_uid": chosen.uid, "series_description": chosen.description,
-            "modality": str(slices[0].get("Modality", ""))}
+            "modality": str(slices[0].get("Modality", "")),
+            "files": [str(f) for f in files]}  # slice k of the volume (last axis) is files[k]: what a SEG references
     return Image(volume[None], spacing, LPS_TO_RAS @ affine, folder, meta)
 
 

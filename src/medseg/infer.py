@@ -183,8 +183,9 @@ def to_labels(probs: np.ndarray, trained: TrainedModel) -> np.ndarray:
     return paint(probs > 0.5, regions) if regions else probs.argmax(0).astype(np.uint8)
 
 
-def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np.ndarray:
-    """Normalise a freshly read image as in training and predict its label map (*spatial).
+def predict_image(models: TrainedModel | list[TrainedModel], image: Image, with_probabilities: bool = False):
+    """Normalise a freshly read image as in training and predict its label map (*spatial); with
+    `with_probabilities`, (labels, probabilities (K, *spatial)).
 
     Several models (the folds of a cross-validation, the members of an ensemble) are averaged: see
     `ensemble_labels`.
@@ -197,7 +198,9 @@ def predict_image(models: TrainedModel | list[TrainedModel], image: Image) -> np
                           f"{first.in_channels}{hint}")
     cfg = first.config
     array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
-    return ensemble_labels(models, array, image.spacing, image.affine)
+    probs = ensemble_probabilities(models, array, image.spacing, image.affine)
+    labels = final_labels(models, probs)
+    return (labels, probs) if with_probabilities else labels
 
 
 def ensemble_labels(models: list[TrainedModel], array: np.ndarray, spacing: tuple[float, ...] | None = None,

@@ -335,6 +335,10 @@ def atomic_path(path: str | Path):
     """A temporary name beside `path` (same suffix) to write to; renamed onto `path` when the block ends without an
     error, so a crash or a full disk leaves the old file or the new one, never half of one, and no temporary."""
     path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path.parent, exc) from exc
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix_of(path))
     os.close(handle)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -11,7 +12,7 @@ from medseg.console import show_bars
 from medseg.checkpoint import load_models
 from medseg.data import check_finite, read_case_image
 from medseg.errors import MedsegError
-from medseg.infer import predict_image
+from medseg.infer import predict_image, uncertainty
 from medseg.io import is_dicom_folder, is_supported, mask_path_for, read_image, stem_of, write_mask
 from medseg.figures import save_overlay_png
 
@@ -73,24 +74,34 @@ class SomeInputsFailed(MedsegError):
 
 def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, overlays: bool = False,
                   device: str = "auto", progress: bool = True, series: str | None = None,
-                  strict: bool = False, overwrite: bool = False) -> list[Path]:
+                  strict: bool = False, overwrite: bool = False, engine: str = "torch", fmt: str = "auto",
+                  with_uncertainty: bool = False) -> list[Path]:
     """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
 
     A broken input (unreadable, wrong channels, NaN voxels) does not stop the others: once every good input is
     written, `SomeInputsFailed` names the broken ones with their reasons (`strict`: the first one raises at once).
-    A mask already in `out` is replaced only with `overwrite`.
+    A mask already in `out` is replaced only with `overwrite`. RUN may also be a model package (`medseg export`);
+    `engine` "onnxruntime" runs each network as ONNX (the package's, or exported on the spot). `fmt`: auto (the
+    input's format; NIfTI for DICOM series), nifti, png, npz (probabilities) or dicom-seg (DICOM series inputs);
+    `with_uncertainty` also writes NAME_uncertainty (entropy of the mean probability) beside each result.
     series: which DICOM series to read where a folder holds several (UID or description). RUN may be a
     cross-validation folder (`fold_0`, `fold_1`, ...): the folds are ensembled.
     """
     models = load_models(run, device=device)
+    if engine == "onnxruntime":
+        from medseg.onnx_engine import use_onnxruntime
+
+        models = use_onnxruntime(models, torch.get_num_threads())
+    elif engine != "torch":
+        raise MedsegError(f"--engine {engine}: choose torch or onnxruntime")
     trained = models[0]
     inputs_ = group_channels(collect_inputs(inputs), trained.in_channels)
-    targets = mask_targets(inputs_, out, overwrite)
+    targets = mask_targets(inputs_, out, overwrite, fmt)
     written, failed = [], []
     for group, target in tqdm(list(zip(inputs_, targets)), desc="predicting", disable=not show_bars(progress),
                               leave=False):
         try:
-            written.append(_predict_one(models, group, target, out, overlays, series))
+            written.append(_predict_one(models, group, target, out, overlays, series, fmt, with_uncertainty))
         except MedsegError as exc:
             if strict:
                 raise
@@ -100,7 +111,22 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     return written
 
 
-def mask_targets(inputs: list[list[Path]], out: str | Path, overwrite: bool = False) -> list[Path]:
+FORMATS = {"auto": None, "nifti": ".nii.gz", "png": ".png", "npz": ".npz", "dicom-seg": ".seg.dcm"}
+
+
+def output_path(group: list[Path], out: str | Path, fmt: str = "auto") -> Path:
+    """Where an input's result goes: auto keeps the input's name and format (`mask_path_for`), other formats
+    keep the name with their own suffix; channel files `<case>_0000...` are named after the case."""
+    target = mask_path_for(group[0], out)
+    if len(group) > 1:  # channel files: the mask is named after the case, without _0000
+        target = target.with_name(target.name.replace(stem_of(group[0]), stem_of(group[0])[:-5], 1))
+    if fmt not in FORMATS:
+        raise MedsegError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+    return target if FORMATS[fmt] is None else target.with_name(stem_of(target) + FORMATS[fmt])
+
+
+def mask_targets(inputs: list[list[Path]], out: str | Path, overwrite: bool = False,
+                 fmt: str = "auto") -> list[Path]:
     """The mask each input gets in `out`; refuses, before anything is written, a mask that would land on an input,
     two inputs that would write the same mask, or (without `overwrite`) a file already there."""
     if Path(out).exists() and not Path(out).is_dir():
@@ -108,9 +134,7 @@ def mask_targets(inputs: list[list[Path]], out: str | Path, overwrite: bool = Fa
     targets: list[Path] = []
     originals = {path.resolve() for group in inputs for path in group}
     for group in inputs:
-        target = mask_path_for(group[0], out)
-        if len(group) > 1:  # channel files: the mask is named after the case, without _0000
-            target = target.with_name(target.name.replace(stem_of(group[0]), stem_of(group[0])[:-5], 1))
+        target = output_path(group, out, fmt)
         if target.resolve() in originals:
             raise MedsegError(f"{target}: the mask would overwrite an input file; choose another --out")
         if target in targets:
@@ -125,20 +149,68 @@ def mask_targets(inputs: list[list[Path]], out: str | Path, overwrite: bool = Fa
 
 
 def _predict_one(models: list, group: list[Path], target: Path, out: str | Path, overlays: bool,
-                 series: str | None) -> Path:
+                 series: str | None, fmt: str = "auto", with_uncertainty: bool = False) -> Path:
     trained = models[0]
     cfg = trained.config
     image = (read_case_image(group, cfg.color, cfg.npy_layout) if len(group) > 1
              else read_image(group[0], color=cfg.color, series=series, npy_layout=cfg.npy_layout))
     check_finite(image)
     try:
-        labels = predict_image(models, image)
+        labels, probs = predict_image(models, image, with_probabilities=True)
     except torch.OutOfMemoryError as exc:
         raise MedsegError(f"{group[0]}: out of {trained.device.type.upper()} memory predicting its "
                           f"{'x'.join(map(str, image.spatial_shape))} voxels; predict with --device cpu, or on a "
                           "machine with more memory") from exc
-    path = write_mask(labels, image, target, len(trained.class_names))
+    names = trained.class_names
+    if fmt == "dicom-seg":
+        from medseg.dicom_seg import write_dicom_seg
+
+        path = write_dicom_seg(labels, image, names, target)
+    elif fmt == "npz":
+        path = _write_probabilities(probs, labels, names, target)
+    else:
+        if fmt == "nifti" and image.ndim != 3:
+            raise MedsegError(f"{group[0]}: --format nifti writes volumes, and this is a 2D image (use png)")
+        if fmt == "png" and image.ndim != 2:
+            raise MedsegError(f"{group[0]}: --format png writes 2D masks, and this is a volume (use nifti)")
+        path = write_mask(labels, image, target, len(names))
+    if with_uncertainty:
+        _write_uncertainty(uncertainty(probs, bool(cfg.regions)), image, target)
     if overlays:
         (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
         save_overlay_png(image.array, labels, Path(out) / "overlays" / f"{stem_of(target)}.png", cfg.axis)
+    return path
+
+
+def _write_probabilities(probs: np.ndarray, labels: np.ndarray, names: list[str], target: Path) -> Path:
+    """--format npz: the averaged probabilities (float16, one map per class or region), the labels and the names."""
+    from medseg.io import atomic_path
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, probabilities=probs.astype(np.float16), labels=labels,
+                                class_names=np.array(names))
+    return target
+
+
+def uncertainty_path(target: Path, volume: bool) -> Path:
+    return target.with_name(f"{stem_of(target).removesuffix('.seg')}_uncertainty{'.nii.gz' if volume else '.png'}")
+
+
+def _write_uncertainty(entropy: np.ndarray, image, target: Path) -> Path:
+    """The entropy of the mean probability, 0 (certain) to 1 (undecided): a float NIfTI on the image's grid for
+    volumes, an 8-bit PNG (0-255) for 2D images."""
+    from medseg.io import atomic_path
+
+    path = uncertainty_path(target, image.ndim == 3)
+    with atomic_path(path) as tmp:
+        if image.ndim == 3:
+            import nibabel as nib
+
+            nib.save(nib.Nifti1Image(entropy.astype(np.float32), image.affine), str(tmp))
+        else:
+            from PIL import Image as PILImage
+
+            PILImage.fromarray((np.clip(entropy, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
     return path

@@ -1,0 +1,164 @@
+"""Model packages (`medseg export`) and the ONNX engine: what goes in, what is refused, and that a package or an
+ONNX network predicts what the run predicts."""
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from conftest import shared_dataset
+from medseg.checkpoint import load_models
+from medseg.cli import main
+from medseg.data import load_case
+from medseg.datasets import find_cases
+from medseg.errors import MedsegError
+from medseg.infer import ensemble_probabilities, final_labels
+from medseg.io import read_image
+from medseg.onnx_engine import use_onnxruntime
+from medseg.package import export_package, open_package
+
+
+@pytest.fixture(scope="module")
+def evaluated_2d(trained_2d, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pkg") / "run"
+    shutil.copytree(trained_2d, run)
+    assert main(["evaluate", str(run), "--quiet", "--figures", "0"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def package_2d(evaluated_2d, tmp_path_factory):
+    return export_package(evaluated_2d, tmp_path_factory.mktemp("pkg") / "model.zip", onnx=True)
+
+
+def test_a_package_holds_weights_settings_metrics_card_and_checksums(package_2d, evaluated_2d):
+    with zipfile.ZipFile(package_2d) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("package.json"))
+        card = archive.read("model_card.md").decode()
+        config = json.loads(archive.read("members/model/config.json"))
+    assert {"members/model/best.pt", "members/model/network.onnx", "members/model/postprocessing.json",
+            "model_card.md", "package.json"} <= names
+    assert manifest["format"] == "medseg-package" and manifest["format_version"] == 1
+    assert set(manifest["files"]) == names - {"package.json"}
+    assert manifest["class_names"] == ["background", "ellipse", "ring"]
+    assert all(c.startswith("#") and len(c) == 7 for c in manifest["colours"].values())
+    summary = json.loads((evaluated_2d / "evaluation" / "summary.json").read_text())
+    evaluation = manifest["evaluation"]
+    assert evaluation["cases"] == summary["cases"] and "used for no choice" in evaluation["which"]
+    assert evaluation["per_class"]["ellipse"]["dice"]["ci95"] == summary["per_class"]["ellipse"]["dice"]["ci95"]
+    for section in ("## Intended use", "## Training data", "## Test metrics", "## Subgroups",
+                    "## Known failure cases"):
+        assert section in card
+    assert "/" not in config["data"] and "/" not in config["out"]  # nothing points at the exporter's disk
+    assert str(evaluated_2d.parent) not in json.dumps(manifest) + card
+
+
+def test_predicting_with_the_package_gives_the_runs_masks(package_2d, evaluated_2d, phantoms_2d, tmp_path):
+    images = phantoms_2d / "imagesTr"
+    for source, out in ((evaluated_2d, "from_run"), (package_2d, "from_package")):
+        assert main(["predict", str(source), str(images), "--out", str(tmp_path / out), "--quiet"]) == 0
+    for mask in (tmp_path / "from_run").iterdir():
+        np.testing.assert_array_equal(np.asarray(PILImage.open(mask)),
+                                      np.asarray(PILImage.open(tmp_path / "from_package" / mask.name)))
+
+
+def test_a_package_exported_as_a_folder_works_like_the_zip(evaluated_2d, tmp_path):
+    folder = export_package(evaluated_2d, tmp_path / "model_folder")
+    assert (folder / "package.json").is_file() and len(load_models(folder)) == 1
+    with pytest.raises(MedsegError, match="already exists"):
+        export_package(evaluated_2d, folder)
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter.txt").write_text("mine")
+    with pytest.raises(MedsegError, match="not a medseg package"):
+        export_package(evaluated_2d, tmp_path / "thesis", overwrite=True)
+    assert (tmp_path / "thesis" / "chapter.txt").read_text() == "mine"
+
+
+def test_a_changed_package_is_refused(package_2d, tmp_path, capsys):
+    tampered = tmp_path / "tampered.zip"
+    with zipfile.ZipFile(package_2d) as source, zipfile.ZipFile(tampered, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "members/model/postprocessing.json":
+                data = data.replace(b'"classes": [', b'"classes": [1, ')
+            target.writestr(item, data)
+    with pytest.raises(MedsegError, match="postprocessing.json does not match its checksum"):
+        open_package(tampered)
+    assert main(["predict", str(tampered), str(tmp_path), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "does not match its checksum" in capsys.readouterr().err
+
+
+def test_a_package_of_another_format_version_is_refused(evaluated_2d, tmp_path):
+    folder = export_package(evaluated_2d, tmp_path / "future")
+    manifest = json.loads((folder / "package.json").read_text())
+    manifest.update(format_version=2, medseg_version="9.0.0")
+    (folder / "package.json").write_text(json.dumps(manifest))
+    with pytest.raises(MedsegError, match=r"package format version 2 \(written by medseg 9.0.0\); this medseg reads "
+                                          r"version 1"):
+        load_models(folder)
+
+
+def test_a_run_never_evaluated_says_so_in_its_card(trained_2d, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_2d, run, ignore=shutil.ignore_patterns("evaluation"))
+    folder = export_package(run, tmp_path / "pkg")
+    assert json.loads((folder / "package.json").read_text())["evaluation"] is None
+    assert "Not evaluated on held-out cases" in (folder / "model_card.md").read_text()
+
+
+def parity(models, image_array, spacing=None, affine=None):
+    """Probabilities and masks from PyTorch and from onnxruntime for one normalised image."""
+    torch_probs = ensemble_probabilities(models, image_array, spacing, affine)
+    torch_labels = final_labels(models, torch_probs)
+    onnx_models = use_onnxruntime(load_models(models[0].run, device="cpu"))
+    onnx_probs = ensemble_probabilities(onnx_models, image_array, spacing, affine)
+    return torch_probs, onnx_probs, torch_labels, final_labels(onnx_models, onnx_probs)
+
+
+def test_onnx_parity_on_a_real_2d_image(trained_2d):
+    """An ISBI section (512x512, not the 32x32 the network trained on), through PyTorch and onnxruntime."""
+    models = load_models(trained_2d, device="cpu")
+    case = find_cases(shared_dataset("isbi2012_em")).cases[0]
+    loaded = load_case(case, models[0].config, resample=False)
+    a, b, labels_a, labels_b = parity(models, loaded.image.array)
+    assert a.shape[1:] == (512, 512)
+    assert float(np.abs(a - b).max()) < 1e-4
+    np.testing.assert_array_equal(labels_a, labels_b)
+
+
+def test_onnx_parity_on_a_real_volume(trained_3d):
+    """A hippocampus MRI volume through the 3D network's sliding window, in both engines."""
+    models = load_models(trained_3d, device="cpu")
+    case = find_cases(shared_dataset("msd_hippocampus", "Task04_Hippocampus")).cases[0]
+    image = read_image(case.images[0])
+    from medseg.transforms import normalize
+
+    array = normalize(image.array, models[0].config.normalization, models[0].config.intensity_stats)
+    a, b, labels_a, labels_b = parity(models, array, image.spacing, image.affine)
+    assert a.shape[1:] == image.spatial_shape
+    assert float(np.abs(a - b).max()) < 1e-4
+    np.testing.assert_array_equal(labels_a, labels_b)
+
+
+def test_predict_engine_onnxruntime_writes_the_same_masks(package_2d, phantoms_2d, tmp_path):
+    images = phantoms_2d / "imagesTr"
+    for engine in ("torch", "onnxruntime"):
+        assert main(["predict", str(package_2d), str(images), "--out", str(tmp_path / engine), "--engine", engine,
+                     "--quiet"]) == 0
+    for mask in (tmp_path / "torch").iterdir():
+        np.testing.assert_array_equal(np.asarray(PILImage.open(mask)),
+                                      np.asarray(PILImage.open(tmp_path / "onnxruntime" / mask.name)))
+
+
+def test_evaluate_with_a_package_leaves_out_the_cases_it_trained_on(package_2d, evaluated_2d, phantoms_2d,
+                                                                    tmp_path):
+    """The package names no case, yet recognises its training and validation cases by their content."""
+    with zipfile.ZipFile(package_2d) as archive:
+        assert "phantom" not in archive.read("members/model/split.json").decode()
+    assert main(["evaluate", str(package_2d), "--data", str(phantoms_2d), "--out", str(tmp_path / "eval"),
+                 "--quiet", "--figures", "0"]) == 0
+    split = json.loads((evaluated_2d / "split.json").read_text())
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["cases"] == len(split["test"])
