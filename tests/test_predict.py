@@ -166,3 +166,36 @@ def test_the_python_api_names_the_broken_inputs_after_writing_the_rest(trained_2
         predict_files(trained_2d, [folder], tmp_path / "out", progress=False)
     assert len(failure.value.written) == 3 and [p.name for p, _ in failure.value.failed] == [
         "1_empty.png", "3_truncated.png", "5_not_an_image.png", "7_colour.png"]
+
+
+def masks_in(folder):
+    return {p.name: np.asarray(PILImage.open(p)).tobytes() for p in sorted(folder.iterdir())}
+
+
+def test_shards_cover_every_input_exactly_once(trained_2d, phantoms_2d, tmp_path):
+    images = phantoms_2d / "imagesTr"
+    assert main(["predict", str(trained_2d), str(images), "--out", str(tmp_path / "all"), "--quiet"]) == 0
+    for index in range(3):  # into one folder: an input predicted twice would meet its mask and be refused
+        assert main(["predict", str(trained_2d), str(images), "--out", str(tmp_path / "sharded"), "--quiet",
+                     "--shard", f"{index}/3"]) == 0
+    assert masks_in(tmp_path / "sharded") == masks_in(tmp_path / "all")
+    shares = [set(p.name for p in predict_files(trained_2d, [images], tmp_path / f"s{i}", progress=False,
+                                                shard=(i, 3))) for i in range(3)]
+    assert sum(len(s) for s in shares) == len(set().union(*shares)) == len(list(images.iterdir()))
+
+
+def test_workers_write_what_one_process_writes_and_still_list_failures(trained_2d, phantoms_2d, tmp_path):
+    folder = folder_with_broken_files(phantoms_2d, tmp_path / "inbox")
+    assert main(["predict", str(trained_2d), str(folder), "--out", str(tmp_path / "one"), "--quiet"]) == 2
+    with pytest.raises(SomeInputsFailed) as failure:
+        predict_files(trained_2d, [folder], tmp_path / "two", progress=False, workers=2)
+    assert [p.name for p, _ in failure.value.failed] == ["1_empty.png", "3_truncated.png", "5_not_an_image.png",
+                                                         "7_colour.png"]
+    assert masks_in(tmp_path / "two") == masks_in(tmp_path / "one")
+
+
+def test_a_shard_outside_its_range_is_refused(trained_2d, phantoms_2d, tmp_path):
+    assert main(["predict", str(trained_2d), str(phantoms_2d / "imagesTr"), "--out", str(tmp_path / "o"),
+                 "--shard", "3/3", "--quiet"]) == 2
+    assert main(["predict", str(trained_2d), str(phantoms_2d / "imagesTr"), "--out", str(tmp_path / "o"),
+                 "--shard", "half", "--quiet"]) == 2

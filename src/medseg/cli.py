@@ -269,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--uncertainty", action="store_true",
                          help="also write NAME_uncertainty (.nii.gz or .png): the entropy of the mean probability, "
                               "0 certain to 1 undecided")
+    predict.add_argument("--workers", type=int, default=1,
+                         help="predict in N processes sharing the cores (default 1)")
+    predict.add_argument("--shard", metavar="I/N",
+                         help="predict only the I-th of N deterministic shares of the inputs (0 <= I < N), for "
+                              "arrays of jobs on several machines")
     predict.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
                          help="run the networks in PyTorch (default) or as ONNX in onnxruntime (a package exported "
                               "with --onnx carries them; otherwise they are exported on the spot)")
@@ -335,6 +340,18 @@ def _single_configuration(args: argparse.Namespace) -> bool:
     from medseg.plan import plan_members, read_plan
 
     return len(plan_members(read_plan(args.plan), args.configuration, args.plan)) == 1
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as exc:
+        raise MedsegError(f"--shard {text}: write it as I/N, e.g. 0/4") from exc
+    if not 0 <= index < count:
+        raise MedsegError(f"--shard {text}: need 0 <= I < N")
+    return index, count
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -425,7 +442,7 @@ def run_command(args: argparse.Namespace) -> None:
         try:
             written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet,
                                     args.series, args.strict, args.overwrite, args.engine, args.format,
-                                    args.uncertainty)
+                                    args.uncertainty, args.workers, _shard(args.shard))
         except SomeInputsFailed as failure:
             print(f"{len(failure.written)} masks written to {args.out}; {len(failure.failed)} inputs failed:")
             for line in failure.lines():

@@ -75,7 +75,8 @@ class SomeInputsFailed(MedsegError):
 def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, overlays: bool = False,
                   device: str = "auto", progress: bool = True, series: str | None = None,
                   strict: bool = False, overwrite: bool = False, engine: str = "torch", fmt: str = "auto",
-                  with_uncertainty: bool = False) -> list[Path]:
+                  with_uncertainty: bool = False, workers: int = 1,
+                  shard: tuple[int, int] | None = None) -> list[Path]:
     """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
 
     A broken input (unreadable, wrong channels, NaN voxels) does not stop the others: once every good input is
@@ -85,30 +86,93 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     input's format; NIfTI for DICOM series), nifti, png, npz (probabilities) or dicom-seg (DICOM series inputs);
     `with_uncertainty` also writes NAME_uncertainty (entropy of the mean probability) beside each result.
     series: which DICOM series to read where a folder holds several (UID or description). RUN may be a
-    cross-validation folder (`fold_0`, `fold_1`, ...): the folds are ensembled.
+    cross-validation folder (`fold_0`, `fold_1`, ...): the folds are ensembled. `workers` > 1 predicts in that many
+    processes, sharing the cores; `shard` (i, n) takes the i-th of n deterministic shares of the inputs, so that n
+    machines (a Slurm array, a Kubernetes job) cover every input exactly once.
     """
+    models = _models(run, device, engine, torch.get_num_threads())
+    inputs_ = group_channels(collect_inputs(inputs), models[0].in_channels)
+    targets = mask_targets(inputs_, out, fmt)  # every input's, so each shard refuses a clash alike
+    jobs = [(group, target, out, overlays, series, fmt, with_uncertainty)
+            for group, target in shard_of(list(zip(inputs_, targets)), shard)]
+    refuse_existing([job[1] for job in jobs], overwrite)
+    written, failed = [], []
+    if workers > 1 and len(jobs) > 1:
+        results = _in_workers(jobs, run, device, engine, min(workers, len(jobs)))
+    else:
+        results = (_predict_job(models, job) for job in jobs)
+    for source, path, error in tqdm(results, total=len(jobs), desc="predicting", disable=not show_bars(progress),
+                                    leave=False):
+        if error is None:
+            written.append(path)
+        elif strict:
+            raise MedsegError(error)
+        else:
+            failed.append((source, error))
+    if failed:
+        raise SomeInputsFailed(written, failed)
+    return written
+
+
+def shard_of(items: list, shard: tuple[int, int] | None) -> list:
+    """The i-th of n shares of (input group, target) pairs: every n-th in the order of the inputs' paths, so the
+    share depends only on the set of inputs, never on the order they were named in."""
+    if shard is None:
+        return items
+    index, count = shard
+    if not 0 <= index < count:
+        raise MedsegError(f"--shard {index}/{count}: need 0 <= I < N")
+    ordered = sorted(items, key=lambda item: str(item[0][0]))
+    return [item for position, item in enumerate(ordered) if position % count == index]
+
+
+def _models(run, device: str, engine: str, threads: int) -> list:
     models = load_models(run, device=device)
     if engine == "onnxruntime":
         from medseg.onnx_engine import use_onnxruntime
 
-        models = use_onnxruntime(models, torch.get_num_threads())
-    elif engine != "torch":
+        return use_onnxruntime(models, threads)
+    if engine != "torch":
         raise MedsegError(f"--engine {engine}: choose torch or onnxruntime")
-    trained = models[0]
-    inputs_ = group_channels(collect_inputs(inputs), trained.in_channels)
-    targets = mask_targets(inputs_, out, overwrite, fmt)
-    written, failed = [], []
-    for group, target in tqdm(list(zip(inputs_, targets)), desc="predicting", disable=not show_bars(progress),
-                              leave=False):
-        try:
-            written.append(_predict_one(models, group, target, out, overlays, series, fmt, with_uncertainty))
-        except MedsegError as exc:
-            if strict:
-                raise
-            failed.append((group[0], str(exc)))
-    if failed:
-        raise SomeInputsFailed(written, failed)
-    return written
+    return models
+
+
+def _predict_job(models: list, job: tuple) -> tuple[Path, Path | None, str | None]:
+    """(input, written path, None), or (input, None, the one-line reason) for an input that cannot be segmented."""
+    group = job[0]
+    try:
+        return group[0], _predict_one(models, *job), None
+    except MedsegError as exc:
+        return group[0], None, str(exc)
+
+
+_WORKER: dict = {}  # a worker process's models, loaded once by `_start_worker`
+
+
+def _start_worker(run: str, device: str, engine: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["models"] = _models(run, device, engine, threads)
+
+
+def _in_worker(job: tuple):
+    return _predict_job(_WORKER["models"], job)
+
+
+def _in_workers(jobs: list, run, device: str, engine: str, workers: int):
+    """Results of `jobs` in input order from `workers` processes, each with its share of the cores."""
+    import multiprocessing
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (str(run), device, engine, threads))
+    try:
+        yield from pool.imap(_in_worker, jobs)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 FORMATS = {"auto": None, "nifti": ".nii.gz", "png": ".png", "npz": ".npz", "dicom-seg": ".seg.dcm"}
@@ -125,10 +189,9 @@ def output_path(group: list[Path], out: str | Path, fmt: str = "auto") -> Path:
     return target if FORMATS[fmt] is None else target.with_name(stem_of(target) + FORMATS[fmt])
 
 
-def mask_targets(inputs: list[list[Path]], out: str | Path, overwrite: bool = False,
-                 fmt: str = "auto") -> list[Path]:
-    """The mask each input gets in `out`; refuses, before anything is written, a mask that would land on an input,
-    two inputs that would write the same mask, or (without `overwrite`) a file already there."""
+def mask_targets(inputs: list[list[Path]], out: str | Path, fmt: str = "auto") -> list[Path]:
+    """The mask each input gets in `out`; refuses, before anything is written, a mask that would land on an input
+    or two inputs that would write the same mask."""
     if Path(out).exists() and not Path(out).is_dir():
         raise MedsegError(f"{out}: --out is a file, not a folder; masks go into a folder")
     targets: list[Path] = []
@@ -141,11 +204,15 @@ def mask_targets(inputs: list[list[Path]], out: str | Path, overwrite: bool = Fa
             raise MedsegError(f"{group[0]}: another input also writes {target.name}; predict them into separate "
                               "folders")
         targets.append(target)
+    return targets
+
+
+def refuse_existing(targets: list[Path], overwrite: bool) -> None:
+    """Without `overwrite`, stop before any work if a file is already where a mask would go."""
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]}: already exists ({len(existing)} of the {len(targets)} masks would replace "
                           "files in --out); choose another --out, or pass --overwrite to replace them")
-    return targets
 
 
 def _predict_one(models: list, group: list[Path], target: Path, out: str | Path, overlays: bool,
