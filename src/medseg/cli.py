@@ -278,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run the networks in PyTorch (default) or as ONNX in onnxruntime (a package exported "
                               "with --onnx carries them; otherwise they are exported on the spot)")
 
+    pacs = sub.add_parser("pacs", help="pull a series from a DICOMweb server, segment it, store the DICOM SEG back")
+    pacs.add_argument("run", help="a run, ensemble or model package")
+    pacs.add_argument("--url", required=True, help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    pacs.add_argument("--study", required=True, help="StudyInstanceUID")
+    pacs.add_argument("--series", help="SeriesInstanceUID or description (needed where the study has several)")
+    pacs.add_argument("--out", help="also keep the SEG in this folder")
+    pacs.add_argument("--device", default="auto")
+
     export = sub.add_parser("export", help="write a model package: weights, settings, metrics and a model card")
     export.add_argument("run", help="a run, ensemble or cross-validation folder")
     export.add_argument("--out", required=True, help="the package: NAME.zip (one file) or a folder")
@@ -431,6 +439,12 @@ def run_command(args: argparse.Namespace) -> None:
                                args.cases, _data_options(args))
         print(f"mean foreground Dice {summary['mean_dice']:.4f} on {summary['cases_role']}; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
+    elif args.command == "pacs":
+        from medseg.pacs import segment_from_pacs
+
+        stored = segment_from_pacs(args.run, args.url, args.study, args.series, args.out, args.device)
+        print(f"segmented series {stored['series']} ({stored['slices']} slices); stored SEG {stored['seg_instance']} "
+              f"in study {stored['study']}" + (f"; local copy: {stored['local']}" if stored["local"] else ""))
     elif args.command == "export":
         from medseg.package import export_package
 
