@@ -14,4 +14,10 @@ if [ "$(cat "$VENV/.medseg-installed" 2>/dev/null)" != "$wanted" ]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
   echo "$wanted" > "$VENV/.medseg-installed"
 fi
+# The web viewer's library (NiiVue) comes from npm, pinned by the lockfile, never copied into the repository.
+WEB=src/medseg/web
+if command -v npm >/dev/null && [ "$(cat "$WEB/node_modules/.medseg-installed" 2>/dev/null)" != "$(sha256sum < "$WEB/package-lock.json")" ]; then
+  npm ci --prefix "$WEB" --no-audit --no-fund --loglevel=error >/dev/null
+  sha256sum < "$WEB/package-lock.json" > "$WEB/node_modules/.medseg-installed"
+fi
 export PATH="$PWD/$VENV/bin:$PATH"

@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run the networks in PyTorch (default) or as ONNX in onnxruntime (a package exported "
                               "with --onnx carries them; otherwise they are exported on the spot)")
 
+    serve = sub.add_parser("serve", help="a web page (and REST API) that segments uploads and shows the masks")
+    serve.add_argument("run", help="a run, ensemble or model package")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto")
+
     pacs = sub.add_parser("pacs", help="pull a series from a DICOMweb server, segment it, store the DICOM SEG back")
     pacs.add_argument("run", help="a run, ensemble or model package")
     pacs.add_argument("--url", required=True, help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
@@ -439,6 +445,10 @@ def run_command(args: argparse.Namespace) -> None:
                                args.cases, _data_options(args))
         print(f"mean foreground Dice {summary['mean_dice']:.4f} on {summary['cases_role']}; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
+    elif args.command == "serve":
+        from medseg.serve import serve
+
+        serve(args.run, args.host, args.port, args.device)
     elif args.command == "pacs":
         from medseg.pacs import segment_from_pacs
 
