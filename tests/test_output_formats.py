@@ -94,3 +94,32 @@ def test_a_volume_gets_an_uncertainty_volume_on_its_grid(trained_3d, phantoms_3d
     np.testing.assert_allclose(uncertainty.affine, nib.load(source).affine)
     values = np.asarray(uncertainty.dataobj)
     assert values.shape == nib.load(source).shape and values.min() >= 0 and values.max() <= 1
+
+
+def test_segments_carry_the_codes_the_training_data_gives(series, tmp_path):
+    codes = {"1": {"category": ["91723000", "SCT", "Anatomical Structure"], "type": ["5279000", "SCT", "Hippocampus"]}}
+    image = read_image(series)
+    mask = np.zeros(image.spatial_shape, np.uint8)
+    mask[10:20, 5:15, 8:30] = 1
+    path = write_dicom_seg(mask, image, ["background", "hippocampus"], tmp_path / "s.seg.dcm", codes=codes)
+    segment = pydicom.dcmread(path).SegmentSequence[0]
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "5279000"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Hippocampus"
+    assert validator_errors(path) == []
+
+
+def test_codes_in_dataset_json_reach_the_run_and_bad_ones_are_one_line(phantoms_3d, tmp_path):
+    from medseg.datasets import find_cases
+    from medseg.errors import MedsegError
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms_3d, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["segment_codes"] = {"1": {"category": ["91723000", "SCT", "Anatomical Structure"],
+                                   "type": ["5279000", "SCT", "Hippocampus"]}}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    assert find_cases(data).segment_codes["1"]["type"][2] == "Hippocampus"
+    meta["segment_codes"] = {"1": {"type": "hippocampus"}}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(MedsegError, match=r"segment_codes\['1'\] needs"):
+        find_cases(data)

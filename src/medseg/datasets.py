@@ -57,6 +57,9 @@ class Dataset:
     declared_labels: list[int] | None = None  # mask values the dataset declares (dataset.json); None: not declared
     left_out: dict[str, list[str]] = field(default_factory=dict)  # e.g. "images without a mask" -> file names
     grouped: bool = False  # a manifest's case_id column may repeat: rows of one patient, split together
+    # coded concepts per class index for DICOM SEG (dataset.json "segment_codes"), e.g. {"1": {"category": [value,
+    # scheme, meaning], "type": [value, scheme, meaning]}}
+    segment_codes: dict[str, dict] = field(default_factory=dict)
 
 
 def find_cases(data: str | Path, images: str | None = None, masks: str | None = None,
@@ -135,10 +138,17 @@ def read_dataset_json(path: Path) -> dict:
         raise MedsegError(f"{path}: holds a {type(meta).__name__}; dataset.json must be an object with fields such "
                           "as labels and training")
     for key, kind, example in (("labels", dict, '{"0": "background", "1": "tumour"}'),
+                               ("segment_codes", dict, '{"1": {"category": [...], "type": [...]}}'),
                                ("modality", dict, '{"0": "MRI"}'), ("channel_names", dict, '{"0": "MRI"}'),
                                ("training", list, '[{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]')):
         if key in meta and not isinstance(meta[key], kind):
             raise MedsegError(f"{path}: '{key}' must be {'an object' if kind is dict else 'a list'}, e.g. {example}")
+    for label, codes in (meta.get("segment_codes") or {}).items():
+        triples = [codes.get(k) for k in ("category", "type")] if isinstance(codes, dict) else [None]
+        if not all(isinstance(t, list) and len(t) == 3 and all(isinstance(v, str) for v in t) for t in triples):
+            raise MedsegError(f"{path}: segment_codes[{label!r}] needs \"category\" and \"type\", each [code value, "
+                              'scheme, meaning], e.g. {"category": ["91723000", "SCT", "Anatomical Structure"], '
+                              '"type": ["5279000", "SCT", "Hippocampus"]}')
     for n, entry in enumerate(meta.get("training") or []):
         if isinstance(meta["training"][0], dict) and (not isinstance(entry, dict) or not {"image", "label"} <= set(entry)):
             raise MedsegError(f"{path}: training entry {n + 1} needs both 'image' and 'label' ({entry})")
@@ -171,7 +181,8 @@ def _from_msd(root: Path) -> Dataset:
     if missing:
         left_out["cases whose image or label file is missing"] = missing
         cases = [c for c in cases if c.case_id not in set(missing)]
-    return Dataset(cases, class_names, "msd", root, modalities, declared, left_out=left_out)
+    return Dataset(cases, class_names, "msd", root, modalities, declared, left_out=left_out,
+                   segment_codes=meta.get("segment_codes", {}))
 
 
 def _msd_class_names(labels: dict) -> tuple[list[str], list[int] | None]:

@@ -22,9 +22,11 @@ TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def write_dicom_seg(mask: np.ndarray, reference, class_names: list[str], path: Path, colours: list | None = None) -> Path:
+def write_dicom_seg(mask: np.ndarray, reference, class_names: list[str], path: Path, colours: list | None = None,
+                    codes: dict | None = None) -> Path:
     """Write `mask` (class indices on the series' volume grid, as `medseg.dicom.read_dicom_series` lays it out)
-    as a binary DICOM SEG at `path`; one segment per foreground class."""
+    as a binary DICOM SEG at `path`; one segment per foreground class, coded with `codes[str(index)]` ("category"
+    and "type", each [value, scheme, meaning], from the training data's dataset.json) or generic concepts."""
     try:
         import highdicom as hd
     except ImportError as exc:
@@ -52,7 +54,8 @@ def write_dicom_seg(mask: np.ndarray, reference, class_names: list[str], path: P
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=k, segment_label=name[:64],
-            segmented_property_category=Code(*CATEGORY), segmented_property_type=Code(*PROPERTY),
+            segmented_property_category=Code(*(codes or {}).get(str(k), {}).get("category", CATEGORY)),
+            segmented_property_type=Code(*(codes or {}).get(str(k), {}).get("type", PROPERTY)),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
                 name="medseg", version=__version__, family=Code(*FAMILY)),
@@ -73,6 +76,14 @@ def write_dicom_seg(mask: np.ndarray, reference, class_names: list[str], path: P
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+def run_segment_codes(run: Path) -> dict:
+    """The coded concepts a run's training data gave its classes (RUN/dataset.json), or none."""
+    import json
+
+    path = Path(run) / "dataset.json"
+    return json.loads(path.read_text()).get("segment_codes") or {} if path.exists() else {}
 
 
 def _series_number(sources: list) -> int:

@@ -56,7 +56,7 @@ def segment_from_pacs(run: str | Path, url: str, study: str, series: str | None 
     import pydicom
 
     from medseg.checkpoint import load_models
-    from medseg.dicom_seg import write_dicom_seg
+    from medseg.dicom_seg import run_segment_codes, write_dicom_seg
     from medseg.infer import predict_image
     from medseg.io import read_image
 
@@ -74,7 +74,7 @@ def segment_from_pacs(run: str | Path, url: str, study: str, series: str | None 
         image = read_image(folder)
         labels = predict_image(models, image)
         local = Path(out) / f"{series_uid}.seg.dcm" if out else folder / "segmentation.seg.dcm"
-        write_dicom_seg(labels, image, models[0].class_names, local)
+        write_dicom_seg(labels, image, models[0].class_names, local, codes=run_segment_codes(models[0].run))
         seg = pydicom.dcmread(local)
         try:
             client.store_instances([seg], study_instance_uid=study)

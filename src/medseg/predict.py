@@ -230,9 +230,9 @@ def _predict_one(models: list, group: list[Path], target: Path, out: str | Path,
                           "machine with more memory") from exc
     names = trained.class_names
     if fmt == "dicom-seg":
-        from medseg.dicom_seg import write_dicom_seg
+        from medseg.dicom_seg import run_segment_codes, write_dicom_seg
 
-        path = write_dicom_seg(labels, image, names, target)
+        path = write_dicom_seg(labels, image, names, target, codes=run_segment_codes(trained.run))
     elif fmt == "npz":
         path = _write_probabilities(probs, labels, names, target)
     else:

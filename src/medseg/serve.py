@@ -115,9 +115,10 @@ class Segmenter:
         _nifti(entropy.astype(np.float32), image.affine if image.ndim == 3 else np.diag([1.0, -1.0, 1.0, 1.0]),
                out / "uncertainty.nii.gz")
         if image.meta.get("format") == "dicom":
-            from medseg.dicom_seg import write_dicom_seg
+            from medseg.dicom_seg import run_segment_codes, write_dicom_seg
 
-            write_dicom_seg(labels, image, names, out / "mask.seg.dcm")
+            write_dicom_seg(labels, image, names, out / "mask.seg.dcm",
+                            codes=run_segment_codes(self.models[0].run))
         job.files = sorted(p.name for p in out.iterdir())
 
     def close(self) -> None:

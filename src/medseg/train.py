@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
             "data": cfg.data, "manifest_hash": manifest_hash(split["hashes"]), "layout": dataset.layout,
             "class_names": class_names,
             "in_channels": in_channels, "train_cases": len(train_cases), "val_cases": len(val_cases),
-            "test_cases": len(split["test"])}, indent=2))
+            "test_cases": len(split["test"]), "segment_codes": dataset.segment_codes}, indent=2))
         if init:
             write_account(init, run)
     trained.run = run
