@@ -131,11 +131,17 @@ def train_then_evaluate(train_args: list[str], run: Path, device: str = "auto",
     """`medseg train TRAIN_ARGS` (with `trained`: reuse RUN, trained before with those arguments) then
     `medseg evaluate RUN` on its test cases: (evaluation summary, epochs trained, training seconds, evaluation
     seconds). RUN may be a planned ensemble (its members' longest training and first member's epochs count)."""
+    summaries = sorted(run.glob("*/train_summary.json")) or [run / "train_summary.json"]
     if not trained:
         started = time.monotonic()
         if medseg_main(["train", *train_args]) != 0:
             raise SystemExit(f"training {run} failed")
-    summaries = sorted(run.glob("*/train_summary.json")) or [run / "train_summary.json"]
+        summaries = sorted(run.glob("*/train_summary.json")) or [run / "train_summary.json"]
+    else:  # post-processing chosen again on the validation cases, with this medseg's rules
+        from medseg.train import redecide_postprocessing
+
+        for summary_path in summaries:
+            redecide_postprocessing(summary_path.parent, device)
     train_seconds = max(json.loads(p.read_text())["seconds"] for p in summaries)
     epochs = len(json.loads((summaries[0].parent / "history.json").read_text()))
     started = time.monotonic()

@@ -293,6 +293,18 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
     return decision["classes"]
 
 
+def redecide_postprocessing(run: str | Path, device: str = "auto") -> dict:
+    """Choose a finished run's post-processing again, on its validation cases, with this medseg's rules (for runs
+    trained before a rule existed); returns the decision written to RUN/postprocessing.json."""
+    cfg = TrainConfig.load(Path(run) / "config.json")
+    dataset = find_cases(cfg.data, cfg.images, cfg.masks, cfg.allow_unmatched)
+    split = json.loads((Path(run) / "split.json").read_text())
+    chosen = [c for c in dataset.cases if c.case_id in set(split["val"])]
+    val_cases = load_cases(chosen, cfg, "validation cases", resample=False)
+    choose_postprocessing(Path(run), val_cases, resolve_device(device))
+    return json.loads((Path(run) / "postprocessing.json").read_text())
+
+
 class _Loop:
     """The epoch loop: optimise for a fixed number of steps, validate per case, checkpoint, stop early."""
 
