@@ -92,7 +92,7 @@ def test_an_unfinished_run_is_not_evaluated_or_used_without_a_word(uninterrupted
     assert json.loads((run / "postprocessing.json").read_text())["classes"] == \
         json.loads((uninterrupted / "postprocessing.json").read_text())["classes"]
     with pytest.raises(MedsegError, match="finished already"):
-        from medseg.train import resume_run
+        from medseg.resume import resume_run
         resume_run(run)
 
 
@@ -190,7 +190,7 @@ def test_resume_refuses_what_it_cannot_continue(data, tmp_path):
     assert main(["train", str(data), "--resume", str(tmp_path / "nothing")]) == 2
     os.makedirs(tmp_path / "empty")
     with pytest.raises(MedsegError, match="no config.json"):
-        from medseg.train import resume_run
+        from medseg.resume import resume_run
         resume_run(tmp_path / "empty")
 
 

@@ -107,7 +107,7 @@ def resume(run: str | Path, progress: bool = True) -> Path:
     then write the ensemble's manifest."""
     from medseg.ensemble import create_ensemble
     from medseg.errors import MedsegError
-    from medseg.train import resume_run
+    from medseg.resume import resume_run
 
     run = Path(run)
     if (run / "config.json").exists() or not (run / "plan.json").exists():
@@ -131,10 +131,11 @@ def resume(run: str | Path, progress: bool = True) -> Path:
 def _resume_member(job: tuple) -> str:
     import importlib
 
+    from medseg.resume import resume_run
+
     name, path, progress = job
-    module = importlib.import_module("medseg.train")
-    module.LINE_PREFIX = f"{name}: "
-    return str(module.resume_run(path, progress))
+    importlib.import_module("medseg.train").LINE_PREFIX = f"{name}: "
+    return str(resume_run(path, progress))
 
 
 def _train_member(job: tuple) -> str:

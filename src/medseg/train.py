@@ -36,6 +36,7 @@ from medseg.metrics import confusion, metrics_from_counts, nanmean
 from medseg.scoring import class_means, mean_dice, score_case
 from medseg.models import create_model
 from medseg.regions import region_masks, region_targets
+from medseg.resume import check_same_split, random_states, read_resume_state, set_random_states
 from medseg.tracking import Tracker
 from medseg.transfer import describe, encoder_parameters, load_matching, set_encoder_frozen, write_account
 
@@ -108,7 +109,7 @@ def create_run_dir(out: str | Path, overwrite: bool, kind: str = "run") -> Path:
 
 def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None) -> Path:
     """Train as configured and return the run folder; with `resume` (a run folder, whose config.json `cfg` is),
-    continue that run from its last completed epoch instead (see `resume_run`)."""
+    continue that run from its last completed epoch instead (see `medseg.resume`)."""
     cfg.validate()
     tracker = Tracker(cfg)  # a tracking package asked for but missing fails here, before any work
     resumed = read_resume_state(resume) if resume else None
@@ -177,70 +178,6 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
     plot_curves(loop.history, run / "curves.png")
     tracker.finish(summary, [run / "curves.png", run / "train_summary.json", run / "config.json"])
     return run
-
-
-def resume_run(run: str | Path, progress: bool = True) -> Path:
-    """Continue a stopped run (killed, out of disk, machine gone) from its last completed epoch: the model,
-    optimiser, schedule position, every random state (sampler, augmentation), early-stopping counters and history
-    come from RUN/last.pt (or last.prev.pt, where last.pt is damaged); settings from RUN/config.json. A seeded run
-    resumed ends with the weights of the same run never stopped."""
-    run = Path(run)
-    if not (run / "config.json").exists():
-        raise MedsegError(f"{run}: no config.json, so no run to resume (it was stopped before it started); start "
-                          "it again with 'medseg train'")
-    if (run / "train_summary.json").exists():
-        raise MedsegError(f"{run}: training finished already (train_summary.json); nothing to resume")
-    for stale in run.glob(".tmp-*"):  # what a kill left half-written; the files they were to replace are whole
-        stale.unlink()
-    cfg = TrainConfig.load(run / "config.json")
-    cfg.progress = progress
-    return train(cfg, resume=run)
-
-
-def read_resume_state(run: Path) -> dict | None:
-    """RUN/last.pt with what resuming needs, or None when the run stopped before its first epoch ended."""
-    from medseg.checkpoint import previous_path, read_checkpoint_or_previous
-
-    path = run / "last.pt"
-    if not path.exists() and not previous_path(path).exists():
-        return None
-    state, _ = read_checkpoint_or_previous(path, "last checkpoint")
-    if "resume" not in state:
-        raise MedsegError(f"{path}: written by a medseg without resume support; this run cannot be resumed")
-    return state
-
-
-def check_same_split(run: Path, split: dict) -> None:
-    """The data must still give the run's cases: a resumed run on other cases would be a different experiment."""
-    stored = json.loads((run / "split.json").read_text())
-    for role in ("train", "val", "test"):
-        if sorted(stored.get(role, [])) != sorted(split[role]):
-            raise MedsegError(f"{run}: the data no longer holds the run's {role} cases (cases were added, removed "
-                              "or renamed since it started); it cannot be resumed, start a new run")
-
-
-def random_states(generator: torch.Generator) -> dict:
-    """Every random state training draws from, as tensors and plain values (a checkpoint holds nothing else)."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    states = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                        "has_gauss": int(has_gauss), "cached": float(cached)},
-              "python": {"version": version, "internal": list(internal), "gauss": gauss}}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_random_states(states: dict, generator: torch.Generator) -> None:
-    generator.set_state(states["generator"])
-    torch.set_rng_state(states["torch"])
-    n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached"]))
-    p = states["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 LINE_PREFIX = ""  # an ensemble member's name, so that members training side by side can be told apart
