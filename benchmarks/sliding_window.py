@@ -1,0 +1,156 @@
+"""medseg's sliding-window inference against MONAI's `sliding_window_inference`, and memory at CT size.
+
+    python benchmarks/sliding_window.py            # about 5 minutes on 2 cores; run it alone
+
+Same network (the 3D U-Net medseg plans: width 16, depth 3, instance norm), same patch (64^3), same overlap (0.5),
+Gaussian weighting in both (sigma = patch / 8), probabilities blended in both, same windows per batch (4), no TTA;
+volumes of growing size, each timed alternately with the two implementations in PyTorch eager and with medseg's
+onnxruntime engine (the same weights as ONNX; medians of 3), probabilities compared. Then a CT-sized volume
+(512 x 512 x 300) through medseg's path in a fresh process, its peak resident memory read from the kernel
+(`ru_maxrss`), for the same sizes as the timing. Writes docs/benchmarks/sliding_window.json, the plot
+docs/benchmarks/sliding_window.png and the section between the SLIDING markers of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks"
+PATCH, OVERLAP, BATCH = (64, 64, 64), 0.5, 4
+SIZES = [(96, 96, 96), (128, 128, 128), (192, 192, 160)]
+CT = (512, 512, 300)
+
+
+def network() -> torch.nn.Module:
+    from medseg.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("unet", in_channels=1, num_classes=2, base_channels=16, depth=3, spatial_dims=3,
+                        norm="instance", activation="leaky_relu").eval()
+
+
+def ours(model, volume):
+    from medseg.infer import sliding_window
+
+    return sliding_window(model, volume, PATCH, OVERLAP, batch_size=BATCH)
+
+
+def monai(model, volume):
+    from monai.inferers import sliding_window_inference
+
+    with torch.no_grad():  # probabilities blended, as medseg blends them
+        probs = sliding_window_inference(volume, PATCH, BATCH, lambda x: model(x).softmax(1), overlap=OVERLAP,
+                                         mode="gaussian", sigma_scale=0.125)
+    return probs[0]
+
+
+def onnx_network(model) -> torch.nn.Module:
+    """The same network, exported to ONNX and run by onnxruntime (`medseg predict --engine onnxruntime`)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from medseg.config import TrainConfig
+    from medseg.onnx_engine import OnnxNetwork, export_onnx
+
+    trained = SimpleNamespace(model=model, config=TrainConfig(dims=3, depth=3), in_channels=1)
+    path = export_onnx(trained, Path(tempfile.mkdtemp()) / "net.onnx")
+    return OnnxNetwork(path, 2**3, torch.get_num_threads())
+
+
+def timed(function, *args) -> tuple[float, torch.Tensor]:
+    started = time.perf_counter()
+    result = function(*args)
+    return time.perf_counter() - started, result
+
+
+def peak_memory(size: tuple[int, ...]) -> float:
+    """GiB of peak resident memory of a fresh process predicting one volume of `size` with medseg's path."""
+    code = (f"import resource, torch, sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            "from sliding_window import network, ours;"
+            f"v = torch.randn(1, 1, *{size!r}); p = ours(network(), v); del p;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1]) / 2**20  # kilobytes -> GiB
+
+
+def main() -> None:
+    model = network()
+    onnx = onnx_network(model)
+    rows = []
+    for size in SIZES:
+        volume = torch.randn(1, 1, *size)
+        monai(model, volume)  # MONAI's first call pays a warm-up the others do not
+        times = {"medseg": [], "monai": [], "medseg_onnx": []}
+        for _ in range(3):
+            seconds, a = timed(ours, model, volume)
+            times["medseg"].append(seconds)
+            seconds, b = timed(monai, model, volume)
+            times["monai"].append(seconds)
+            seconds, c = timed(ours, onnx, volume)
+            times["medseg_onnx"].append(seconds)
+        rows.append({"size": list(size), **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+                     "max_difference": float((a - b).abs().max()), "onnx_difference": float((a - c).abs().max()),
+                     "medseg_peak_gib": peak_memory(size)})
+        rows[-1]["ratio"] = rows[-1]["medseg_s"] / rows[-1]["monai_s"]
+        rows[-1]["ratio_onnx"] = rows[-1]["medseg_onnx_s"] / rows[-1]["monai_s"]
+        print(rows[-1], flush=True)
+    started = time.perf_counter()
+    ct = {"size": list(CT), "medseg_peak_gib": peak_memory(CT), "seconds": None}
+    ct["seconds"] = time.perf_counter() - started
+    print(ct, flush=True)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / "sliding_window.json").write_text(json.dumps({"machine": machine, "rows": rows, "ct": ct}, indent=2))
+    plot(rows, ct)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from docs_section import write_section
+
+    lines = [f"Machine: {machine}. 3D U-Net width 16, depth 3, instance norm; patch {PATCH}, overlap {OVERLAP}, "
+             f"Gaussian weights, {BATCH} windows per batch, no TTA; medians of 3 runs alternating the two.", "",
+             "| volume | medseg, PyTorch eager (s) | MONAI sliding_window_inference, eager (s) | ratio | medseg, "
+             "onnxruntime (s) | ratio | max probability difference to MONAI | medseg peak memory (GiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {'x'.join(map(str, r['size']))} | {r['medseg_s']:.2f} | {r['monai_s']:.2f} | "
+                     f"{r['ratio']:.2f} | {r['medseg_onnx_s']:.2f} | {r['ratio_onnx']:.2f} | "
+                     f"{r['max_difference']:.1e} | {r['medseg_peak_gib']:.2f} |")
+    lines += ["", f"CT-sized volume {'x'.join(map(str, CT))}: peak resident memory {ct['medseg_peak_gib']:.2f} GiB "
+              f"(whole process: Python, PyTorch, the volume, the probabilities), {ct['seconds']:.0f} s.", "",
+              "![time and memory against volume size](benchmarks/sliding_window.png)", "",
+              "Command: `python benchmarks/sliding_window.py`."]
+    write_section("SLIDING", "benchmarks/sliding_window.py", lines, "Sliding-window inference against MONAI's")
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict], ct: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    voxels = [r["size"][0] * r["size"][1] * r["size"][2] / 1e6 for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(voxels, [r["medseg_s"] for r in rows], "o-", label="medseg")
+    left.plot(voxels, [r["monai_s"] for r in rows], "s-", label="MONAI")
+    left.set_xlabel("million voxels")
+    left.set_ylabel("seconds per volume")
+    left.legend()
+    right.plot(voxels + [CT[0] * CT[1] * CT[2] / 1e6], [r["medseg_peak_gib"] for r in rows] + [ct["medseg_peak_gib"]],
+               "o-")
+    right.set_xlabel("million voxels")
+    right.set_ylabel("peak resident memory (GiB)")
+    fig.tight_layout()
+    fig.savefig(DOCS / "sliding_window.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
