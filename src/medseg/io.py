@@ -351,6 +351,21 @@ def atomic_path(path: str | Path):
         Path(tmp).unlink(missing_ok=True)
 
 
+def extract_zip(path: Path, target: Path) -> Path:
+    """Unpack a zip archive into `target`, refusing members that would land outside it (absolute or '..' paths)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise MedsegError(f"{path.name}: refused; it holds a file outside the archive ({name})")
+            archive.extractall(target)
+    except zipfile.BadZipFile as exc:
+        raise MedsegError(f"{path.name}: not a readable zip archive ({exc})") from exc
+    return target
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file through a temporary file and a rename (`atomic_path`)."""
     with atomic_path(path) as tmp:

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.io import extract_zip
 
 FORMAT, VERSION = "medseg-package", 1
 MANIFEST = "package.json"
@@ -83,7 +84,7 @@ def export_package(run: str | Path, out: str | Path, onnx: bool = False, overwri
         evaluation = _test_evaluation(Path(run))
         manifest = {"format": FORMAT, "format_version": VERSION, "medseg_version": __version__,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "members": members,
-                    "class_names": models[0].class_names, "colours": _colours(models[0].class_names),
+                    "class_names": models[0].class_names, "colours": class_colours(models[0].class_names),
                     "input": _input_description(models[0]), "onnx": onnx, "evaluation": evaluation}
         write_text_atomic(staging / CARD, model_card(models, manifest, Path(run)))
         manifest["files"] = {str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*"))
@@ -104,14 +105,7 @@ def open_package(path: str | Path) -> Path:
     else:
         folder = Path(tempfile.mkdtemp(prefix="medseg-package-"))
         atexit.register(shutil.rmtree, folder, True)
-        try:
-            with zipfile.ZipFile(path) as archive:
-                for name in archive.namelist():
-                    if name.startswith("/") or ".." in Path(name).parts:
-                        raise MedsegError(f"{path}: refused; it holds a file outside the package ({name})")
-                archive.extractall(folder)
-        except zipfile.BadZipFile as exc:
-            raise MedsegError(f"{path}: not a readable package ({exc}); export it again") from exc
+        extract_zip(path, folder)
     manifest = read_manifest(folder, path)
     for name, digest in manifest["files"].items():
         file = folder / name
@@ -160,7 +154,7 @@ def _anonymous_split(split: dict) -> dict:
             "hashes": {h: h for ids in roles.values() for h in ids}}
 
 
-def _colours(class_names: list[str]) -> dict[str, str]:
+def class_colours(class_names: list[str]) -> dict[str, str]:
     from medseg.figures import PALETTE
 
     return {name: "#%02x%02x%02x" % tuple(int(round(c * 255)) for c in PALETTE[k % len(PALETTE)])

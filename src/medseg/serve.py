@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,15 +128,9 @@ def _unpacked(path: Path) -> Path:
     """A zipped DICOM series becomes its folder (the one holding the files); anything else stays as it is."""
     if path.suffix.lower() != ".zip":
         return path
-    target = path.parent / "series"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise MedsegError(f"{path.name}: refused; it holds a file outside the archive ({name})")
-            archive.extractall(target)
-    except zipfile.BadZipFile as exc:
-        raise MedsegError(f"{path.name}: not a readable zip archive") from exc
+    from medseg.io import extract_zip
+
+    target = extract_zip(path, path.parent / "series")
     folders = sorted({p.parent for p in target.rglob("*") if p.is_file()})
     if len(folders) != 1:
         raise MedsegError(f"{path.name}: the archive should hold one DICOM series (one folder of slices), and holds "
@@ -194,10 +187,10 @@ def create_app(run: str | Path, device: str = "auto"):
 
     @app.get("/api/v1/model")
     def model() -> dict:
-        from medseg.package import _colours
+        from medseg.package import class_colours
 
         names = segmenter.models[0].class_names
-        return {"class_names": names, "colours": _colours(names), "members": len(segmenter.models)}
+        return {"class_names": names, "colours": class_colours(names), "members": len(segmenter.models)}
 
     @app.post("/api/v1/segment", status_code=202)
     async def segment(file: UploadFile = File(...)) -> dict:
