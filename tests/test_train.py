@@ -212,3 +212,16 @@ def test_clock_guard_stops_a_late_run_and_a_rerun_stops_at_the_same_step(phantom
     first, again = _weights(run), _weights(tmp_path / "again")
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert json.loads((tmp_path / "again" / "train_summary.json").read_text())["steps"] == cfg.stop_at
+
+
+def test_a_long_epoch_says_it_is_alive_without_bars(phantoms_2d, tmp_path, capsys, monkeypatch):
+    """With bars off, a line every PROGRESS_EVERY seconds inside an epoch (one long epoch is a silent half hour)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["medseg.train"], "PROGRESS_EVERY", 0.0)
+    assert main(["train", str(phantoms_2d), "--out", str(tmp_path / "run"), "--size", "32", "--base-channels", "4",
+                 "--depth", "2", "--epochs", "1", "--steps-per-epoch", "4", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    inside = [line for line in lines if line.startswith("epoch 1: step")]
+    assert [line.split(",")[0] for line in inside] == ["epoch 1: step 1/4", "epoch 1: step 2/4", "epoch 1: step 3/4"]
+    assert any(line.startswith("epoch 1/1: loss") for line in lines)

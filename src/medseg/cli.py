@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 
     for p in (demo, train, evaluate, predict, download, report, bench):
-        p.add_argument("--quiet", action="store_true", help="no progress bars (epoch lines and results still print)")
+        p.add_argument("--quiet", action="store_true",
+                       help="no progress bars (epoch lines, a line every 5 minutes inside a long epoch, and results "
+                            "still print)")
     return parser
 
 

@@ -180,7 +180,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
     return run
 
 
-LINE_PREFIX = ""  # an ensemble member's name, so that members training side by side can be told apart
+LINE_PREFIX = ""
+PROGRESS_EVERY = 300.0  # seconds between progress lines inside an epoch when bars are off (--quiet, a log file)  # an ensemble member's name, so that members training side by side can be told apart
 
 
 def say(line: str) -> None:
@@ -352,8 +353,10 @@ class _Loop:
         first = (epoch - 1) * self.steps
         steps = min(self.steps, self.last_step - first)
         counts, pixels, correct, losses, lr = None, 0, 0, [], self.cfg.lr
-        bar = tqdm(self.sampler.epoch_batches(steps), total=steps, desc=f"epoch {epoch}",
-                   disable=not show_bars(self.cfg.progress), leave=False)
+        bars = show_bars(self.cfg.progress)
+        bar = tqdm(self.sampler.epoch_batches(steps), total=steps, desc=f"epoch {epoch}", disable=not bars,
+                   leave=False)
+        last_line = time.monotonic()
         for step, (image, label) in enumerate(bar):
             lr = self.set_lr(first + step)
             logits, loss = self.step(image, label)
@@ -366,6 +369,11 @@ class _Loop:
             counts = batch_counts if counts is None else counts + batch_counts
             pixels, correct = pixels + label.numel(), correct + batch_correct
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if not bars and time.monotonic() - last_line > PROGRESS_EVERY and step + 1 < steps:
+                # without bars a long epoch (DSB's is a whole 30-minute budget) still says it is alive
+                last_line = time.monotonic()
+                say(f"epoch {epoch}: step {step + 1}/{steps}, loss {float(np.mean(losses[-50:])):.4f} "
+                    f"({self.elapsed() / 60:.0f} min)")
             if self.out_of_time():
                 self.stopped_at = first + step + 1
                 break
