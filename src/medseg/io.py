@@ -366,6 +366,16 @@ def extract_zip(path: Path, target: Path) -> Path:
     return target
 
 
+def save_nifti(array: np.ndarray, affine: np.ndarray | None, path: str | Path) -> Path:
+    """A NIfTI of `array` as it is (no header of a reference, no label casting), written atomically: maps such as
+    the uncertainty, and the images the web viewer shows."""
+    import nibabel as nib
+
+    with atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(array, affine), str(tmp))
+    return Path(path)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file through a temporary file and a rename (`atomic_path`)."""
     with atomic_path(path) as tmp:

@@ -60,8 +60,8 @@ def export_package(run: str | Path, out: str | Path, onnx: bool = False, overwri
     staging = Path(tempfile.mkdtemp(prefix=".tmp-package-", dir=out.parent if out.parent.exists() else None))
     try:
         members = []
-        for index, trained in enumerate(models):
-            name = _member_name(trained.run, index, len(models))
+        for trained in models:
+            name = trained.run.name if len(models) > 1 else "model"
             folder = staging / "members" / name
             folder.mkdir(parents=True)
             state = read_checkpoint(trained.run / "best.pt")
@@ -134,10 +134,6 @@ def package_members(path: str | Path) -> list[Path]:
     """The member run folders of a package, after its checks."""
     folder = open_package(path)
     return [folder / member for member in read_manifest(folder)["members"]]
-
-
-def _member_name(run: Path, index: int, count: int) -> str:
-    return run.name if count > 1 else "model"
 
 
 def _without_paths(settings: dict) -> dict:

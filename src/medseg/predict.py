@@ -268,16 +268,13 @@ def uncertainty_path(target: Path, volume: bool) -> Path:
 def _write_uncertainty(entropy: np.ndarray, image, target: Path) -> Path:
     """The entropy of the mean probability, 0 (certain) to 1 (undecided): a float NIfTI on the image's grid for
     volumes, an 8-bit PNG (0-255) for 2D images."""
-    from medseg.io import atomic_path
+    from medseg.io import atomic_path, save_nifti
 
     path = uncertainty_path(target, image.ndim == 3)
+    if image.ndim == 3:
+        return save_nifti(entropy.astype(np.float32), image.affine, path)
+    from PIL import Image as PILImage
+
     with atomic_path(path) as tmp:
-        if image.ndim == 3:
-            import nibabel as nib
-
-            nib.save(nib.Nifti1Image(entropy.astype(np.float32), image.affine), str(tmp))
-        else:
-            from PIL import Image as PILImage
-
-            PILImage.fromarray((np.clip(entropy, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+        PILImage.fromarray((np.clip(entropy, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
     return path

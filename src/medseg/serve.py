@@ -89,7 +89,7 @@ class Segmenter:
     def _segment(self, job: Job) -> None:
         from medseg.data import check_finite
         from medseg.infer import predict_image, uncertainty
-        from medseg.io import read_image, write_mask
+        from medseg.io import read_image, save_nifti, write_mask
 
         source = _unpacked(job.folder / job.name)
         job.progress = 0.1
@@ -101,18 +101,18 @@ class Segmenter:
         entropy = uncertainty(probs, bool(self.models[0].config.regions))
         names = self.models[0].class_names
         out = job.folder / "results"
+        affine = image.affine
         if image.ndim == 3:
             write_mask(labels, image, out / "mask.nii.gz", len(names))
-            _nifti(image.array[0], image.affine, out / "image.nii.gz")
+            save_nifti(image.array[0], affine, out / "image.nii.gz")
         else:
             write_mask(labels, image, out / "mask.png", len(names))
             # the viewer reads NIfTI: a 2D image becomes one slice, columns along x and rows along y (top row up)
-            flip = np.diag([1.0, -1.0, 1.0, 1.0])
-            _nifti(_display_plane(image.array), flip, out / "image.nii.gz")
-            _nifti(labels.T[:, :, None].astype(np.uint8), flip, out / "mask.nii.gz")
+            affine = np.diag([1.0, -1.0, 1.0, 1.0])
+            save_nifti(_display_plane(image.array), affine, out / "image.nii.gz")
+            save_nifti(labels.T[:, :, None].astype(np.uint8), affine, out / "mask.nii.gz")
             entropy = entropy.T[:, :, None]
-        _nifti(entropy.astype(np.float32), image.affine if image.ndim == 3 else np.diag([1.0, -1.0, 1.0, 1.0]),
-               out / "uncertainty.nii.gz")
+        save_nifti(entropy.astype(np.float32), affine, out / "uncertainty.nii.gz")
         if image.meta.get("format") == "dicom":
             from medseg.dicom_seg import run_segment_codes, write_dicom_seg
 
@@ -142,15 +142,6 @@ def _display_plane(array: np.ndarray) -> np.ndarray:
     """(C, H, W) -> (W, H, 1) grey for the viewer (colour images shown as their luminance)."""
     grey = array.mean(0) if array.shape[0] > 1 else array[0]
     return grey.T[:, :, None].astype(np.float32)
-
-
-def _nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
-
-    from medseg.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        nib.save(nib.Nifti1Image(array, affine), str(tmp))
 
 
 def create_app(run: str | Path, device: str = "auto"):
