@@ -57,7 +57,8 @@ def measure(run: Path, cases: int, repeats: int) -> dict:
     with torch.no_grad():
         for _ in range(repeats):  # engines alternate, so both meet the same load
             for name, models in (("torch", eager), ("onnxruntime", onnx)):
-                per_engine[name]["network"].append(timed(lambda: models[0].model(batch), 1))
+                seen = batch.numpy() if name == "onnxruntime" else batch  # onnxruntime takes NumPy arrays
+                per_engine[name]["network"].append(timed(lambda: models[0].model(seen), 1))
                 per_engine[name]["case"].append(sum(timed(lambda c=c: ensemble_probabilities(
                     models, c.image.array, c.image.spacing, c.image.affine), 1) for c in loaded) / len(loaded))
         for case in loaded:

@@ -32,7 +32,8 @@ def test_mixing_2d_and_3d_is_refused(tmp_path):
 def test_batches_keep_their_size_with_fewer_slices_than_a_batch():
     import torch
 
-    from medseg.data import LoadedCase, SliceSampler
+    from medseg.data import LoadedCase
+    from medseg.samplers import SliceSampler
     from medseg.io import Image
 
     cases = [LoadedCase(f"c{i}", Image(np.random.rand(1, 40, 40).astype(np.float32), (1.0, 1.0)),

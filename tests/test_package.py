@@ -2,6 +2,8 @@
 ONNX network predicts what the run predicts."""
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -153,6 +155,53 @@ def test_predict_engine_onnxruntime_writes_the_same_masks(package_2d, phantoms_2
                                       np.asarray(PILImage.open(tmp_path / "onnxruntime" / mask.name)))
 
 
+# `medseg ...` in a Python where `import torch` fails, as on a server without PyTorch installed
+WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from medseg.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def medseg_without_torch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_a_2d_package_predicts_without_pytorch(package_2d, phantoms_2d, tmp_path):
+    """The same masks from the package under onnxruntime with PyTorch unimportable as from PyTorch itself."""
+    images = phantoms_2d / "imagesTr"
+    assert main(["predict", str(package_2d), str(images), "--out", str(tmp_path / "torch"), "--quiet"]) == 0
+    done = medseg_without_torch("predict", str(package_2d), str(images), "--out", str(tmp_path / "ort"),
+                                "--engine", "onnxruntime", "--uncertainty", "--quiet")
+    assert done.returncode == 0, done.stderr
+    masks = sorted(p.name for p in (tmp_path / "torch").iterdir())
+    assert masks and {m.replace(".png", "_uncertainty.png") for m in masks} <= {p.name for p in (tmp_path / "ort").iterdir()}
+    for name in masks:
+        np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "torch" / name)),
+                                      np.asarray(PILImage.open(tmp_path / "ort" / name)))
+
+
+def test_a_3d_package_predicts_without_pytorch(trained_3d, phantoms_3d, tmp_path):
+    """A 3D network's sliding window with mirroring TTA under onnxruntime and NumPy alone: identical masks and
+    probabilities within 1e-3 (written as float16) of PyTorch's."""
+    package = export_package(trained_3d, tmp_path / "model3d.zip", onnx=True)
+    images = sorted((phantoms_3d / "imagesTr").iterdir())[:3]
+    args = ["predict", str(package), *map(str, images), "--format", "npz", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "torch")]) == 0
+    done = medseg_without_torch(*args, "--out", str(tmp_path / "ort"), "--engine", "onnxruntime")
+    assert done.returncode == 0, done.stderr
+    results = sorted((tmp_path / "torch").glob("*.npz"))
+    assert len(results) == 3
+    for path in results:
+        a, b = np.load(path), np.load(tmp_path / "ort" / path.name)
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        assert np.abs(a["probabilities"].astype(np.float32) - b["probabilities"].astype(np.float32)).max() < 1e-3
+
+
+def test_without_pytorch_a_package_lacking_onnx_says_what_to_do(evaluated_2d, phantoms_2d, tmp_path):
+    package = export_package(evaluated_2d, tmp_path / "plain.zip")
+    done = medseg_without_torch("predict", str(package), str(phantoms_2d / "imagesTr"), "--out",
+                                str(tmp_path / "out"), "--engine", "onnxruntime", "--quiet")
+    assert done.returncode == 2
+    assert "--onnx" in done.stderr and "PyTorch" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_evaluate_with_a_package_leaves_out_the_cases_it_trained_on(package_2d, evaluated_2d, phantoms_2d,
                                                                     tmp_path):
     """The package names no case, yet recognises its training and validation cases by their content."""
@@ -162,3 +211,14 @@ def test_evaluate_with_a_package_leaves_out_the_cases_it_trained_on(package_2d, 
                  "--quiet", "--figures", "0"]) == 0
     split = json.loads((evaluated_2d / "split.json").read_text())
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["cases"] == len(split["test"])
+
+
+def test_the_runtime_requirements_are_the_dependencies_without_torch_plus_onnxruntime():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    runtime = [line.strip() for line in (root / "requirements-runtime.txt").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert sorted(runtime) == sorted([d for d in declared if not d.startswith("torch")] + ["onnxruntime>=1.18"])

@@ -6,8 +6,8 @@ import torch
 
 from medseg.errors import MedsegError
 from medseg.metrics import scored_metrics
-from medseg.regions import (BRATS_REGIONS, paint, paint_labels, parse_regions, region_loss, region_masks,
-                            region_targets)
+from medseg.losses import region_loss, region_targets
+from medseg.regions import BRATS_REGIONS, paint, paint_labels, parse_regions, region_masks
 from conftest import shared_dataset, tiny_config
 
 

@@ -8,7 +8,8 @@ import torch
 from medseg.checkpoint import load_run
 from medseg.cli import main
 from medseg.config import TrainConfig
-from medseg.data import SliceSampler, load_cases
+from medseg.data import load_cases
+from medseg.samplers import SliceSampler
 from medseg.datasets import find_cases
 from medseg.errors import MedsegError
 from medseg.train import HISTORY_COLUMNS, train
@@ -137,7 +138,7 @@ def test_resize_mode_trains_at_size_and_predicts_at_native(trained_2d):
 def test_pad_mode_predicts_small_slices_as_trained(trained_3d):
     """Slices smaller than the training size are zero-padded like training batches, then cropped back."""
     from medseg.infer import predict_probabilities
-    from medseg.transforms import pad_or_crop
+    from medseg.augment import pad_or_crop
 
     trained = load_run(trained_3d)
     image = np.random.default_rng(0).random((1, 20, 20, 3)).astype(np.float32)

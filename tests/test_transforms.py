@@ -1,8 +1,9 @@
 import numpy as np
 import torch
 
-from medseg.transforms import (augment, from_slices, normalize_percentile, pad_or_crop, resize_image,
-                               resize_label, to_slices)
+from medseg.arrays import resize as resize_image
+from medseg.augment import augment, pad_or_crop, resize_label
+from medseg.transforms import from_slices, normalize_percentile, to_slices
 
 
 def test_percentile_normalisation_to_unit_range():

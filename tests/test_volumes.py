@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medseg.checkpoint import load_run
-from medseg.data import PatchSampler, load_cases
+from medseg.data import load_cases
 from medseg.datasets import find_cases
 from medseg.errors import MedsegError
 from medseg.config import TrainConfig
@@ -14,6 +14,7 @@ from medseg.infer import (forward_probabilities, gaussian_weights, predict_proba
                           tta_rotates,
                           window_starts)
 from medseg.models import UNet
+from medseg.samplers import PatchSampler
 from medseg.train import train
 from conftest import tiny_config
 

@@ -8,16 +8,37 @@ The Python API mirrors the `medseg` command:
     summary = evaluate_run(run)  # on the run's test cases
     predict_files(run, ["new_scan.nii.gz"], out="masks")
 """
-from medseg.autotrain import plan_and_train
-from medseg.config import TrainConfig
-from medseg.datasets import Case, find_cases, split_cases
-from medseg.errors import MedsegError
-from medseg.evaluate import evaluate_run
-from medseg.io import Image, read_image, write_mask
-from medseg.predict import predict_files
-from medseg.synth import write_synthetic_dataset
-from medseg.train import train
+import sys
+import types
+from importlib import import_module
 
 __version__ = "0.1.0"
+# Imported on first use, so that `import medseg` does not load PyTorch: a model package predicts under onnxruntime
+# on machines without it (see medseg.onnx_engine).
+_EXPORTS = {"plan_and_train": "autotrain", "TrainConfig": "config", "Case": "datasets", "find_cases": "datasets",
+            "split_cases": "datasets", "MedsegError": "errors", "evaluate_run": "evaluate", "Image": "io",
+            "read_image": "io", "write_mask": "io", "predict_files": "predict", "write_synthetic_dataset": "synth",
+            "train": "train"}
 __all__ = ["Case", "Image", "MedsegError", "TrainConfig", "evaluate_run", "find_cases", "plan_and_train", "predict_files",
            "read_image", "split_cases", "train", "write_mask", "write_synthetic_dataset"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medseg' has no attribute {name!r}")
+    value = getattr(import_module(f"medseg.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """`import medseg.train` binds the submodule as an attribute of the package; the package's `train` stays the
+    function (as when it was imported eagerly)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from medseg import distributed
 from medseg.losses import deep_supervision_loss
 
 WARMUP_STEPS = 2  # the first steps pay for allocation and kernel selection
@@ -39,7 +40,7 @@ def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
     _together()
     seconds_per_step = _time_steps(loop)
     _together()
-    seconds_per_validation = _time_validation(loop)
+    seconds_per_validation = _time_validation(loop)  # with several processes, rank 0's (the others wait)
     available = budget_seconds - (time.perf_counter() - started) - seconds_per_validation  # post-processing pass
     if loop.cfg.steps_per_epoch is None:
         most_validations = max(1, int(VALIDATION_SHARE * budget_seconds / max(seconds_per_validation, 1e-3)))
@@ -48,10 +49,12 @@ def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
     per_epoch = seconds_per_validation + CHECKPOINT_SECONDS
     steps = int(SAFETY * available / (seconds_per_step + per_epoch / loop.steps))  # the clock guards the rest
     steps = max(1, min(steps, loop.cfg.epochs * loop.steps))
-    return steps, {"budget_seconds": round(budget_seconds, 1), "seconds_per_step": round(seconds_per_step, 4),
-                   "seconds_per_validation": round(seconds_per_validation, 2), "steps_per_epoch": loop.steps,
-                   "calibration_seconds": round(time.perf_counter() - started, 1),
-                   "epochs": math.ceil(steps / loop.steps), "capped_by_epochs": steps == loop.cfg.epochs * loop.steps}
+    found = steps, {"budget_seconds": round(budget_seconds, 1), "seconds_per_step": round(seconds_per_step, 4),
+                    "seconds_per_validation": round(seconds_per_validation, 2), "steps_per_epoch": loop.steps,
+                    "calibration_seconds": round(time.perf_counter() - started, 1), "epochs": math.ceil(steps / loop.steps),
+                    "capped_by_epochs": steps == loop.cfg.epochs * loop.steps}
+    loop.steps, found = distributed.from_main((loop.steps, found))  # with several processes: rank 0's plan
+    return found
 
 
 def _together() -> None:
@@ -73,14 +76,15 @@ def _time_steps(loop) -> float:
     model = copy.deepcopy(loop.trained.model).train()
     device = loop.trained.device
     optimizer = type(loop.optimizer)(model.parameters(), **loop.optimizer.defaults)  # same kind, on the copy
+    network = loop.wrap(model)  # with several processes, timed as it trains: gradients averaged across them
     try:
         batches = sampler.epoch_batches(WARMUP_STEPS + MEASURE_STEPS)
         timed, started = 0, None
         for i, (image, label) in enumerate(batches):
             if i == WARMUP_STEPS:
                 started = time.perf_counter()
-            image, label = image.to(device), label.to(device)
-            outputs = model(image)
+            image, label = distributed.share(image).to(device), distributed.share(label).to(device)
+            outputs = network(image)
             loss = (deep_supervision_loss(loop.loss_fn, outputs, label) if isinstance(outputs, list)
                     else loop.loss_fn(outputs, label))
             optimizer.zero_grad(set_to_none=True)
@@ -88,7 +92,7 @@ def _time_steps(loop) -> float:
             optimizer.step()
             if started is not None:
                 timed += 1
-                if time.perf_counter() - started > MEASURE_SECONDS:
+                if distributed.any_rank(time.perf_counter() - started > MEASURE_SECONDS):
                     break
         return (time.perf_counter() - started) / timed if timed else MEASURE_SECONDS
     finally:

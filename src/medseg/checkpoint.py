@@ -9,25 +9,14 @@ import pickle
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from medseg.config import TrainConfig
 from medseg.errors import MedsegError, write_error
+from medseg.infer import TrainedModel
 from medseg.models import create_model
-
-
-@dataclass
-class TrainedModel:
-    model: torch.nn.Module
-    config: TrainConfig
-    class_names: list[str]
-    in_channels: int  # channels of the input image (a 2.5D network sees config.slices_per_input times as many)
-    run: Path
-    device: torch.device
-    postprocess_classes: list[int] = field(default_factory=list)  # keep-largest-component, chosen on validation
 
 
 def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> None:

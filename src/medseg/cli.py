@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN",
                        help="continue a stopped run (or ensemble) from its last completed epoch, as configured")
     train.add_argument("--all-folds", action="store_true", help="with --folds K: train every fold into OUT/fold_i")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="train one network on N processes of this machine (DistributedDataParallel under "
+                            "torchrun: gloo on CPU, NCCL on GPUs); --batch-size stays the global batch")
     _add_train_options(train)
 
     bench = sub.add_parser("benchmark-architectures",
@@ -302,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stop at the first input that cannot be segmented (default: write every good one, "
                               "then list the broken ones and exit 2)")
     predict.add_argument("--device", default="auto")
-    predict.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    predict.add_argument("--threads", type=int, help="CPU threads for the networks (PyTorch or onnxruntime)")
 
     for p in (demo, train, evaluate, predict, download, report, bench):
         p.add_argument("--quiet", action="store_true",
@@ -316,8 +319,16 @@ def _data_options(args: argparse.Namespace) -> dict:
 
 
 def _train_command(args: argparse.Namespace) -> None:
+    from medseg import distributed
     from medseg.train import train, train_folds
 
+    if args.nproc > 1 and distributed.world_size() == 1:
+        return _launch_processes(args)
+    one_network = args.config or args.recipe == "seed" or args.plan or args.resume
+    if distributed.world_size() > 1 and (args.all_folds or not one_network):
+        raise MedsegError("several processes train one configured network: plan first ('medseg plan DATA --out "
+                          "plan.json', then --plan plan.json), or use --config or --recipe seed ('medseg train DATA "
+                          "--nproc N' does the planning for you)")
     if args.resume:
         from medseg.autotrain import resume
 
@@ -342,6 +353,8 @@ def _train_command(args: argparse.Namespace) -> None:
             runs = train_folds(cfg.validate(), args.overwrite)
         else:
             runs = [train_members(members, args.out or next(iter(members.values())).out, plan, args.overwrite)]
+    if not distributed.is_main():
+        return  # rank 0 reports
     for run in runs:
         for member in sorted(run.glob("*/train_summary.json")) or [run / "train_summary.json"]:
             summary = json.loads(member.read_text())
@@ -350,6 +363,50 @@ def _train_command(args: argparse.Namespace) -> None:
         if (run / "ensemble.json").exists():
             print(f"ensemble: {run}")
         print(f"validation Dice chose the checkpoint (optimistic); 'medseg evaluate {run}' scores the test cases")
+
+
+def _launch_processes(args: argparse.Namespace) -> None:
+    """`medseg train ... --nproc N`: plan here where the plan is medseg's to make (once, not once per process),
+    then run the same command on N processes under torchrun with the plan's one network."""
+    import tempfile
+
+    from medseg import distributed
+
+    argv = _without_nproc(args.argv)
+    if args.all_folds:
+        raise MedsegError("--nproc trains one network; train the folds one after another instead of --all-folds")
+    plan_file = None
+    if not (args.config or args.recipe == "seed" or args.plan or args.resume):
+        members, plan = _planned_members(args)
+        if len(members) > 1:
+            raise MedsegError(f"the plan is an ensemble of {', '.join(members)}, trained side by side on the cores "
+                              "already; --nproc trains one network (add --recipe seed, or --plan with one member)")
+        handle, plan_file = tempfile.mkstemp(prefix="medseg-plan-", suffix=".json")
+        with open(handle, "w") as stream:
+            json.dump(plan, stream)
+        argv += ["--plan", plan_file]
+    try:
+        code = distributed.launch(argv, args.nproc)
+    finally:
+        if plan_file:
+            Path(plan_file).unlink(missing_ok=True)
+    if code != 0:
+        raise MedsegError(f"training on {args.nproc} processes failed (exit code {code}); see the lines above")
+    if plan_file:  # kept beside the run, as a run trained in one process keeps its plan
+        run = Path(args.out or next(iter(members.values())).out)
+        write_text_atomic(run / "plan.json", json.dumps(plan, indent=2))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
 
 
 def _single_configuration(args: argparse.Namespace) -> bool:
@@ -370,8 +427,15 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def _has_torch() -> bool:
+    """Whether PyTorch is installed (a model package with ONNX networks predicts without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 def run_command(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None) and args.command != "train":
+    if getattr(args, "threads", None) and args.command != "train" and _has_torch():
         import torch
 
         torch.set_num_threads(args.threads)
@@ -468,7 +532,7 @@ def run_command(args: argparse.Namespace) -> None:
         try:
             written = predict_files(args.run, args.inputs, args.out, args.overlay, args.device, not args.quiet,
                                     args.series, args.strict, args.overwrite, args.engine, args.format,
-                                    args.uncertainty, args.workers, _shard(args.shard))
+                                    args.uncertainty, args.workers, _shard(args.shard), args.threads)
         except SomeInputsFailed as failure:
             print(f"{len(failure.written)} masks written to {args.out}; {len(failure.failed)} inputs failed:")
             for line in failure.lines():
@@ -480,6 +544,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` runs it again on N processes
     try:
         run_command(args)
     except MedsegError as exc:

@@ -8,19 +8,44 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
-import torch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from medseg.checkpoint import TrainedModel
+import numpy as np
+
+from medseg import arrays
+from medseg.config import TrainConfig
 from medseg.errors import MedsegError
 from medseg.io import Image, orientation_of
 from medseg.postprocess import keep_largest_component
 from medseg.regions import paint
-from medseg.transforms import (normalize, pad_or_crop, reorient, reoriented_spacing, resampled_shape,
-                               resize_image, resize_volume, to_slices)
+from medseg.transforms import normalize, reorient, reoriented_spacing, resampled_shape, resize_volume, to_slices
 
 
-@torch.no_grad()
+@dataclass
+class TrainedModel:
+    """A network ready to predict, with what it needs around it. `model` is a PyTorch module on `device`, or an
+    ONNX network (`medseg.onnx_engine.OnnxNetwork`, NumPy in and out, device "cpu")."""
+    model: Any
+    config: TrainConfig
+    class_names: list[str]
+    in_channels: int  # channels of the input image (a 2.5D network sees config.slices_per_input times as many)
+    run: Path
+    device: Any  # torch.device, or "cpu" for an ONNX network
+    postprocess_classes: list[int] = field(default_factory=list)  # keep-largest-component, chosen on validation
+
+
+def _engine_array(trained: TrainedModel, array: np.ndarray):
+    """The array the network takes: a tensor on the model's device, or the NumPy array itself for ONNX."""
+    array = np.ascontiguousarray(array)
+    if getattr(trained.model, "takes_numpy", False):
+        return array
+    import torch
+
+    return torch.from_numpy(array).to(trained.device)
+
+
 def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Class probabilities (K, *spatial) float32 for a normalised image (C, *spatial); for a region-based run,
     one independent (sigmoid) probability per region (R, *spatial).
@@ -30,21 +55,21 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     """
     cfg, model, sigmoid = trained.config, trained.model, bool(trained.config.regions)
     if cfg.dims == 3:
-        volume = torch.from_numpy(np.ascontiguousarray(array))[None].to(trained.device)
-        return sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=tta_axes(cfg),
-                              sigmoid=sigmoid).cpu().numpy()
+        volume = _engine_array(trained, array[None])
+        return arrays.to_numpy(sliding_window(model, volume, cfg.patch_size, cfg.overlap, mirror=tta_axes(cfg),
+                                              sigmoid=sigmoid))
     rotate = tta_rotates(cfg)
     slices = to_slices(array, cfg.axis, cfg.context)
     native = slices[0].shape[-2:]
     out = []
     for start in range(0, len(slices), batch_size):
-        batch = torch.from_numpy(np.stack(slices[start:start + batch_size])).to(trained.device)
+        batch = _engine_array(trained, np.stack(slices[start:start + batch_size]))
         if cfg.fit == "resize":
-            probs = resize_image(forward_probabilities(model, resize_image(batch, (cfg.size, cfg.size)),
-                                                       tta_axes(cfg), sigmoid, rotate), native)
+            probs = arrays.resize(forward_probabilities(model, arrays.resize(batch, (cfg.size, cfg.size)),
+                                                        tta_axes(cfg), sigmoid, rotate), native)
         else:
             probs = _at_least_training_size(model, batch, cfg.size, tta_axes(cfg), sigmoid, rotate)
-        out.append(probs.cpu().numpy())
+        out.append(arrays.to_numpy(probs))
     probs = np.concatenate(out, 0)  # (S, K, H, W)
     if array.ndim == 3:
         return probs[0]
@@ -65,8 +90,7 @@ def tta_rotates(cfg) -> bool:
     return bool(cfg.mirror_tta and cfg.rotate90 and cfg.dims == 2)
 
 
-def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: tuple[int, ...] = (),
-                          sigmoid: bool = False, rotate: bool = False) -> torch.Tensor:
+def forward_probabilities(model, batch, mirror: tuple[int, ...] = (), sigmoid: bool = False, rotate: bool = False):
     """Softmax (or, for region outputs, sigmoid) of the model for (B, C, *spatial); averaged over every
     combination of flips along the spatial axes `mirror` (counted from 0), and with `rotate` over each of those
     turned by 90 degrees in the last two axes too."""
@@ -75,37 +99,31 @@ def forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, mirror: t
     total, count = None, 0
     for turns in (0, 1) if rotate else (0,):
         for flip in combos:
-            seen = batch.flip(flip) if flip else batch
-            logits = model(seen.rot90(turns, (-2, -1)) if turns else seen)
-            probs = logits.sigmoid() if sigmoid else logits.softmax(1)
-            probs = probs.rot90(-turns, (-2, -1)) if turns else probs
-            probs = probs.flip(flip) if flip else probs
+            seen = arrays.flip(batch, flip) if flip else batch
+            logits = arrays.run_network(model, arrays.rot90(seen, turns) if turns else seen)
+            probs = arrays.activation(logits, sigmoid)
+            probs = arrays.rot90(probs, -turns) if turns else probs
+            probs = arrays.flip(probs, flip) if flip else probs
             total, count = (probs if total is None else total + probs), count + 1
     return total / count
 
 
-def _crop_centre(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-    """Undo `pad_or_crop`'s centred zero padding: the central `spatial` region of the last axes."""
-    starts = [(n - s) // 2 for n, s in zip(tensor.shape[-len(spatial):], spatial)]
-    return tensor[(..., *(slice(b, b + s) for b, s in zip(starts, spatial)))]
-
-
-def _at_least_training_size(model: torch.nn.Module, batch: torch.Tensor, size: int, mirror: tuple[int, ...],
-                            sigmoid: bool = False, rotate: bool = False) -> torch.Tensor:
+def _at_least_training_size(model, batch, size: int, mirror: tuple[int, ...], sigmoid: bool = False,
+                            rotate: bool = False):
     """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
     h, w = batch.shape[-2:]
-    padded, _ = pad_or_crop(batch, None, (max(h, size), max(w, size)))
-    return _crop_centre(forward_probabilities(model, padded, mirror, sigmoid, rotate), (h, w))
+    padded = arrays.pad_centre(batch, (size, size))
+    return arrays.crop_centre(forward_probabilities(model, padded, mirror, sigmoid, rotate), (h, w))
 
 
-def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
-    """Importance map over a patch: a Gaussian with sigma = patch / 8, peak 1, never exactly zero."""
-    weights = torch.ones(())
+def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Importance map over a patch (float32): a Gaussian with sigma = patch / 8, peak 1, never exactly zero."""
+    weights = np.ones((), np.float32)
     for size in patch:
-        x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-        weights = weights[..., None] * torch.exp(-(x**2) / (2 * (sigma_scale * size) ** 2))
+        x = np.arange(size, dtype=np.float32) - (size - 1) / 2
+        weights = weights[..., None] * np.exp(-(x**2) / (2 * (sigma_scale * size) ** 2)).astype(np.float32)
     weights = weights / weights.max()
-    return weights.clamp(min=weights[weights > 0].min())
+    return np.maximum(weights, weights[weights > 0].min())
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -116,29 +134,31 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return sorted({round(i * (size - patch) / (steps - 1)) for i in range(steps)})
 
 
-@torch.no_grad()
-def sliding_window(model: torch.nn.Module, volume: torch.Tensor, patch: tuple[int, ...], overlap: float = 0.5,
-                   batch_size: int = 2, mirror: tuple[int, ...] = (), sigmoid: bool = False) -> torch.Tensor:
-    """Gaussian-weighted sliding-window probabilities (K, *spatial) for one input (1, C, *spatial).
+def sliding_window(model, volume, patch: tuple[int, ...], overlap: float = 0.5, batch_size: int = 2,
+                   mirror: tuple[int, ...] = (), sigmoid: bool = False):
+    """Gaussian-weighted sliding-window probabilities (K, *spatial) for one input (1, C, *spatial), a tensor on
+    the model's device or a NumPy array (ONNX); the result is of the same kind.
 
     Inputs smaller than the patch are zero-padded (as training patches are) and the result cropped back.
     """
     spatial = volume.shape[2:]
-    padded, _ = pad_or_crop(volume, None, tuple(max(n, p) for n, p in zip(spatial, patch)))
-    weights = gaussian_weights(patch).to(volume.device)
+    padded = arrays.pad_centre(volume, patch)
+    weights = gaussian_weights(patch)
+    if not isinstance(volume, np.ndarray):
+        weights = volume.new_tensor(weights)
     starts = [window_starts(n, p, overlap) for n, p in zip(padded.shape[2:], patch)]
-    total, norm = None, torch.zeros(padded.shape[2:], device=volume.device)
+    total, norm = None, arrays.zeros(padded.shape[2:], volume)
     corners = list(itertools.product(*starts))
     for first in range(0, len(corners), batch_size):
         chunk = corners[first:first + batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
-        probs = forward_probabilities(model, torch.cat([padded[(..., *w)] for w in windows]), mirror, sigmoid)
+        probs = forward_probabilities(model, arrays.concat([padded[(..., *w)] for w in windows]), mirror, sigmoid)
         if total is None:
-            total = torch.zeros((probs.shape[1], *padded.shape[2:]), device=volume.device)
+            total = arrays.zeros((probs.shape[1], *padded.shape[2:]), volume)
         for window, p in zip(windows, probs):
             total[(slice(None), *window)] += p * weights
             norm[window] += weights
-    return _crop_centre(total / norm, tuple(spatial))
+    return arrays.crop_centre(total / norm, tuple(spatial))
 
 
 def native_probabilities(trained: TrainedModel, array: np.ndarray, spacing: tuple[float, ...] | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medseg.distributed import global_sum
 from medseg.errors import MedsegError
 
 
@@ -17,8 +18,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     probs = logits.softmax(1)
     one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (0,) + tuple(range(2, logits.ndim))
-    intersection = (probs * one_hot).sum(dims)[1:]
-    total = (probs + one_hot).sum(dims)[1:]
+    intersection = global_sum((probs * one_hot).sum(dims)[1:])  # over every rank's share of the batch
+    total = global_sum((probs + one_hot).sum(dims)[1:])
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
@@ -36,9 +37,9 @@ def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3,
     probs = logits.softmax(1)
     one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (0,) + tuple(range(2, logits.ndim))
-    tp = (probs * one_hot).sum(dims)[1:]
-    fp = (probs * (1 - one_hot)).sum(dims)[1:]
-    fn = ((1 - probs) * one_hot).sum(dims)[1:]
+    tp = global_sum((probs * one_hot).sum(dims)[1:])
+    fp = global_sum((probs * (1 - one_hot)).sum(dims)[1:])
+    fn = global_sum(((1 - probs) * one_hot).sum(dims)[1:])
     return 1 - ((tp + eps) / (tp + alpha * fp + beta * fn + eps)).mean()
 
 
@@ -77,8 +78,6 @@ def scaled_target(target: torch.Tensor, size: tuple[int, ...], factor: int) -> t
 
 def make_loss(name: str, num_classes: int, regions: dict | None = None):
     if regions:
-        from medseg.regions import region_loss
-
         return lambda logits, target: region_loss(logits, target, regions)
     if name == "bce" and num_classes != 2:
         raise MedsegError(f"--loss bce is for one foreground class; this dataset has {num_classes - 1}: use ce")
@@ -93,3 +92,19 @@ def make_loss(name: str, num_classes: int, regions: dict | None = None):
     if name == "tversky":
         return lambda logits, target: F.cross_entropy(logits, target) + tversky_loss(logits, target)
     raise MedsegError(f"unknown loss {name!r}")
+
+
+def region_targets(label: torch.Tensor, regions: dict[str, list[int]]) -> torch.Tensor:
+    """Class-index labels (B, *spatial) -> region masks (B, R, *spatial) float."""
+    return torch.stack([torch.isin(label, torch.tensor(v, device=label.device)) for v in regions.values()],
+                       1).float()
+
+
+def region_loss(logits: torch.Tensor, label: torch.Tensor, regions: dict[str, list[int]],
+                eps: float = 1e-5) -> torch.Tensor:
+    """BCE on each region's sigmoid plus 1 - mean soft Dice over regions (batch Dice), for logits (B, R, ...)."""
+    target = region_targets(label, regions)
+    probs = logits.sigmoid()
+    dims = (0,) + tuple(range(2, logits.ndim))
+    dice = (2 * global_sum((probs * target).sum(dims)) + eps) / (global_sum((probs + target).sum(dims)) + eps)
+    return F.binary_cross_entropy_with_logits(logits, target) + 1 - dice.mean()

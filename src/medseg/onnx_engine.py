@@ -1,15 +1,20 @@
-"""Networks exported to ONNX, and run by onnxruntime in place of PyTorch's.
+"""Networks exported to ONNX, and run by onnxruntime in place of PyTorch's, without PyTorch.
 
 `export_onnx` writes one member's network with dynamic batch and spatial axes; the exported graph expects each
 spatial side to be a multiple of 2**depth, and `OnnxNetwork` pads (edge values, centred) and crops around it
 exactly as the PyTorch network does inside its forward pass. Everything around the network (slicing, TTA,
-sliding windows, resampling, post-processing) is medseg's one inference path, unchanged, so the two engines differ
-only in the arithmetic of the network itself (measured: probabilities within 1e-4, identical masks).
+sliding windows, resampling, post-processing) is medseg's one inference path (`medseg.infer`, on NumPy arrays
+here), so the two engines differ only in arithmetic (measured: probabilities within 1e-4, identical masks).
+
+A model package exported with `--onnx` carries each member's network and its settings as data
+(`inference.json`): `load_onnx_models` reads them without PyTorch, so `medseg predict PACKAGE --engine
+onnxruntime` runs on a machine where PyTorch is not installed (tested with its import blocked).
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -18,10 +23,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from medseg.arrays import pad_edge_to_multiple
 from medseg.errors import MedsegError
-from medseg.models.blocks import crop, pad_to_multiple
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -34,9 +38,14 @@ def _onnxruntime():
     return onnxruntime
 
 
+INFERENCE_SETTINGS = "inference.json"  # beside a package member's network.onnx: what prediction needs, as data
+
+
 def export_onnx(trained, path: Path) -> Path:
     """The member's network as ONNX: input `image` (B, C, *spatial), output `logits` (B, K, *spatial), batch and
     every spatial side dynamic (sides multiples of 2**depth; `OnnxNetwork` pads to them)."""
+    import torch
+
     for package in ("onnx", "onnxscript"):
         try:
             __import__(package)
@@ -69,11 +78,21 @@ def model_input_channels(trained) -> int:
     return trained.in_channels * trained.config.slices_per_input
 
 
-class OnnxNetwork(torch.nn.Module):
-    """Stands where the PyTorch network stood: the same call, tensors in and out, onnxruntime in between."""
+def inference_settings(trained) -> dict:
+    """What predicting with a member needs besides its network: the settings (pre-processing, TTA, sliding window),
+    class names, input channels and the post-processing chosen on validation."""
+    from dataclasses import asdict
+
+    return {"config": asdict(trained.config), "class_names": trained.class_names, "in_channels": trained.in_channels,
+            "postprocess_classes": trained.postprocess_classes}
+
+
+class OnnxNetwork:
+    """Stands where the PyTorch network stood: called on a batch (B, C, *spatial), NumPy in and out."""
+
+    takes_numpy = True  # `medseg.infer` hands it NumPy arrays, not tensors
 
     def __init__(self, path: Path, multiple: int, threads: int | None = None):
-        super().__init__()
         ort = _onnxruntime()
         options = ort.SessionOptions()
         if threads:
@@ -84,15 +103,37 @@ class OnnxNetwork(torch.nn.Module):
             raise MedsegError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}); export it again") from exc
         self.multiple, self.path = multiple, Path(path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padded, index = pad_to_multiple(x.detach().cpu().float(), self.multiple)
-        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(padded.numpy())})
-        return crop(torch.from_numpy(logits), index).to(x.device)
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        padded, index = pad_edge_to_multiple(np.asarray(x, np.float32), self.multiple)
+        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(padded)})
+        return logits if index is None else logits[index]
+
+
+def load_onnx_models(run: str | Path, threads: int | None = None) -> list | None:
+    """The members of a model package exported with --onnx, each network in onnxruntime, read without PyTorch;
+    None where RUN is not such a package (a run, or a package without ONNX networks)."""
+    from medseg.config import TrainConfig
+    from medseg.infer import TrainedModel
+    from medseg.package import is_package, package_members
+
+    if not is_package(run):
+        return None
+    members = package_members(run)
+    if not all((m / "network.onnx").is_file() and (m / INFERENCE_SETTINGS).is_file() for m in members):
+        return None
+    models = []
+    for member in members:
+        settings = json.loads((member / INFERENCE_SETTINGS).read_text())
+        config = TrainConfig(**settings["config"])
+        network = OnnxNetwork(member / "network.onnx", 2 ** config.depth, threads)
+        models.append(TrainedModel(network, config, settings["class_names"], settings["in_channels"], member, "cpu",
+                                   settings["postprocess_classes"]))
+    return models
 
 
 def use_onnxruntime(models: list, threads: int | None = None) -> list:
     """Swap each member's network for its ONNX twin: the package's `network.onnx` where there is one, else one
-    exported now (beside the checkpoint in a temporary folder)."""
+    exported now (beside the checkpoint in a temporary folder; this needs PyTorch)."""
     for trained in models:
         path = trained.run / "network.onnx"
         if not path.exists():
@@ -100,5 +141,5 @@ def use_onnxruntime(models: list, threads: int | None = None) -> list:
             atexit.register(shutil.rmtree, folder, True)
             path = export_onnx(trained, folder / "network.onnx")
         trained.model = OnnxNetwork(path, 2 ** trained.config.depth, threads)
-        trained.device = torch.device("cpu")
+        trained.device = "cpu"
     return models

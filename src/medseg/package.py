@@ -5,7 +5,8 @@ network, its checkpoint (tensors and plain values, with its checksum) and the ru
 pre-processing (normalisation, slicing axis, size, orientation, spacing) and post-processing (TTA, largest
 component) as data; `package.json` with the class names and colours, the test-case metrics with their 95%
 intervals where the run was evaluated, and a SHA-256 for every file; and `model_card.md`. With `--onnx`, each
-member's network is also there as ONNX, which `medseg predict --engine onnxruntime` runs.
+member's network is also there as ONNX with its settings as data (`inference.json`), which `medseg predict
+--engine onnxruntime` runs without PyTorch.
 
 `medseg predict`, `evaluate --data`, `report` and the Python API take a package wherever they take a run. A package
 of another format version, or whose files do not match their checksums, is refused with a message.
@@ -77,9 +78,12 @@ def export_package(run: str | Path, out: str | Path, onnx: bool = False, overwri
                 split = _anonymous_split(json.loads((trained.run / "split.json").read_text()))
                 write_text_atomic(folder / "split.json", json.dumps(split, indent=2))
             if onnx:
-                from medseg.onnx_engine import export_onnx
+                from medseg.onnx_engine import INFERENCE_SETTINGS, export_onnx, inference_settings
 
                 export_onnx(trained, folder / "network.onnx")
+                settings = inference_settings(trained)
+                settings["config"] = _without_paths(settings["config"])
+                write_text_atomic(folder / INFERENCE_SETTINGS, json.dumps(settings, indent=2))
             members.append(f"members/{name}")
         evaluation = _test_evaluation(Path(run))
         manifest = {"format": FORMAT, "format_version": VERSION, "medseg_version": __version__,

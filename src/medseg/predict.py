@@ -1,15 +1,15 @@
 """Predict masks for files or folders with a trained run: one mask per input, same name, format and geometry."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from medseg.console import show_bars
-from medseg.checkpoint import load_models
 from medseg.data import check_finite, read_case_image
 from medseg.errors import MedsegError
 from medseg.infer import predict_image, uncertainty
@@ -76,7 +76,7 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
                   device: str = "auto", progress: bool = True, series: str | None = None,
                   strict: bool = False, overwrite: bool = False, engine: str = "torch", fmt: str = "auto",
                   with_uncertainty: bool = False, workers: int = 1,
-                  shard: tuple[int, int] | None = None) -> list[Path]:
+                  shard: tuple[int, int] | None = None, threads: int | None = None) -> list[Path]:
     """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
 
     A broken input (unreadable, wrong channels, NaN voxels) does not stop the others: once every good input is
@@ -88,9 +88,10 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     series: which DICOM series to read where a folder holds several (UID or description). RUN may be a
     cross-validation folder (`fold_0`, `fold_1`, ...): the folds are ensembled. `workers` > 1 predicts in that many
     processes, sharing the cores; `shard` (i, n) takes the i-th of n deterministic shares of the inputs, so that n
-    machines (a Slurm array, a Kubernetes job) cover every input exactly once.
+    machines (a Slurm array, a Kubernetes job) cover every input exactly once. `threads`: for the networks
+    (default: PyTorch's setting, or every core where PyTorch is not loaded).
     """
-    models = _models(run, device, engine, torch.get_num_threads())
+    models = _models(run, device, engine, threads or _threads())
     inputs_ = group_channels(collect_inputs(inputs), models[0].in_channels)
     targets = mask_targets(inputs_, out, fmt)  # every input's, so each shard refuses a clash alike
     jobs = [(group, target, out, overlays, series, fmt, with_uncertainty)
@@ -126,15 +127,31 @@ def shard_of(items: list, shard: tuple[int, int] | None) -> list:
     return [item for position, item in enumerate(ordered) if position % count == index]
 
 
-def _models(run, device: str, engine: str, threads: int) -> list:
-    models = load_models(run, device=device)
-    if engine == "onnxruntime":
-        from medseg.onnx_engine import use_onnxruntime
+def _threads() -> int:
+    """Threads the networks may use: PyTorch's setting where PyTorch is loaded, else every core."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch else (os.cpu_count() or 1)
 
-        return use_onnxruntime(models, threads)
-    if engine != "torch":
+
+def _models(run, device: str, engine: str, threads: int) -> list:
+    """The networks of RUN under `engine`; a package exported with --onnx runs under onnxruntime without
+    PyTorch (other runs are exported to ONNX on the spot, which needs it)."""
+    if engine not in ("torch", "onnxruntime"):
         raise MedsegError(f"--engine {engine}: choose torch or onnxruntime")
-    return models
+    if engine == "onnxruntime":
+        from medseg.onnx_engine import load_onnx_models, use_onnxruntime
+
+        models = load_onnx_models(run, threads)
+        if models is not None:
+            return models
+    try:
+        from medseg.checkpoint import load_models
+    except ImportError as exc:
+        raise MedsegError(f"{run}: PyTorch is not installed, and only a model package exported with --onnx predicts "
+                          "without it ('medseg export RUN --out model.zip --onnx', then --engine onnxruntime)") from exc
+
+    models = load_models(run, device=device)
+    return use_onnxruntime(models, threads) if engine == "onnxruntime" else models
 
 
 def _predict_job(models: list, job: tuple) -> tuple[Path, Path | None, str | None]:
@@ -150,7 +167,10 @@ _WORKER: dict = {}  # a worker process's models, loaded once by `_start_worker`
 
 
 def _start_worker(run: str, device: str, engine: str, threads: int) -> None:
-    torch.set_num_threads(threads)
+    if engine == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
     _WORKER["models"] = _models(run, device, engine, threads)
 
 
@@ -161,7 +181,6 @@ def _in_worker(job: tuple):
 def _in_workers(jobs: list, run, device: str, engine: str, workers: int):
     """Results of `jobs` in input order from `workers` processes, each with its share of the cores."""
     import multiprocessing
-    import os
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (str(run), device, engine, threads))
@@ -224,7 +243,7 @@ def _predict_one(models: list, group: list[Path], target: Path, out: str | Path,
     check_finite(image)
     try:
         labels, probs = predict_image(models, image, with_probabilities=True)
-    except torch.OutOfMemoryError as exc:
+    except _out_of_memory() as exc:
         raise MedsegError(f"{group[0]}: out of {trained.device.type.upper()} memory predicting its "
                           f"{'x'.join(map(str, image.spatial_shape))} voxels; predict with --device cpu, or on a "
                           "machine with more memory") from exc
@@ -247,6 +266,12 @@ def _predict_one(models: list, group: list[Path], target: Path, out: str | Path,
         (Path(out) / "overlays").mkdir(parents=True, exist_ok=True)
         save_overlay_png(image.array, labels, Path(out) / "overlays" / f"{stem_of(target)}.png", cfg.axis)
     return path
+
+
+def _out_of_memory() -> tuple:
+    """PyTorch's out-of-memory error where PyTorch runs the networks (nothing to catch under onnxruntime)."""
+    torch = sys.modules.get("torch")
+    return (torch.OutOfMemoryError,) if torch else ()
 
 
 def _write_probabilities(probs: np.ndarray, labels: np.ndarray, names: list[str], target: Path) -> Path:

@@ -5,13 +5,11 @@ enhancing tumour (4). Training on the regions (a sigmoid per region, BCE + soft 
 optimises what is scored. Predictions are written back as a label map by painting the regions largest first,
 each with a label that belongs to it and to no region painted after it (whole tumour -> 2, core -> 1,
 enhancing -> 4), so every region can be read back from the map exactly: `region_masks(paint(...)) == masks`
-wherever the predicted regions are nested.
+wherever the predicted regions are nested. The training loss on regions is `medseg.losses.region_loss`.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from medseg.errors import MedsegError
 
@@ -56,12 +54,6 @@ def paint_labels(regions: dict[str, list[int]]) -> list[int]:
     return chosen
 
 
-def region_targets(label: torch.Tensor, regions: dict[str, list[int]]) -> torch.Tensor:
-    """Class-index labels (B, *spatial) -> region masks (B, R, *spatial) float."""
-    return torch.stack([torch.isin(label, torch.tensor(v, device=label.device)) for v in regions.values()],
-                       1).float()
-
-
 def region_masks(labels: np.ndarray, regions: dict[str, list[int]]) -> np.ndarray:
     """A label map (*spatial) -> boolean region masks (R, *spatial)."""
     return np.stack([np.isin(labels, v) for v in regions.values()])
@@ -73,13 +65,3 @@ def paint(masks: np.ndarray, regions: dict[str, list[int]]) -> np.ndarray:
     for mask, value in zip(masks, paint_labels(regions)):
         labels[mask] = value
     return labels
-
-
-def region_loss(logits: torch.Tensor, label: torch.Tensor, regions: dict[str, list[int]],
-                eps: float = 1e-5) -> torch.Tensor:
-    """BCE on each region's sigmoid plus 1 - mean soft Dice over regions (batch Dice), for logits (B, R, ...)."""
-    target = region_targets(label, regions)
-    probs = logits.sigmoid()
-    dims = (0,) + tuple(range(2, logits.ndim))
-    dice = (2 * (probs * target).sum(dims) + eps) / ((probs + target).sum(dims) + eps)
-    return F.binary_cross_entropy_with_logits(logits, target) + 1 - dice.mean()

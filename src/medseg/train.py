@@ -15,27 +15,30 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from medseg.checkpoint import TrainedModel, resolve_device, save_checkpoint
+from medseg.checkpoint import resolve_device, save_checkpoint
 from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
 from medseg.budget import calibrate_steps
+from medseg import distributed
 from medseg.console import show_bars
-from medseg.data import LoadedCase, PatchSampler, SliceSampler, first_orientation, load_cases, read_label
+from medseg.data import LoadedCase, first_orientation, load_cases, read_label
 from medseg.datasets import Dataset, case_hash, check_label_values, find_cases, manifest_hash, split_cases
 from medseg.errors import MedsegError
 from medseg.io import write_text_atomic
-from medseg.losses import deep_supervision_loss, make_loss
+from medseg.losses import deep_supervision_loss, make_loss, region_targets
 from medseg.metrics import confusion, metrics_from_counts, nanmean
+from medseg.infer import TrainedModel
 from medseg.scoring import class_means, mean_dice, score_case
 from medseg.models import create_model
-from medseg.regions import region_masks, region_targets
+from medseg.regions import region_masks
+from medseg.samplers import PatchSampler, SliceSampler
 from medseg.resume import check_same_split, random_states, read_resume_state, set_random_states
 from medseg.tracking import Tracker
 from medseg.transfer import describe, encoder_parameters, load_matching, set_encoder_frozen, write_account
@@ -111,13 +114,17 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
     """Train as configured and return the run folder; with `resume` (a run folder, whose config.json `cfg` is),
     continue that run from its last completed epoch instead (see `medseg.resume`)."""
     cfg.validate()
-    tracker = Tracker(cfg)  # a tracking package asked for but missing fails here, before any work
+    # a tracking package asked for but missing fails here, before any work; with several processes, rank 0 tracks
+    tracker = Tracker(cfg if distributed.is_main() else replace(cfg, tensorboard=None, mlflow=None))
     resumed = read_resume_state(resume) if resume else None
     started = time.monotonic() - (resumed["resume"]["elapsed"] if resumed else 0.0)
     generator = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = distributed.start(resolve_device(cfg.device))
+    if cfg.batch_size % distributed.world_size():
+        raise MedsegError(f"--batch-size {cfg.batch_size} does not split over {distributed.world_size()} processes; "
+                          "choose a multiple of their number (the batch size is the global batch)")
     dataset, split, train_cases, val_cases, class_names = prepare_data(cfg)
     in_channels = train_cases[0].image.array.shape[0]
     loss_fn = make_loss(cfg.loss, len(class_names), cfg.regions)
@@ -144,8 +151,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
         else:
             say(f"resuming {run} from its start: it was stopped before its first epoch ended")
     else:
-        run = create_run_dir(cfg.out, overwrite)
+        run = Path(cfg.out)
         cfg.data = str(Path(cfg.data).resolve())  # evaluate RUN works from any folder
+    if not resume and distributed.is_main():
+        run = create_run_dir(cfg.out, overwrite)
         cfg.save(run / "config.json")
         split["hashes"] = {c.case_id: case_hash(c) for c in dataset.cases
                            if c.case_id in set(split["train"]) | set(split["val"]) | set(split["test"])}
@@ -157,6 +166,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
             "test_cases": len(split["test"]), "segment_codes": dataset.segment_codes}, indent=2))
         if init:
             write_account(init, run)
+    distributed.barrier()  # the run folder exists before any process writes to it
     trained.run = run
     tracker.start(run, resumed["resume"].get("mlflow_run_id") if resumed else None)
     try:
@@ -164,6 +174,13 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
     except BaseException:
         tracker.abort()
         raise
+    if distributed.active():
+        summary["distributed"] = {"processes": distributed.world_size(), "backend": distributed.backend(),
+                                  "batch_per_process": cfg.batch_size // distributed.world_size(),
+                                  "weights_identical_across_processes": distributed.weights_agree(model)}
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 chooses the post-processing and writes the summary
+        return run
     if loop.stopped_at is not None:
         cfg.stop_at = loop.stopped_at
         cfg.save(run / "config.json")
@@ -177,16 +194,19 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
 
     plot_curves(loop.history, run / "curves.png")
     tracker.finish(summary, [run / "curves.png", run / "train_summary.json", run / "config.json"])
+    distributed.barrier()
     return run
 
 
-LINE_PREFIX = ""
-PROGRESS_EVERY = 300.0  # seconds between progress lines inside an epoch when bars are off (--quiet, a log file)  # an ensemble member's name, so that members training side by side can be told apart
+LINE_PREFIX = ""  # an ensemble member's name, so that members training side by side can be told apart
+PROGRESS_EVERY = 300.0  # seconds between progress lines inside an epoch when bars are off (--quiet, a log file)
 
 
 def say(line: str) -> None:
-    """A line for the person running training: printed even with --quiet (which only turns bars off)."""
-    print(LINE_PREFIX + line, flush=True)
+    """A line for the person running training: printed even with --quiet (which only turns bars off); with
+    several processes, by rank 0 only."""
+    if distributed.is_main():
+        print(LINE_PREFIX + line, flush=True)
 
 
 def initialise(model: torch.nn.Module, cfg: TrainConfig) -> dict | None:
@@ -250,11 +270,23 @@ class _Loop:
         self.cfg, self.trained, self.loss_fn, self.sampler = cfg, trained, loss_fn, sampler
         self.val_cases, self.started, self.tracker = val_cases, started, tracker
         self.optimizer = make_optimizer(cfg, trained.model)
+        self.network = self.wrap(trained.model)  # what training steps call: DDP around the model with several processes
         self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
         self.history: list[dict] = []
         self.stopped_at: int | None = None  # the step where the clock ran out, if it did
         self.best, self.best_epoch, self.stale = -1.0, 0, 0
         self.finished: str | None = None  # why the loop ended before its last epoch, once it has
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as a training step calls it: in DistributedDataParallel when several processes train."""
+        if not distributed.active():
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = self.trained.device
+        if device.type == "cuda":  # batch statistics over the global batch (PyTorch has no CPU SyncBatchNorm)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     @property
     def last_step(self) -> int:
@@ -306,6 +338,8 @@ class _Loop:
                                  "(kept as stop_at in config.json, so a re-run stops there too)")
             elif self.cfg.patience and self.stale >= self.cfg.patience:
                 self.finished = f"early stopping (no better validation Dice for {self.cfg.patience} epochs)"
+            if not distributed.is_main():
+                continue  # rank 0 writes and reports; every process has made the same decisions above
             # checkpoints first, each holding the history up to its epoch: a run stopped between these writes
             # resumes from the last checkpoint and rewrites the history files from it
             state = self.state(model_args, epoch, row["val_dice"])
@@ -343,7 +377,8 @@ class _Loop:
         set_random_states(resume["random"], self.sampler.generator)
         if hasattr(self.sampler, "centred"):
             self.sampler.centred = resume["centred"]
-        self.write_history()  # the files may hold an epoch the checkpoint does not
+        if distributed.is_main():
+            self.write_history()  # the files may hold an epoch the checkpoint does not
 
     def train_epoch(self, epoch: int) -> dict:
         model = self.trained.model
@@ -358,6 +393,7 @@ class _Loop:
                    leave=False)
         last_line = time.monotonic()
         for step, (image, label) in enumerate(bar):
+            image, label = distributed.share(image), distributed.share(label)  # this process's part of the batch
             lr = self.set_lr(first + step)
             logits, loss = self.step(image, label)
             if not math.isfinite(loss):
@@ -374,9 +410,11 @@ class _Loop:
                 last_line = time.monotonic()
                 say(f"epoch {epoch}: step {step + 1}/{steps}, loss {float(np.mean(losses[-50:])):.4f} "
                     f"({self.elapsed() / 60:.0f} min)")
-            if self.out_of_time():
+            if distributed.any_rank(self.out_of_time()):
                 self.stopped_at = first + step + 1
                 break
+        counts = distributed.sum_over_ranks(counts)
+        pixels, correct = distributed.sum_over_ranks(np.array([pixels, correct]))
         pooled = [metrics_from_counts(*row) for row in counts]
         return {"train_loss": float(np.mean(losses)), "train_dice": nanmean([m["dice"] for m in pooled]),
                 "train_iou": nanmean([m["iou"] for m in pooled]),
@@ -387,12 +425,12 @@ class _Loop:
         non-finite loss changes no weight."""
         image, label = image.to(self.trained.device), label.to(self.trained.device)
         try:
-            outputs = self.trained.model(image)
+            outputs = self.network(image)
             if isinstance(outputs, list):  # deep supervision: full resolution first
                 loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
             else:
                 loss, logits = self.loss_fn(outputs, label), outputs
-            value = loss.item()
+            value = distributed.mean_over_ranks(loss.item())  # the global batch's; NaN on any process skips on all
             if math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -417,7 +455,10 @@ class _Loop:
     @torch.no_grad()
     def validate(self, trained: TrainedModel | None = None) -> dict:
         """Loss and metrics of the validation cases on their own grids, through `medseg.scoring` (as `medseg
-        evaluate` scores); val_dice is `scoring.mean_dice`, the figure evaluation reports."""
+        evaluate` scores); val_dice is `scoring.mean_dice`, the figure evaluation reports. With several processes,
+        rank 0 validates and the others receive its scores."""
+        if not distributed.is_main():
+            return distributed.from_main(None)
         trained = trained or self.trained
         trained.model.eval()
         losses, rows, accuracy = [], [], []
@@ -433,8 +474,9 @@ class _Loop:
             right = ((region_masks(scored.pred, self.cfg.regions) == region_masks(case.label, self.cfg.regions)).all(0)
                      if self.cfg.regions else scored.pred == case.label)
             accuracy.append(float(right[inside].mean()))
-        return {"val_loss": float(np.mean(losses)), "val_dice": mean_dice(rows),
-                "val_iou": nanmean(list(class_means(rows, "iou").values())), "val_accuracy": float(np.mean(accuracy))}
+        return distributed.from_main({
+            "val_loss": float(np.mean(losses)), "val_dice": mean_dice(rows),
+            "val_iou": nanmean(list(class_means(rows, "iou").values())), "val_accuracy": float(np.mean(accuracy))})
 
     def state(self, model_args: dict, epoch: int, val_dice: float) -> dict:
         return {"model": self.trained.model.state_dict(), "model_name": self.cfg.model, "model_args": model_args,
