@@ -27,7 +27,7 @@ def test_two_processes_train_what_one_process_trains(settings, tmp_path):
     assert main(["train", "--config", str(settings), "--out", str(tmp_path / "two"), "--nproc", "2", "--quiet"]) == 0
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["distributed"] == {"processes": 2, "backend": "gloo", "batch_per_process": 2,
-                                      "weights_identical_across_processes": True}
+                                      "parameters_identical_across_processes": True}
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert one.keys() == two.keys()
     # same samples, same augmentation, gradients averaged over the halves, the soft Dice summed over both:
@@ -58,5 +58,16 @@ def test_two_processes_agree_on_a_time_budget(settings, tmp_path):
     config = json.loads((tmp_path / "budget" / "config.json").read_text())
     summary = json.loads((tmp_path / "budget" / "train_summary.json").read_text())
     assert config["calibration"]["seconds_per_step"] > 0 and config["steps"] >= 1
-    assert summary["distributed"]["weights_identical_across_processes"] is True
+    assert summary["distributed"]["parameters_identical_across_processes"] is True
     assert summary["steps"] == (config.get("stop_at") or config["steps"])
+
+
+def test_train_data_nproc_plans_once_then_trains_on_two_processes(phantoms_2d, tmp_path):
+    """The README's `medseg train DATA --nproc N`: the launcher plans (timing the machine once), the processes
+    train the plan's network, and the run keeps its plan like a one-process run."""
+    assert main(["train", str(phantoms_2d), "--out", str(tmp_path / "run"), "--nproc", "2", "--time-budget", "0.3",
+                 "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["distributed"]["processes"] == 2
+    assert summary["distributed"]["parameters_identical_across_processes"] is True
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["configurations"]

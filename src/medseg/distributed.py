@@ -12,8 +12,9 @@ which starts torchrun on this machine. How a run stays one run:
 - rank 0 alone validates, writes checkpoints, history and summaries, and prints; what it decides (validation
   scores, the time budget's step count, running out of time) is broadcast, so every rank stops at the same step.
 - BatchNorm layers become SyncBatchNorm on GPUs (statistics over the global batch); on CPU, where PyTorch has no
-  SyncBatchNorm, each process normalises over its own share. Instance norm (the planner's choice for U-Nets) is
-  per sample and unaffected.
+  SyncBatchNorm, each process normalises over its own share and keeps its own running statistics (rank 0's are
+  checkpointed), so such a run is close to, not equal to, one process. Instance norm is per sample and
+  unaffected: with it, the run equals one process up to the order of floating-point sums.
 """
 from __future__ import annotations
 
@@ -77,9 +78,24 @@ def global_sum(tensor: torch.Tensor) -> torch.Tensor:
     training step's tensors (those that record gradients): rank 0 validates alone, and must not wait for others."""
     if not active() or not tensor.requires_grad:
         return tensor
-    from torch.distributed.nn.functional import all_reduce
+    return _SumOverRanks.apply(tensor)
 
-    return all_reduce(tensor)
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) with its gradient: every rank's loss uses the sum, so the gradient reaching each rank's
+    share is the sum of the ranks' upstream gradients (DDP then divides by the number of ranks)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
 
 
 def mean_over_ranks(value: float) -> float:
@@ -122,15 +138,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def weights_agree(model: torch.nn.Module) -> bool:
-    """Whether every rank holds exactly the same weights, bit for bit (a SHA-256 of each rank's tensors)."""
+def parameters_agree(model: torch.nn.Module) -> bool:
+    """Whether every rank holds exactly the same parameters, bit for bit (a SHA-256 of each rank's). BatchNorm's
+    running statistics are left out: on CPU each rank keeps its own (see the module's notes)."""
     import hashlib
 
     if not active():
         return True
     digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest.hexdigest())
     return len(set(digests)) == 1

@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
     if distributed.active():
         summary["distributed"] = {"processes": distributed.world_size(), "backend": distributed.backend(),
                                   "batch_per_process": cfg.batch_size // distributed.world_size(),
-                                  "weights_identical_across_processes": distributed.weights_agree(model)}
+                                  "parameters_identical_across_processes": distributed.parameters_agree(model)}
     if not distributed.is_main():
         distributed.barrier()  # rank 0 chooses the post-processing and writes the summary
         return run
@@ -414,7 +414,8 @@ class _Loop:
                 self.stopped_at = first + step + 1
                 break
         counts = distributed.sum_over_ranks(counts)
-        pixels, correct = distributed.sum_over_ranks(np.array([pixels, correct]))
+        pixels, correct = (int(n) for n in distributed.sum_over_ranks(np.array([pixels, correct])))  # plain ints:
+        # checkpoints hold the history and load with weights_only, which refuses NumPy scalars
         pooled = [metrics_from_counts(*row) for row in counts]
         return {"train_loss": float(np.mean(losses)), "train_dice": nanmean([m["dice"] for m in pooled]),
                 "train_iou": nanmean([m["iou"] for m in pooled]),

@@ -1,0 +1,180 @@
+"""Training throughput side by side (issue 14, item 1): the same network, data, crop and batch size through
+
+  (a) a bare PyTorch loop on tensors already in memory (crops taken once, no augmentation): the ceiling;
+  (b) medseg's training pipeline: its sampler (cropping, flips, affine in 2D, intensity jitter) and its step;
+  (c) the pipeline a MONAI user would write: CacheDataset of dictionary transforms (load, channel first,
+      normalise, cached; then random crop, flips, affine in 2D, intensity scale/shift) and a DataLoader with
+      persistent workers.
+
+2D: 64 synthetic 256x256 PNG phantoms (medseg synth), crops 128x128; 3D: the MSD hippocampus training volumes,
+patches 32^3 (hippocampus volumes are ~35x50x35). Steps per second are medians of three timed windows per
+pipeline, the pipelines interleaved so that each meets the same machine. nnU-Net v2's loader (d) is not run here:
+it needs its own preprocessed copy of the data (see benchmarks/nnunet.py for the end-to-end comparison).
+
+    python benchmarks/throughput.py [--steps 20]
+
+Writes docs/benchmarks/throughput.json and the THROUGHPUT section of docs/benchmarks.md. Run it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from docs_section import write_section
+from medseg.config import TrainConfig
+from medseg.data import load_cases
+from medseg.datasets import find_cases
+from medseg.losses import make_loss
+from medseg.models import create_model
+from medseg.samplers import PatchSampler, SliceSampler
+from medseg.synth import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks"
+HIPPOCAMPUS = ROOT.parent / "shared" / "datasets" / "msd_hippocampus" / "Task04_Hippocampus"
+
+
+def setting(dims: int, data: Path) -> TrainConfig:
+    if dims == 2:
+        return TrainConfig(data=str(data), dims=2, size=128, fit="pad", base_channels=16, depth=4, batch_size=16,
+                           norm="instance", normalization="zscore", progress=False)
+    return TrainConfig(data=str(data), dims=3, patch=[32, 32, 32], base_channels=16, depth=3, batch_size=4,
+                       norm="instance", normalization="zscore", progress=False)
+
+
+class Trainer:
+    """One optimiser step of the shared network on a batch (the part every pipeline has in common)."""
+
+    def __init__(self, cfg: TrainConfig, channels: int, classes: int):
+        torch.manual_seed(0)
+        self.model = create_model("unet", **cfg.model_args(channels, classes)).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), 1e-3)
+        self.loss = make_loss("dice_ce", classes)
+
+    def step(self, image: torch.Tensor, label: torch.Tensor) -> None:
+        loss = self.loss(self.model(image), label)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def steps_per_second(batches, trainer: Trainer, steps: int) -> float:
+    """Steps per second over `steps` steps, after two warm-up steps."""
+    for _ in range(2):
+        trainer.step(*next(batches))
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(*next(batches))
+    return steps / (time.perf_counter() - started)
+
+
+def bare_batches(sampler, cfg: TrainConfig):
+    """Batches of crops made once, in memory, without augmentation: only indexing and stacking per step."""
+    pool_cfg = dataclasses.replace(cfg, augment=False)
+    sampler.cfg = pool_cfg
+    images, labels = zip(*(sampler.batch([i % len(sampler)] * 1) for i in range(64)))
+    sampler.cfg = cfg
+    images, labels = torch.cat(images), torch.cat(labels)
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        index = torch.randint(0, len(images), (cfg.batch_size,), generator=generator)
+        yield images[index], labels[index]
+
+
+def medseg_batches(sampler):
+    while True:
+        yield from sampler.epoch_batches(1000)
+
+
+def monai_batches(cases, cfg: TrainConfig, workers: int):
+    """What a MONAI user writes for the same crops and augmentation."""
+    from monai import transforms as mt
+    from monai.data import CacheDataset, DataLoader
+
+    keys = ["image", "label"]
+    spatial = [cfg.size, cfg.size] if cfg.dims == 2 else list(cfg.patch_size)
+    cached = [mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.NormalizeIntensityd("image", channel_wise=True),
+              mt.EnsureTyped(keys, dtype=[torch.float32, torch.long])]
+    crop = ([mt.SpatialPadd(keys, spatial), mt.RandSpatialCropd(keys, spatial, random_size=False)] if cfg.dims == 2
+            else [mt.SpatialPadd(keys, spatial), mt.RandCropByPosNegLabeld(keys, "label", spatial, pos=1, neg=2,
+                                                                              num_samples=1)])
+    augment = [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(cfg.dims)]
+    if cfg.dims == 2:
+        augment.append(mt.RandAffined(keys, prob=0.3, rotate_range=0.26, scale_range=0.15, mode=["bilinear", "nearest"],
+                                      padding_mode="border"))
+    augment += [mt.RandScaleIntensityd("image", 0.2, prob=0.5), mt.RandShiftIntensityd("image", 0.1, prob=0.5)]
+    data = [{"image": str(c.images[0]), "label": str(c.mask)} for c in cases]
+    dataset = CacheDataset(data, mt.Compose(cached + crop + augment), progress=False, num_workers=1)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0)
+    while True:
+        for batch in loader:
+            yield batch["image"].as_tensor().float(), batch["label"].as_tensor()[:, 0].long()
+
+
+def measure(dims: int, data: Path, steps: int, repeats: int) -> dict:
+    cfg = setting(dims, data)
+    cases = find_cases(data).cases
+    started = time.perf_counter()
+    loaded = load_cases(cases, cfg)
+    load_seconds = time.perf_counter() - started
+    classes = int(max(c.label.max() for c in loaded)) + 1
+    channels = loaded[0].image.array.shape[0]
+    sampler = (PatchSampler if dims == 3 else SliceSampler)(loaded, cfg, torch.Generator().manual_seed(0))
+    pipelines = {"bare": bare_batches(sampler, cfg), "medseg": medseg_batches(sampler),
+                 "monai_workers0": monai_batches(cases, cfg, 0), "monai_workers2": monai_batches(cases, cfg, 2)}
+    rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    for _ in range(repeats):
+        for name, batches in pipelines.items():
+            rates[name].append(steps_per_second(batches, Trainer(cfg, channels, classes), steps))
+    row = {"dims": dims, "data": f"{len(cases)} cases", "batch": cfg.batch_size,
+           "crop": [cfg.size] * 2 if dims == 2 else list(cfg.patch_size), "medseg_load_seconds": round(load_seconds, 1),
+           **{f"{name}_steps_per_s": round(statistics.median(v), 3) for name, v in rates.items()}}
+    row["medseg_over_bare"] = row["medseg_steps_per_s"] / row["bare_steps_per_s"]
+    monai_best = max(row["monai_workers0_steps_per_s"], row["monai_workers2_steps_per_s"])
+    row["medseg_over_monai"] = row["medseg_steps_per_s"] / monai_best
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        phantoms = write_synthetic_dataset(Path(folder) / "phantoms", cases=64, dim=2, size=256)
+        rows = [measure(2, phantoms, args.steps, args.repeats)]
+    if HIPPOCAMPUS.is_dir():
+        rows.append(measure(3, HIPPOCAMPUS, args.steps, args.repeats))
+    import monai
+
+    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+               f"MONAI {monai.__version__}, CPU")
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / "throughput.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    lines = [f"Machine: {machine}. Training steps per second (median of {args.repeats} windows of {args.steps} "
+             "steps, pipelines interleaved); the same U-Net (width 16, instance norm), Dice + CE, Adam.", "",
+             "| data | batch x crop | (a) bare loop | (b) medseg | (c) MONAI, 0 workers | (c) MONAI, 2 workers | "
+             "(b)/(a) (bar 0.90) | (b)/(c) best (bar 1.3) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        crop = "x".join(map(str, r["crop"]))
+        lines.append(f"| {'2D phantoms' if r['dims'] == 2 else 'MSD hippocampus'} ({r['data']}) | {r['batch']} x "
+                     f"{crop} | {r['bare_steps_per_s']:.2f} | {r['medseg_steps_per_s']:.2f} | "
+                     f"{r['monai_workers0_steps_per_s']:.2f} | {r['monai_workers2_steps_per_s']:.2f} | "
+                     f"{r['medseg_over_bare']:.2f} | {r['medseg_over_monai']:.2f} |")
+    lines += ["", "Command: `python benchmarks/throughput.py` (alone on the machine)."]
+    write_section("THROUGHPUT", "benchmarks/throughput.py", lines, "Training throughput: medseg, a bare loop, MONAI")
+
+
+if __name__ == "__main__":
+    main()
