@@ -351,16 +351,29 @@ def atomic_path(path: str | Path):
         Path(tmp).unlink(missing_ok=True)
 
 
-def extract_zip(path: Path, target: Path) -> Path:
-    """Unpack a zip archive into `target`, refusing members that would land outside it (absolute or '..' paths)."""
+ZIP_MAX_FILES = 10_000  # a CT series is a few hundred to a few thousand slices
+ZIP_MAX_BYTES = 8 * 2**30  # unpacked: several whole-body CT series
+
+
+def extract_zip(path: Path, target: Path, max_files: int = ZIP_MAX_FILES, max_bytes: int = ZIP_MAX_BYTES) -> Path:
+    """Unpack a zip archive into `target`, refusing, before anything is written, members that would land outside
+    it (absolute or '..' paths: "zip slip") and archives of more than `max_files` members or `max_bytes` unpacked
+    (a "zip bomb": the sizes are the ones the archive declares, and extraction stops if a member outgrows its)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise MedsegError(f"{path.name}: refused; it holds a file outside the archive ({name})")
-            archive.extractall(target)
+            members = archive.infolist()
+            for member in members:
+                if member.filename.startswith("/") or ".." in Path(member.filename).parts:
+                    raise MedsegError(f"{path.name}: refused; it holds a file outside the archive ({member.filename})")
+            if len(members) > max_files:
+                raise MedsegError(f"{path.name}: refused; {len(members)} files, more than the {max_files} allowed")
+            unpacked = sum(member.file_size for member in members)
+            if unpacked > max_bytes:
+                raise MedsegError(f"{path.name}: refused; {unpacked / 2**30:.1f} GiB unpacked, more than the "
+                                  f"{max_bytes / 2**30:.1f} GiB allowed")
+            archive.extractall(target)  # zipfile stops a member that inflates past its declared size
     except zipfile.BadZipFile as exc:
         raise MedsegError(f"{path.name}: not a readable zip archive ({exc})") from exc
     return target
