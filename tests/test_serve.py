@@ -32,7 +32,7 @@ def isbi_run(tmp_path_factory):
                              class_names=["background", "cell"], threads=2))
 
 
-def start_server(run) -> tuple[str, object]:
+def start_server(run, limits=None) -> tuple[str, object]:
     import uvicorn
 
     from medseg.serve import NIIVUE, create_app
@@ -40,7 +40,7 @@ def start_server(run) -> tuple[str, object]:
     if not (NIIVUE / "index.js").exists():
         pytest.skip(f"NiiVue is not installed in {NIIVUE.parents[2]} (scripts/env.sh runs npm ci where npm exists)")
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(run, device="cpu"), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(run, device="cpu", limits=limits), host="127.0.0.1", port=port,
                                            log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     for _ in range(100):
@@ -57,10 +57,10 @@ def browser():
     driver.quit()
 
 
-def upload_and_wait(driver, base: str, path: Path) -> None:
+def upload_and_wait(driver, base: str, path: Path, page: str = "/") -> None:
     from selenium.webdriver.common.by import By
 
-    driver.get(base + "/")
+    driver.get(base + page)
     for _ in range(100):
         if driver.execute_script("return !!window.medseg"):
             break

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -286,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--token", default=os.environ.get("MEDSEG_TOKEN"),
+                       help="require 'Authorization: Bearer TOKEN' to submit and follow jobs (default: the "
+                            "MEDSEG_TOKEN environment variable, which keeps it out of the process list)")
+    serve.add_argument("--max-upload-mb", type=float, default=1024.0, help="larger uploads get 413 (default 1024)")
+    serve.add_argument("--max-queued", type=int, default=8, help="jobs waiting at once; more get 429 (default 8)")
+    serve.add_argument("--keep-minutes", type=float, default=60.0,
+                       help="a finished job's results are deleted after this (default 60)")
 
     pacs = sub.add_parser("pacs", help="pull a series from a DICOMweb server, segment it, store the DICOM SEG back")
     pacs.add_argument("run", help="a run, ensemble or model package")
@@ -512,9 +520,10 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"mean foreground Dice {summary['mean_dice']:.4f} on {summary['cases_role']}; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
     elif args.command == "serve":
-        from medseg.serve import serve
+        from medseg.serve import Limits, serve
 
-        serve(args.run, args.host, args.port, args.device)
+        serve(args.run, args.host, args.port, args.device,
+              Limits(args.token, args.max_upload_mb, args.max_queued, args.keep_minutes))
     elif args.command == "pacs":
         from medseg.pacs import segment_from_pacs
 

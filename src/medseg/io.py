@@ -355,12 +355,14 @@ ZIP_MAX_FILES = 10_000  # a CT series is a few hundred to a few thousand slices
 ZIP_MAX_BYTES = 8 * 2**30  # unpacked: several whole-body CT series
 
 
-def extract_zip(path: Path, target: Path, max_files: int = ZIP_MAX_FILES, max_bytes: int = ZIP_MAX_BYTES) -> Path:
+def extract_zip(path: Path, target: Path, max_files: int | None = None, max_bytes: int | None = None) -> Path:
     """Unpack a zip archive into `target`, refusing, before anything is written, members that would land outside
     it (absolute or '..' paths: "zip slip") and archives of more than `max_files` members or `max_bytes` unpacked
     (a "zip bomb": the sizes are the ones the archive declares, and extraction stops if a member outgrows its)."""
     import zipfile
 
+    max_files = ZIP_MAX_FILES if max_files is None else max_files
+    max_bytes = ZIP_MAX_BYTES if max_bytes is None else max_bytes
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()

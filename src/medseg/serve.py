@@ -9,17 +9,26 @@ for scripts.
     GET  /docs                      the OpenAPI description (FastAPI's)
 
 Jobs run one at a time in a background thread (the network has the cores to itself) through medseg's one
-inference path, exactly as `medseg predict` runs them. Uploads and results live in a temporary folder that is
-removed when the server stops. The viewer is NiiVue (BSD-2-Clause), installed from npm with a lockfile
-(`npm ci --prefix src/medseg/web`, which the set-up scripts run) and served from node_modules, never copied here.
+inference path, exactly as `medseg predict` runs them. The viewer is NiiVue (BSD-2-Clause), installed from npm with
+a lockfile (`npm ci --prefix src/medseg/web`, which the set-up scripts run) and served from node_modules, never
+copied here.
+
+Safety (`Limits`): the server listens on 127.0.0.1 unless told otherwise; with a token, submitting work and
+reading a job's status need `Authorization: Bearer TOKEN` (401 without it), while a job's results are read with
+its id alone, 128 random bits that only its submitter was told (so the viewer and download links work); uploads
+over the size limit get 413, files whose content is not what their name says 415, and a full queue 429 with
+Retry-After. A finished job keeps only its results (the upload and an unpacked series are deleted at once), and
+its results go after `keep_minutes`; everything goes when the server stops. Nothing about an upload is logged:
+errors name the uploaded file's own name only, never a path or a DICOM attribute.
 """
 
 import contextlib
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
-import uuid
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +44,22 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", "
 
 
 @dataclass
+class Limits:
+    token: str | None = None  # bearer token for submitting and following jobs (None: no token asked)
+    max_upload_mb: float = 1024.0  # 413 above
+    max_queued: int = 8  # jobs waiting at once; 429 above
+    keep_minutes: float = 60.0  # a finished job's results are deleted after this
+
+
+class Refused(MedsegError):
+    """A request the service turns down, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
 class Job:
     id: str
     folder: Path
@@ -44,6 +69,7 @@ class Job:
     error: str | None = None
     files: list[str] = field(default_factory=list)
     dims: int | None = None
+    finished: float | None = None  # time.monotonic() when it ended
 
     def public(self) -> dict:
         links = {name: f"/api/v1/jobs/{self.id}/{name}" for name in self.files}
@@ -54,37 +80,62 @@ class Job:
 class Segmenter:
     """The loaded models and a queue of jobs worked off by one thread."""
 
-    def __init__(self, run: str | Path, device: str = "auto"):
+    def __init__(self, run: str | Path, device: str = "auto", limits: Limits | None = None):
         from medseg.checkpoint import load_models
 
         self.models = load_models(run, device=device)
+        self.limits = limits or Limits()
         self.folder = Path(tempfile.mkdtemp(prefix="medseg-serve-"))
         self.jobs: dict[str, Job] = {}
-        self.queue: queue.Queue[Job] = queue.Queue()
+        self.queue: queue.Queue[Job] = queue.Queue(self.limits.max_queued)
         threading.Thread(target=self._work, daemon=True).start()
 
     def submit(self, name: str, data: bytes) -> Job:
+        name = Path(name).name
         if not name.lower().endswith(IMAGE_SUFFIXES):
-            raise MedsegError(f"{name}: upload a NIfTI (.nii, .nii.gz), a zipped DICOM series (.zip) or a 2D image "
-                              f"({', '.join(IMAGE_SUFFIXES[2:-1])})")
-        job = Job(uuid.uuid4().hex, self.folder / uuid.uuid4().hex, Path(name).name)
+            raise Refused(400, f"{name}: upload a NIfTI (.nii, .nii.gz), a zipped DICOM series (.zip) or a 2D image "
+                               f"({', '.join(IMAGE_SUFFIXES[2:-1])})")
+        if len(data) > self.limits.max_upload_mb * 2**20:
+            raise Refused(413, f"{name}: {len(data) / 2**20:.0f} MB, over this server's {self.limits.max_upload_mb:g} "
+                               "MB limit")
+        check_content(name, data)
+        job = Job(secrets.token_hex(16), self.folder / secrets.token_hex(16), name)
         job.folder.mkdir()
         (job.folder / job.name).write_bytes(data)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            raise Refused(429, f"{self.limits.max_queued} jobs are waiting already; try again shortly") from None
         self.jobs[job.id] = job
-        self.queue.put(job)
         return job
 
     def _work(self) -> None:
         while True:
-            job = self.queue.get()
+            try:
+                job = self.queue.get(timeout=10)
+            except queue.Empty:
+                self._expire()
+                continue
             job.status = "running"
             try:
                 self._segment(job)
                 job.status, job.progress = "done", 1.0
             except MedsegError as exc:
                 job.status, job.error = "failed", str(exc).replace(str(job.folder) + "/", "")
-            except Exception as exc:  # a bug: the job says so, the server keeps serving
-                job.status, job.error = "failed", f"internal error ({type(exc).__name__}: {exc})"
+            except Exception as exc:  # a bug: the job says so (its type only: the text may quote the upload)
+                job.status, job.error = "failed", f"internal error ({type(exc).__name__})"
+            finally:
+                job.finished = time.monotonic()
+                _keep_only_results(job)
+            self._expire()
+
+    def _expire(self) -> None:
+        """Forget jobs finished more than keep_minutes ago, with their results."""
+        cutoff = time.monotonic() - self.limits.keep_minutes * 60
+        for job in [j for j in list(self.jobs.values()) if j.finished is not None and j.finished < cutoff]:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            self.jobs.pop(job.id, None)
 
     def _segment(self, job: Job) -> None:
         from medseg.data import check_finite
@@ -124,6 +175,44 @@ class Segmenter:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _keep_only_results(job: Job) -> None:
+    """Delete what was uploaded (and an unpacked series) once a job has ended: only its results stay."""
+    for item in job.folder.iterdir():
+        if item.name != "results":
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+
+
+def check_content(name: str, data: bytes) -> None:
+    """Refuse (415) an upload whose first bytes are not those of the format its name says."""
+    lower = name.lower()
+    if lower.endswith((".nii.gz", ".nii")):
+        header = _gunzip_head(data, 348) if lower.endswith(".gz") else data[:348]
+        ok = header[344:347] in (b"n+1", b"ni1") or header[4:7] == b"n+2"  # NIfTI-1 or NIfTI-2 magic
+    elif lower.endswith(".png"):
+        ok = data.startswith(b"\x89PNG\r\n\x1a\n")
+    elif lower.endswith((".jpg", ".jpeg")):
+        ok = data.startswith(b"\xff\xd8\xff")
+    elif lower.endswith((".tif", ".tiff")):
+        ok = data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    elif lower.endswith(".bmp"):
+        ok = data.startswith(b"BM")
+    else:  # .zip
+        ok = data.startswith(b"PK\x03\x04")
+    if not ok:
+        raise Refused(415, f"{name}: its content is not a {name.rsplit('.', 1)[-1].upper()} file; upload the file "
+                           "itself, named as what it is")
+
+
+def _gunzip_head(data: bytes, size: int) -> bytes:
+    """The first `size` bytes of gzip-compressed `data`, without inflating the rest (b"" if it is not gzip)."""
+    import zlib
+
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, size)
+    except zlib.error:
+        return b""
+
+
 def _unpacked(path: Path) -> Path:
     """A zipped DICOM series becomes its folder (the one holding the files); anything else stays as it is."""
     if path.suffix.lower() != ".zip":
@@ -144,11 +233,11 @@ def _display_plane(array: np.ndarray) -> np.ndarray:
     return grey.T[:, :, None].astype(np.float32)
 
 
-def create_app(run: str | Path, device: str = "auto"):
-    """The FastAPI application for RUN (a run, ensemble or package)."""
+def create_app(run: str | Path, device: str = "auto", limits: Limits | None = None):
+    """The FastAPI application for RUN (a run, ensemble or package), within `limits`."""
     try:
-        from fastapi import FastAPI, File, HTTPException, UploadFile
-        from fastapi.responses import FileResponse, HTMLResponse
+        from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
+        from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
         from fastapi.staticfiles import StaticFiles
     except ImportError as exc:
         raise MedsegError("medseg serve needs fastapi, uvicorn and python-multipart: pip install 'medseg[serve]'") \
@@ -156,7 +245,17 @@ def create_app(run: str | Path, device: str = "auto"):
     if not (NIIVUE / "index.js").exists():
         raise MedsegError(f"{NIIVUE}: the viewer library (NiiVue, from npm) is not installed; run 'npm ci --prefix "
                           f"{WEB}' (scripts/env.sh does when npm is present)")
-    segmenter = Segmenter(run, device)
+    segmenter = Segmenter(run, device, limits)
+    limits = segmenter.limits
+
+    def authorised(authorization: str | None = Header(None)) -> None:
+        if limits.token is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), limits.token.encode()):
+            raise HTTPException(status_code=401, detail="this server needs its token: Authorization: Bearer TOKEN "
+                                "(in the browser, open the page as /#token=TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -168,6 +267,16 @@ def create_app(run: str | Path, device: str = "auto"):
     app.state.segmenter = segmenter
     app.mount("/static/niivue", StaticFiles(directory=NIIVUE), name="niivue")
 
+    @app.middleware("http")
+    async def upload_size(request: Request, call_next):
+        """An upload declared larger than the limit is refused before it is read."""
+        declared = request.headers.get("content-length")
+        if request.method == "POST" and declared and declared.isdigit() \
+                and int(declared) > limits.max_upload_mb * 2**20 + 2**16:  # room for the form's own lines
+            return JSONResponse({"detail": f"upload of {int(declared) / 2**20:.0f} MB, over this server's "
+                                           f"{limits.max_upload_mb:g} MB limit"}, status_code=413)
+        return await call_next(request)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return (WEB / "index.html").read_text()
@@ -176,22 +285,24 @@ def create_app(run: str | Path, device: str = "auto"):
     def script() -> FileResponse:
         return FileResponse(WEB / "app.js", media_type="text/javascript")
 
-    @app.get("/api/v1/model")
+    @app.get("/api/v1/model", dependencies=[Depends(authorised)])
     def model() -> dict:
         from medseg.package import class_colours
 
         names = segmenter.models[0].class_names
         return {"class_names": names, "colours": class_colours(names), "members": len(segmenter.models)}
 
-    @app.post("/api/v1/segment", status_code=202)
+    @app.post("/api/v1/segment", status_code=202, dependencies=[Depends(authorised)])
     async def segment(file: UploadFile = File(...)) -> dict:
+        data = await file.read(int(limits.max_upload_mb * 2**20) + 1)  # one byte over says it is too large
         try:
-            job = segmenter.submit(file.filename or "upload", await file.read())
-        except MedsegError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from exc
+            job = segmenter.submit(file.filename or "upload", data)
+        except Refused as exc:
+            headers = {"Retry-After": "5"} if exc.status == 429 else None
+            raise HTTPException(status_code=exc.status, detail=str(exc), headers=headers) from exc
         return job.public()
 
-    @app.get("/api/v1/jobs/{job_id}")
+    @app.get("/api/v1/jobs/{job_id}", dependencies=[Depends(authorised)])
     def job_status(job_id: str) -> dict:
         return _job(job_id).public()
 
@@ -205,15 +316,18 @@ def create_app(run: str | Path, device: str = "auto"):
 
     def _job(job_id: str) -> Job:
         if job_id not in segmenter.jobs:
-            raise HTTPException(status_code=404, detail=f"no job {job_id}")
+            raise HTTPException(status_code=404, detail="no such job (or its results have expired)")
         return segmenter.jobs[job_id]
 
     return app
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto") -> None:
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          limits: Limits | None = None) -> None:
     import uvicorn
 
-    app = create_app(run, device)
-    print(f"medseg serve: http://{host}:{port}/ (API description at /docs); Ctrl-C stops it", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = create_app(run, device, limits)
+    page = f"http://{host}:{port}/" + ("#token=TOKEN" if limits and limits.token else "")
+    print(f"medseg serve: {page} (API description at /docs); Ctrl-C stops it", flush=True)
+    # no access log: request lines carry job ids, which are the keys to results
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -4,10 +4,17 @@ import { Niivue } from "/static/niivue/index.js";
 const $ = (id) => document.getElementById(id);
 const nv = new Niivue({ backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, crosshairWidth: 1 });
 let model = null, job = null, hidden = new Set(), colours = {};
+// A server started with a token wants it on every API call: the page takes it from its address (/#token=...)
+// once and keeps it for this tab only. Results are read by their job's id alone, so the viewer can load them.
+const token = new URLSearchParams(location.hash.slice(1)).get("token") || sessionStorage.getItem("medsegToken");
+if (token) { sessionStorage.setItem("medsegToken", token); history.replaceState(null, "", location.pathname); }
+const auth = token ? { Authorization: `Bearer ${token}` } : {};
 
 async function start() {
   await nv.attachTo("gl");
-  model = await (await fetch("/api/v1/model")).json();
+  const answer = await fetch("/api/v1/model", { headers: auth });
+  if (!answer.ok) return fail((await answer.json()).detail);
+  model = await answer.json();
   colours = { ...model.colours };
   $("model").textContent = `Segments: ${model.class_names.slice(1).join(", ")}`;
   $("upload").addEventListener("submit", upload);
@@ -29,14 +36,14 @@ async function upload(event) {
   $("status").className = "";
   $("status").textContent = `uploading ${file.name}`;
   $("progress").hidden = false;
-  const answer = await fetch("/api/v1/segment", { method: "POST", body });
+  const answer = await fetch("/api/v1/segment", { method: "POST", body, headers: auth });
   const reply = await answer.json();
   if (!answer.ok) return fail(reply.detail);
   follow(reply.id);
 }
 
 async function follow(id) {
-  job = await (await fetch(`/api/v1/jobs/${id}`)).json();
+  job = await (await fetch(`/api/v1/jobs/${id}`, { headers: auth })).json();
   $("progress").value = job.progress;
   $("status").textContent = `${job.name}: ${job.status}`;
   if (job.status === "failed") return fail(job.error);

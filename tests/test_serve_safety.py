@@ -1,0 +1,229 @@
+"""`medseg serve` as a hospital IT team would probe it: a token, size and type limits, a bounded queue, uploads
+deleted after each job, no identifiers in what the server prints, unguessable job ids, and a load test."""
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import shared_dataset
+from test_serve import browser, start_server, upload_and_wait  # noqa: F401  (browser: a fixture)
+
+pytest.importorskip("fastapi", reason="medseg serve needs the serve extras (pip install 'medseg[serve]')")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def form(name: str, data: bytes) -> tuple[bytes, dict]:
+    boundary = "medsegsafety"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def request(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one request, errors included."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers or {},
+                                                           method="POST" if data else "GET")) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def upload(base: str, name: str, data: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+    body, form_headers = form(name, data)
+    status, answer_headers, reply = request(f"{base}/api/v1/segment", body, {**form_headers, **(headers or {})})
+    return status, answer_headers, json.loads(reply)
+
+
+def finished(base: str, job_id: str, headers: dict | None = None) -> dict:
+    for _ in range(600):
+        job = json.loads(request(f"{base}/api/v1/jobs/{job_id}", headers=headers)[2])
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+@pytest.fixture
+def png(phantoms_2d) -> Path:
+    return phantoms_2d / "imagesTr" / "phantom_000.png"
+
+
+def test_a_token_guards_submitting_and_following_jobs_and_the_id_guards_results(trained_2d, png):
+    from medseg.serve import Limits
+
+    base, server = start_server(trained_2d, Limits(token="s3cret-token"))
+    good = {"Authorization": "Bearer s3cret-token"}
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, answer, _ = request(f"{base}/api/v1/model", headers=headers)
+            assert status == 401 and answer["www-authenticate"] == "Bearer"
+            assert upload(base, png.name, png.read_bytes(), headers)[0] == 401
+        assert request(f"{base}/api/v1/model", headers=good)[0] == 200
+        status, _, job = upload(base, png.name, png.read_bytes(), good)
+        assert status == 202 and len(job["id"]) == 32  # 128 random bits, hex
+        assert request(f"{base}/api/v1/jobs/{job['id']}")[0] == 401
+        done = finished(base, job["id"], good)
+        assert done["status"] == "done"
+        assert request(base + done["results"]["mask.png"])[0] == 200  # the id is the key to its results
+        assert request(f"{base}/api/v1/jobs/{'0' * 32}/mask.png")[0] == 404
+        assert request(f"{base}/api/v1/jobs/{'0' * 32}", headers=good)[0] == 404
+    finally:
+        server.should_exit = True
+
+
+def test_uploads_over_the_limit_get_413_and_files_that_lie_about_their_type_415(trained_2d, png, tmp_path):
+    from medseg.serve import Limits
+
+    base, server = start_server(trained_2d, Limits(max_upload_mb=0.05))
+    try:
+        status, _, reply = upload(base, "big.png", png.read_bytes() + b"\0" * 200_000)
+        assert status == 413 and "limit" in reply["detail"]
+        assert upload(base, "image.nii.gz", png.read_bytes())[0] == 415  # a PNG named as NIfTI
+        assert upload(base, "scan.png", b"%PDF-1.7 not an image")[0] == 415
+        assert upload(base, "series.zip", png.read_bytes())[0] == 415
+        assert upload(base, "notes.txt", b"hello")[0] == 400
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+        assert upload(base, "v.nii.gz", (tmp_path / "v.nii.gz").read_bytes())[0] == 202
+    finally:
+        server.should_exit = True
+
+
+def test_a_full_queue_answers_429_with_retry_after(trained_2d, png):
+    from medseg.serve import Limits
+
+    base, server = start_server(trained_2d, Limits(max_queued=1))
+    segmenter = server.config.app.state.segmenter
+    gate, real = threading.Event(), segmenter._segment
+    segmenter._segment = lambda job: (gate.wait(30), real(job))  # the worker is busy until the gate opens
+    try:
+        statuses = [upload(base, png.name, png.read_bytes()) for _ in range(4)]
+        time.sleep(0.2)
+        codes = [s[0] for s in statuses]
+        assert codes[:2] == [202, 202] and codes[2:] == [429, 429]  # one running, one waiting, the rest refused
+        assert statuses[2][1]["retry-after"] == "5"
+        gate.set()
+        assert all(finished(base, s[2]["id"])["status"] == "done" for s in statuses[:2])
+        assert upload(base, png.name, png.read_bytes())[0] == 202  # room again
+    finally:
+        gate.set()
+        server.should_exit = True
+
+
+def test_a_finished_job_keeps_only_its_results_which_expire(trained_2d, png):
+    from medseg.serve import Limits
+
+    base, server = start_server(trained_2d, Limits(keep_minutes=60))
+    segmenter = server.config.app.state.segmenter
+    try:
+        job = finished(base, upload(base, png.name, png.read_bytes())[2]["id"])
+        folder = segmenter.jobs[job["id"]].folder
+        assert [p.name for p in folder.iterdir()] == ["results"]  # the upload is gone
+        segmenter.jobs[job["id"]].finished -= 3601
+        segmenter._expire()
+        assert not folder.exists() and request(f"{base}/api/v1/jobs/{job['id']}")[0] == 404
+    finally:
+        server.should_exit = True
+    for _ in range(100):
+        if not segmenter.folder.exists():
+            break
+        time.sleep(0.05)
+    assert not segmenter.folder.exists()  # everything goes with the server
+
+
+def test_zip_slip_and_zip_bombs_fail_their_job_and_write_nothing_outside(trained_2d, tmp_path):
+    base, server = start_server(trained_2d)
+    try:
+        slip = tmp_path / "slip.zip"
+        with zipfile.ZipFile(slip, "w") as z:
+            z.writestr("../../../escaped.dcm", b"x")
+        job = finished(base, upload(base, "slip.zip", slip.read_bytes())[2]["id"])
+        assert job["status"] == "failed" and "outside the archive" in job["error"]
+        bomb = tmp_path / "bomb.zip"
+        with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("zeros.dcm", b"\0" * 20_000_000)  # 20 MB that packs into 20 kB
+        from medseg import io
+
+        limit, io.ZIP_MAX_BYTES = io.ZIP_MAX_BYTES, 10_000_000  # the default (8 GiB) is too much to write here
+        try:
+            job = finished(base, upload(base, "bomb.zip", bomb.read_bytes())[2]["id"])
+        finally:
+            io.ZIP_MAX_BYTES = limit
+        assert job["status"] == "failed" and "GiB unpacked" in job["error"]
+        assert not list(tmp_path.parent.glob("escaped.dcm"))
+    finally:
+        server.should_exit = True
+
+
+def test_no_patient_identifier_reaches_the_output_or_the_job(trained_3d, capfd, tmp_path):
+    """A real DICOM study through the service: its patient name and id appear nowhere the server prints or
+    answers (the DICOM SEG result carries them, as the standard requires)."""
+    import logging
+
+    study = shared_dataset("dicom_mr_study")
+    files = sorted(p for p in study.rglob("*") if p.is_file() and pydicom.misc.is_dicom(p))
+    series = {}
+    for path in files:
+        series.setdefault(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID, []).append(path)
+    first = max(series.values(), key=len)
+    header = pydicom.dcmread(first[0], stop_before_pixels=True)
+    secrets = [str(v) for v in (header.get("PatientName"), header.get("PatientID"), header.get("PatientBirthDate"))
+               if v and len(str(v)) > 2]
+    assert secrets
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in first:
+            z.write(path, f"series/{path.name}")
+    logging.getLogger().setLevel(logging.DEBUG)
+    base, server = start_server(trained_3d)
+    try:
+        status, _, job = upload(base, "series.zip", archive.read_bytes())
+        assert status == 202
+        done = finished(base, job["id"])
+        answers = json.dumps(done) + request(f"{base}/api/v1/jobs/{job['id']}")[2].decode()
+    finally:
+        server.should_exit = True
+        logging.getLogger().setLevel(logging.WARNING)
+    printed = capfd.readouterr()
+    for secret in secrets:
+        assert secret not in printed.out + printed.err and secret not in answers
+    assert done["status"] in ("done", "failed")
+
+
+def test_a_browser_with_the_token_in_the_address_segments(isbi_run_small, browser, tmp_path):  # noqa: F811
+    from medseg.serve import Limits
+
+    base, server = start_server(isbi_run_small[0], Limits(token="t0ken"))
+    try:
+        upload_and_wait(browser, base, isbi_run_small[1], page="/#token=t0ken")
+        assert "token" not in browser.current_url  # taken off the address bar once read
+    finally:
+        server.should_exit = True
+
+
+@pytest.fixture
+def isbi_run_small(trained_2d, phantoms_2d):
+    return trained_2d, phantoms_2d / "imagesTr" / "phantom_001.png"
+
+
+def test_load_200_uploads_at_concurrency_8_no_5xx_and_no_memory_growth(trained_2d, png, tmp_path):
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), str(trained_2d), str(png),
+                           "--uploads", "200", "--concurrency", "8", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["server_errors"] == 0 and result["statuses"].get("202") == 200
+    assert set(result["statuses"]) <= {"200", "202"}
+    assert result["rss_growth"] < 0.05, result  # after warm-up, memory stays put
