@@ -142,6 +142,19 @@ def measure(args: argparse.Namespace) -> None:
         result["throughput"][name] = throughput(model_args, size, batch, device)
         print(name, result["throughput"][name], flush=True)
         save()
+    if not args.skip_throughput:  # issue 14's pipeline ratios (benchmarks/throughput.py) on this device
+        import tempfile
+
+        import throughput as pipelines
+        from medseg.synth import write_synthetic_dataset
+
+        with tempfile.TemporaryDirectory() as folder:
+            phantoms = write_synthetic_dataset(Path(folder) / "phantoms", cases=64, dim=2, size=256)
+            result["pipelines"] = [pipelines.measure(2, phantoms, 50, 3, args.device)]
+        if args.data:
+            result["pipelines"].append(pipelines.measure(3, Path(args.data), 50, 3, args.device))
+        print("pipelines", result["pipelines"], flush=True)
+        save()
     if args.data:
         result["hippocampus_2d"] = train_and_evaluate(Path(args.data), runs / "hippocampus_2d",
                                                       RECIPES["msd_hippocampus"]["args"], args.minutes, args.device)
@@ -174,6 +187,15 @@ def write_docs(path: Path) -> None:
         lines.append(f"| {name} | {r['forward_gflop_per_image']} | {r['batch']} | {r['train_images_per_s_fp32']} | "
                      f"{r.get('train_images_per_s_bf16_autocast', '-')} | {r['infer_images_per_s_fp32']} | "
                      f"{r.get('infer_images_per_s_bf16_autocast', '-')} |")
+    if result.get("pipelines"):
+        lines += ["", "Training pipelines side by side on the GPU (benchmarks/throughput.py; steps per second, bf16 "
+                      "autocast):", "", "| data | bare loop | medseg | MONAI, 0 workers | MONAI, 2 workers | "
+                      "medseg / bare (bar 0.90) | medseg / best MONAI (bar 1.3) |", "|---|---|---|---|---|---|---|"]
+        for r in result["pipelines"]:
+            lines.append(f"| {'2D phantoms' if r['dims'] == 2 else 'MSD hippocampus'} | {r['bare_steps_per_s']} | "
+                         f"{r['medseg_steps_per_s']} | {r['monai_workers0_steps_per_s']} | "
+                         f"{r['monai_workers2_steps_per_s']} | {r['medseg_over_bare']:.2f} | "
+                         f"{r['medseg_over_monai']:.2f} |")
     lines += ["", "The CPU recipes of benchmarks/accuracy.py, unchanged but for `--device cuda` and the budget "
                   "(steps per minute are set by the data sampler, which runs on the CPU):", "",
               "| recipe | GPU minutes | epochs x steps | Dice per class | bar | measured | met |",

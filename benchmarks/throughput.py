@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from docs_section import write_section
+from medseg import precision
 from medseg.config import TrainConfig
 from medseg.data import load_cases
 from medseg.datasets import find_cases
@@ -52,19 +53,27 @@ def setting(dims: int, data: Path) -> TrainConfig:
 
 
 class Trainer:
-    """One optimiser step of the shared network on a batch (the part every pipeline has in common)."""
+    """One optimiser step of the shared network on a batch (the part every pipeline has in common), on `device`
+    in the precision medseg trains in there (bf16 autocast on a GPU that has it, fp32 on a CPU)."""
 
-    def __init__(self, cfg: TrainConfig, channels: int, classes: int):
+    def __init__(self, cfg: TrainConfig, channels: int, classes: int, device: torch.device):
         torch.manual_seed(0)
-        self.model = create_model("unet", **cfg.model_args(channels, classes)).train()
+        self.device, self.dtype = device, precision.autocast_dtype(device, "auto")
+        self.model = create_model("unet", **cfg.model_args(channels, classes)).train().to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), 1e-3)
         self.loss = make_loss("dice_ce", classes)
 
     def step(self, image: torch.Tensor, label: torch.Tensor) -> None:
-        loss = self.loss(self.model(image), label)
+        if self.device.type == "cuda":
+            image, label = image.pin_memory(), label.pin_memory()
+        image, label = image.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
+        with precision.autocast(self.device, self.dtype):
+            loss = self.loss(self.model(image), label)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # a step counts once its kernels are done
 
 
 def steps_per_second(batches, trainer: Trainer, steps: int) -> float:
@@ -121,7 +130,9 @@ def monai_batches(cases, cfg: TrainConfig, workers: int):
             yield batch["image"].as_tensor().float(), batch["label"].as_tensor()[:, 0].long()
 
 
-def measure(dims: int, data: Path, steps: int, repeats: int) -> dict:
+def measure(dims: int, data: Path, steps: int, repeats: int, device: str = "cpu") -> dict:
+    """Steps per second of each pipeline for `dims` on `device` (benchmarks/gpu.py calls it with cuda)."""
+    device = torch.device(device)
     cfg = setting(dims, data)
     cases = find_cases(data).cases
     started = time.perf_counter()
@@ -135,8 +146,8 @@ def measure(dims: int, data: Path, steps: int, repeats: int) -> dict:
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(repeats):
         for name, batches in pipelines.items():
-            rates[name].append(steps_per_second(batches, Trainer(cfg, channels, classes), steps))
-    row = {"dims": dims, "data": f"{len(cases)} cases", "batch": cfg.batch_size,
+            rates[name].append(steps_per_second(batches, Trainer(cfg, channels, classes, device), steps))
+    row = {"dims": dims, "device": str(device), "data": f"{len(cases)} cases", "batch": cfg.batch_size,
            "crop": [cfg.size] * 2 if dims == 2 else list(cfg.patch_size), "medseg_load_seconds": round(load_seconds, 1),
            **{f"{name}_steps_per_s": round(statistics.median(v), 3) for name, v in rates.items()}}
     row["medseg_over_bare"] = row["medseg_steps_per_s"] / row["bare_steps_per_s"]

@@ -35,6 +35,7 @@ def rot90(x, turns: int, axes: tuple[int, int] = (-2, -1)):
 def activation(logits, sigmoid: bool = False):
     """Softmax over the class axis (1), or an independent sigmoid per channel (region outputs)."""
     if not _numpy(logits):
+        logits = logits.float()  # probabilities in fp32 also where the network ran in bf16/fp16
         return logits.sigmoid() if sigmoid else logits.softmax(1)
     logits = logits.astype(np.float32, copy=False)
     if sigmoid:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from medseg import distributed
+from medseg import distributed, precision
 from medseg.losses import deep_supervision_loss
 
 WARMUP_STEPS = 2  # the first steps pay for allocation and kernel selection
@@ -84,9 +84,10 @@ def _time_steps(loop) -> float:
             if i == WARMUP_STEPS:
                 started = time.perf_counter()
             image, label = distributed.share(image).to(device), distributed.share(label).to(device)
-            outputs = network(image)
-            loss = (deep_supervision_loss(loop.loss_fn, outputs, label) if isinstance(outputs, list)
-                    else loop.loss_fn(outputs, label))
+            with precision.autocast(device, loop.amp):  # timed in the precision the run trains in
+                outputs = network(image)
+                loss = (deep_supervision_loss(loop.loss_fn, outputs, label) if isinstance(outputs, list)
+                        else loop.loss_fn(outputs, label))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

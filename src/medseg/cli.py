@@ -76,6 +76,11 @@ TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--folds", int, "k-fold cross-validation: number of folds"),
     ("--fold", int, "k-fold cross-validation: which fold validates"),
     ("--seed", int, "random seed"),
+    ("--precision", str, "auto (default: bf16 autocast on GPUs that support it, fp16 on older ones, fp32 on CPUs), "
+                         "fp32, bf16 or fp16 (GPU only)"),
+    ("--cache", str, "memory (cases held in RAM), disk (preprocessed once into $MEDSEG_CACHE, default ~/.cache/medseg, "
+                     "and read per batch: datasets larger than memory) or auto (default: disk when the image files "
+                     "exceed a tenth of the memory)"),
     ("--time-budget", float, "minutes; turned into a number of steps by timing a few at the start (written to "
                              "config.json, so a re-run repeats them)"),
     ("--steps", int, "total optimiser steps (the schedule runs on them; overrides --time-budget)"),

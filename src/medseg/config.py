@@ -102,6 +102,8 @@ class TrainConfig:
     time_budget: float | None = None  # minutes for the whole training, validation included
     device: str = "auto"
     threads: int | None = None
+    cache: str = "auto"  # memory, disk (preprocessed once, read per batch), auto: disk for data over 1/10 of RAM
+    precision: str = "auto"  # bf16/fp16 autocast on CUDA GPUs (auto picks), fp32 on CPUs: see medseg.precision
     progress: bool = True
     # optional experiment tracking (off by default; the packages are not needed otherwise)
     tensorboard: str | None = None  # write TensorBoard scalars under DIR/<run name>
@@ -113,6 +115,9 @@ class TrainConfig:
             (self.fit in FITS, f"--fit {self.fit}: choose from {', '.join(FITS)}"),
             (self.lr_schedule in SCHEDULES, f"--lr-schedule {self.lr_schedule}: choose from {', '.join(SCHEDULES)}"),
             (self.color in ("keep", "gray"), f"--color {self.color}: choose keep or gray"),
+            (self.cache in ("auto", "memory", "disk"), f"--cache {self.cache}: choose auto, memory or disk"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"--precision {self.precision}: choose auto, fp32, bf16 or fp16"),
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}"),
             (self.model in _model_names(), f"--model {self.model}: choose from {', '.join(_model_names())}"),
             (self.norm in ("batch", "instance"), f"--norm {self.norm}: choose batch or instance"),

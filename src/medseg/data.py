@@ -27,6 +27,18 @@ class LoadedCase:
     roi: np.ndarray | None = None  # (*spatial) bool: where metrics count (None: everywhere)
 
 
+MAX_FOREGROUND_POINTS = 20_000  # per case: enough to centre patches on, small enough for BraTS-sized cases
+
+
+def foreground_points(label: np.ndarray) -> np.ndarray:
+    """Voxel indices (N, ndim) int32 of a label's foreground, at most MAX_FOREGROUND_POINTS of them (a fixed
+    sample, the same in every run): where the patch sampler centres its foreground patches."""
+    points = np.argwhere(label > 0)
+    if len(points) > MAX_FOREGROUND_POINTS:
+        points = points[np.random.default_rng(0).choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
+    return points.astype(np.int32)
+
+
 def read_case_image(paths: list, color: str, npy_layout: str = "auto") -> Image:
     """Read one case's image, stacking per-channel files (nnU-Net `_0000`, `_0001`, ...) into channels; an image
     holding NaN or infinite values is refused (one would turn a z-scored image, and its prediction, into NaN)."""

@@ -46,6 +46,17 @@ def _engine_array(trained: TrainedModel, array: np.ndarray):
     return torch.from_numpy(array).to(trained.device)
 
 
+def _precision(trained: TrainedModel):
+    """Autocast as the run trained (bf16/fp16 on a GPU); nothing on a CPU or under onnxruntime."""
+    import contextlib
+
+    if getattr(trained.model, "takes_numpy", False) or getattr(trained.device, "type", "cpu") != "cuda":
+        return contextlib.nullcontext()
+    from medseg import precision
+
+    return precision.autocast(trained.device, precision.autocast_dtype(trained.device, trained.config.precision))
+
+
 def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Class probabilities (K, *spatial) float32 for a normalised image (C, *spatial); for a region-based run,
     one independent (sigmoid) probability per region (R, *spatial).
@@ -53,6 +64,11 @@ def predict_probabilities(trained: TrainedModel, array: np.ndarray, batch_size: 
     fit="resize": each slice is resized to the training size and probabilities resized back (bilinear);
     fit="pad": the network runs on slices at their native size (zero-padded up to the training size).
     """
+    with _precision(trained):
+        return _probabilities(trained, array, batch_size)
+
+
+def _probabilities(trained: TrainedModel, array: np.ndarray, batch_size: int) -> np.ndarray:
     cfg, model, sigmoid = trained.config, trained.model, bool(trained.config.regions)
     if cfg.dims == 3:
         volume = _engine_array(trained, array[None])

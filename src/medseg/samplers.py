@@ -1,7 +1,9 @@
 """Training batches cut from loaded cases: augmented 2D slices or 3D patches, as tensors.
 
 `SliceSampler` serves slices of 2D images or volumes (resized once, or padded/cropped per batch);
-`PatchSampler` serves 3D patches, a share of them centred on foreground.
+`PatchSampler` serves 3D patches, a share of them centred on foreground. Both take cases held in memory
+(`LoadedCase`) or cached on disk (`medseg.cache.DiskCase`); from disk, each batch reads only its slices or patch
+regions, and the batches are the same as from memory for the same seed.
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import torch
 
 from medseg import arrays
 from medseg.augment import augment, pad_or_crop, resize_label
+from medseg.cache import DiskCase
 from medseg.config import TrainConfig
-from medseg.data import LoadedCase
+from medseg.data import LoadedCase, foreground_points
 from medseg.transforms import to_slices
 
 
@@ -24,32 +27,54 @@ def stack_and_augment(pairs: list, cfg: TrainConfig, generator: torch.Generator)
 
 
 class SliceSampler:
-    """Training slices of the loaded cases, served as augmented batches of fixed size (B, C, size, size).
+    """Training slices of the cases, served as augmented batches of fixed size (B, C, size, size).
 
-    fit="resize": slices are resized once, here; fit="pad": slices keep their resolution and each batch
-    pads or randomly crops them to size.
+    fit="resize": slices are resized to size (once, here, for cases in memory; per batch from disk); fit="pad":
+    slices keep their resolution and each batch pads or randomly crops them to size.
     """
 
-    def __init__(self, cases: list[LoadedCase], cfg: TrainConfig, generator: torch.Generator):
+    def __init__(self, cases: list, cfg: TrainConfig, generator: torch.Generator):
         self.cfg, self.generator = cfg, generator
+        self.disk = [case for case in cases if isinstance(case, DiskCase)]
+        if self.disk:  # (case, slice) pairs, read when drawn
+            self.index = [(k, i) for k, case in enumerate(self.disk) for i in range(_slice_count(case, cfg.axis))]
+            return
         images, labels = [], []
         for case in cases:
             images += to_slices(case.image.array, cfg.axis, cfg.context)
             labels += [s[0] for s in to_slices(case.label[None], cfg.axis)]
-        size = (cfg.size, cfg.size)
-        if cfg.fit == "resize":
-            self.images = [arrays.resize(torch.from_numpy(i)[None], size)[0] for i in images]
-            self.labels = [resize_label(torch.from_numpy(l.astype(np.int64))[None], size)[0] for l in labels]
-        else:
-            self.images = [torch.from_numpy(i) for i in images]
-            self.labels = [torch.from_numpy(l.astype(np.int64)) for l in labels]
+        self.images = [self._fitted(torch.from_numpy(i)[None])[0] for i in images]
+        self.labels = [self._fitted_label(torch.from_numpy(l.astype(np.int64))[None])[0] for l in labels]
+
+    def _fitted(self, image: torch.Tensor) -> torch.Tensor:
+        return arrays.resize(image, (self.cfg.size,) * 2) if self.cfg.fit == "resize" else image
+
+    def _fitted_label(self, label: torch.Tensor) -> torch.Tensor:
+        return resize_label(label, (self.cfg.size,) * 2) if self.cfg.fit == "resize" else label
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.index) if self.disk else len(self.images)
+
+    def _slice(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice i as (1, C, H, W) and (1, H, W), fitted: from memory, or read from the cache."""
+        if not self.disk:
+            return self.images[i][None], self.labels[i][None]
+        k, position = self.index[i]
+        case, cfg = self.disk[k], self.cfg
+        if len(case.spatial_shape) == 2:
+            image, label = case.read()
+        else:  # the slice and its --context neighbours, as `to_slices` stacks them
+            axis = cfg.axis % 3
+            around = np.arange(position - cfg.context, position + cfg.context + 1)
+            image, label = case.take(axis, np.clip(around, 0, case.spatial_shape[axis] - 1))
+            moved = np.moveaxis(image, 1 + axis, 1)  # (C, neighbours, H, W)
+            image, label = moved.reshape(-1, *moved.shape[2:]), np.moveaxis(label, axis, 0)[cfg.context]
+        return (self._fitted(torch.from_numpy(np.ascontiguousarray(image))[None]),
+                self._fitted_label(torch.from_numpy(label.astype(np.int64))[None]))
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         size = (self.cfg.size, self.cfg.size)
-        pairs = [pad_or_crop(self.images[i][None], self.labels[i][None], size, self.generator) for i in indices]
+        pairs = [pad_or_crop(*self._slice(i), size, self.generator) for i in indices]
         return stack_and_augment(pairs, self.cfg, self.generator)
 
     def epoch_batches(self, steps: int):
@@ -65,40 +90,43 @@ class SliceSampler:
             del order[:bs]
 
 
+def _slice_count(case: DiskCase, axis: int) -> int:
+    return 1 if len(case.spatial_shape) == 2 else case.spatial_shape[axis % 3]
+
+
 class PatchSampler:
     """3D training patches (B, C, *patch) from whole volumes, a share of them centred on foreground.
 
     Without oversampling, small structures (a hippocampus in a head, a tumour in a liver) would rarely be seen;
-    nnU-Net centres a third of its patches on a foreground voxel, and so does this sampler by default.
+    nnU-Net centres a third of its patches on a foreground voxel, and so does this sampler by default. Each patch
+    reads only its region of the volume (from memory, or from the disk cache).
     """
 
-    MAX_FOREGROUND_POINTS = 20_000  # per case: enough to pick centres from, small enough for BraTS-sized cases
-
-    def __init__(self, cases: list[LoadedCase], cfg: TrainConfig, generator: torch.Generator):
-        self.cfg, self.generator = cfg, generator
-        self.images = [torch.from_numpy(np.ascontiguousarray(c.image.array)) for c in cases]
-        self.labels = [torch.from_numpy(c.label.astype(np.int64)) for c in cases]
-        rng = np.random.default_rng(cfg.seed)
-        self.foreground = []
-        for case in cases:
-            points = np.argwhere(case.label > 0)
-            if len(points) > self.MAX_FOREGROUND_POINTS:
-                points = points[rng.choice(len(points), self.MAX_FOREGROUND_POINTS, replace=False)]
-            self.foreground.append(points)
+    def __init__(self, cases: list, cfg: TrainConfig, generator: torch.Generator):
+        self.cfg, self.generator, self.cases = cfg, generator, cases
+        # in memory: each case's foreground points; on disk they stay in the cache, read per patch
+        self.foreground = [None if isinstance(c, DiskCase) else foreground_points(c.label) for c in cases]
         self.centred = 0  # how many patches were centred on foreground (reported by tests and logs)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.cases)
 
     def patch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        points = self.foreground[index]
+        case = self.cases[index]
+        points = case.foreground() if isinstance(case, DiskCase) else self.foreground[index]
         centre = None
         if len(points) and float(torch.rand(1, generator=self.generator)) < self.cfg.foreground_fraction:
-            centre = tuple(points[int(torch.randint(0, len(points), (1,), generator=self.generator))])
+            centre = tuple(int(v) for v in points[int(torch.randint(0, len(points), (1,), generator=self.generator))])
             self.centred += 1
-        image, label = pad_or_crop(self.images[index][None], self.labels[index][None], self.cfg.patch_size,
-                                   None if centre else self.generator, centre)
-        return image, label
+        shape = case.spatial_shape if isinstance(case, DiskCase) else case.label.shape
+        window, pads = patch_window(shape, self.cfg.patch_size, None if centre else self.generator, centre)
+        if isinstance(case, DiskCase):
+            image, label = case.read(window)
+        else:
+            image, label = case.image.array[(slice(None), *window)], case.label[window]
+        image = np.pad(image, [(0, 0)] + pads).astype(np.float32, copy=False)
+        label = np.pad(label, pads).astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(label)[None]
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         return stack_and_augment([self.patch(i) for i in indices], self.cfg, self.generator)
@@ -107,3 +135,24 @@ class PatchSampler:
         """`steps` batches of cases drawn uniformly at random, one patch per case."""
         for _ in range(steps):
             yield self.batch(torch.randint(0, len(self), (self.cfg.batch_size,), generator=self.generator).tolist())
+
+
+def patch_window(shape: tuple[int, ...], size: tuple[int, ...], generator: torch.Generator | None = None,
+                 centre: tuple[int, ...] | None = None) -> tuple[tuple[slice, ...], list[tuple[int, int]]]:
+    """The region of a volume a patch of `size` covers, and the zero padding around it where the volume is
+    smaller: centred by default, random with a generator, or around `centre` (a voxel), kept inside the volume
+    padded to at least `size` (as `medseg.augment.pad_or_crop` places its window, drawing the same numbers)."""
+    window, pads = [], []
+    for axis, (n, s) in enumerate(zip(shape, size)):
+        extra = max(0, s - n)
+        if centre is not None:
+            start = min(max(centre[axis] + extra // 2 - s // 2, 0), n + extra - s)
+        elif generator is not None:
+            start = int(torch.randint(0, n + extra - s + 1, (1,), generator=generator))
+        else:
+            start = (n + extra - s) // 2
+        low = start - extra // 2  # in the unpadded volume
+        first, last = max(low, 0), min(low + s, n)
+        window.append(slice(first, last))
+        pads.append((first - low, low + s - last))
+    return tuple(window), pads

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medseg.cache import as_loaded, cache_cases, channels_of, labels_of, ndim_of, path_of, use_disk
 from medseg.checkpoint import resolve_device, save_checkpoint
 from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
 from medseg.budget import calibrate_steps
-from medseg import distributed
+from medseg import distributed, precision
 from medseg.console import show_bars
 from medseg.data import LoadedCase, first_orientation, load_cases, read_label
 from medseg.datasets import Dataset, case_hash, check_label_values, find_cases, manifest_hash, split_cases
@@ -66,16 +67,18 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
     chosen = {role: [c for c in dataset.cases if c.case_id in set(split[role])] for role in ("train", "val", "test")}
     if cfg.orientation is None:  # volumes in another voxel order are reoriented to the first one's
         cfg.orientation = first_orientation(chosen["train"], cfg.color)
-    train_cases = load_cases(chosen["train"], cfg, "training cases")
-    val_cases = load_cases(chosen["val"], cfg, "validation cases", resample=False)
-    if train_cases[0].image.array.shape[0] != val_cases[0].image.array.shape[0]:
-        raise MedsegError(f"{val_cases[0].image.path}: channel count differs from the training cases; use --color gray")
-    if cfg.context and train_cases[0].image.ndim != 3:
-        raise MedsegError(f"{train_cases[0].image.path}: --context stacks neighbouring slices of volumes, and this "
+    load = cache_cases if use_disk(cfg, chosen["train"] + chosen["val"]) else load_cases
+    train_cases = load(chosen["train"], cfg, "training cases")
+    val_cases = load(chosen["val"], cfg, "validation cases", resample=False)
+    first = train_cases[0]
+    if channels_of(first) != channels_of(val_cases[0]):
+        raise MedsegError(f"{path_of(val_cases[0])}: channel count differs from the training cases; use --color gray")
+    if cfg.context and ndim_of(first) != 3:
+        raise MedsegError(f"{path_of(first)}: --context stacks neighbouring slices of volumes, and this "
                           "dataset holds 2D images")
-    if cfg.dims == 3 and train_cases[0].image.ndim != 3:
-        raise MedsegError(f"{train_cases[0].image.path}: --dims 3 trains on volumes, and this dataset holds 2D images")
-    present = {str(case.mask): set(np.unique(loaded.label).tolist())
+    if cfg.dims == 3 and ndim_of(first) != 3:
+        raise MedsegError(f"{path_of(first)}: --dims 3 trains on volumes, and this dataset holds 2D images")
+    present = {str(case.mask): labels_of(loaded)
                for case, loaded in zip(chosen["train"] + chosen["val"], train_cases + val_cases)}
     for case in chosen["test"]:
         present[str(case.mask)] = set(np.unique(read_label(case, cfg)[1]).tolist())
@@ -126,7 +129,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
         raise MedsegError(f"--batch-size {cfg.batch_size} does not split over {distributed.world_size()} processes; "
                           "choose a multiple of their number (the batch size is the global batch)")
     dataset, split, train_cases, val_cases, class_names = prepare_data(cfg)
-    in_channels = train_cases[0].image.array.shape[0]
+    in_channels = channels_of(train_cases[0])
     loss_fn = make_loss(cfg.loss, len(class_names), cfg.regions)
     model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
     model = create_model(cfg.model, **model_args)
@@ -186,7 +189,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
         cfg.save(run / "config.json")
     summary["postprocessing"] = choose_postprocessing(run, val_cases, device)
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
-                   device=str(device), seconds=round(time.monotonic() - started, 1))
+                   device=str(device), precision=precision.name(loop.amp), seconds=round(time.monotonic() - started, 1))
     if init:
         summary["init_from"] = {k: init[k] for k in ("source", "loaded", "of")} | {"skipped": len(init["skipped"])}
     write_text_atomic(run / "train_summary.json", json.dumps(summary, indent=2))
@@ -244,6 +247,7 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
         decision = {"rule": "keep largest connected component", "classes": [],
                     "validation": "not tried: region-based runs keep their predictions as they are"}
     else:
+        val_cases = [as_loaded(case) for case in val_cases]
         scored = [score_case([trained], case, postprocess=False) for case in val_cases]
         decision = choose_classes([s.pred for s in scored], [case.label for case in val_cases],
                                   trained.class_names, [case.roi for case in val_cases])
@@ -271,6 +275,8 @@ class _Loop:
         self.val_cases, self.started, self.tracker = val_cases, started, tracker
         self.optimizer = make_optimizer(cfg, trained.model)
         self.network = self.wrap(trained.model)  # what training steps call: DDP around the model with several processes
+        self.amp = precision.autocast_dtype(trained.device, cfg.precision)  # None (fp32) on a CPU
+        self.scaler = precision.grad_scaler(trained.device, self.amp)
         self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
         self.history: list[dict] = []
         self.stopped_at: int | None = None  # the step where the clock ran out, if it did
@@ -364,6 +370,7 @@ class _Loop:
         return {"history": self.history, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
                 "finished": self.finished, "stopped_at": self.stopped_at, "elapsed": self.elapsed(),
                 "random": random_states(self.sampler.generator), "centred": getattr(self.sampler, "centred", 0),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
                 "mlflow_run_id": self.tracker.run_id if self.tracker else None}
 
     def restore(self, state: dict) -> None:
@@ -375,6 +382,8 @@ class _Loop:
         self.best, self.best_epoch, self.stale = resume["best"], resume["best_epoch"], resume["stale"]
         self.finished, self.stopped_at = resume["finished"], resume["stopped_at"]
         set_random_states(resume["random"], self.sampler.generator)
+        if self.scaler and resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
         if hasattr(self.sampler, "centred"):
             self.sampler.centred = resume["centred"]
         if distributed.is_main():
@@ -424,18 +433,27 @@ class _Loop:
     def step(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One optimiser step on a batch; returns the full-resolution logits (detached) and the loss. A
         non-finite loss changes no weight."""
-        image, label = image.to(self.trained.device), label.to(self.trained.device)
+        device = self.trained.device
+        if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels
+            image, label = image.pin_memory(), label.pin_memory()
+        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         try:
-            outputs = self.network(image)
-            if isinstance(outputs, list):  # deep supervision: full resolution first
-                loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
-            else:
-                loss, logits = self.loss_fn(outputs, label), outputs
+            with precision.autocast(device, self.amp):
+                outputs = self.network(image)
+                if isinstance(outputs, list):  # deep supervision: full resolution first
+                    loss, logits = deep_supervision_loss(self.loss_fn, outputs, label), outputs[0]
+                else:
+                    loss, logits = self.loss_fn(outputs, label), outputs
             value = distributed.mean_over_ranks(loss.item())  # the global batch's; NaN on any process skips on all
             if math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                if self.scaler:  # fp16: scaled, so that small gradients do not vanish
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(self.cfg, tuple(image.shape), self.trained.device) from exc
         return logits.detach(), value
@@ -463,7 +481,7 @@ class _Loop:
         trained = trained or self.trained
         trained.model.eval()
         losses, rows, accuracy = [], [], []
-        for case in self.val_cases:
+        for case in map(as_loaded, self.val_cases):  # from the disk cache, one case at a time
             scored = score_case([trained], case, postprocess=False)
             target = torch.from_numpy(case.label.astype(np.int64))[None]
             p = torch.from_numpy(scored.probs).clamp(1e-7, 1 - 1e-7)[None]
