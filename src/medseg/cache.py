@@ -23,11 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.console import show_bars
-from medseg.data import LoadedCase, foreground_points, load_case
-from medseg.errors import MedsegError
+from medseg.data import LoadedCase, check_alike, foreground_points, load_case
 from medseg.io import Image
 
-CACHES = ("auto", "memory", "disk")
 READING = ("normalization", "intensity_stats", "color", "npy_layout", "binary_masks", "mask_threshold", "orientation",
            "target_spacing")
 
@@ -60,17 +58,19 @@ class DiskCase:
     def channels(self) -> int:
         return self.meta["shape"][0]
 
+    def _mapped(self) -> tuple[np.ndarray, np.ndarray]:
+        """Image and label as memory maps: what is copied out of them is read, and they close when dropped."""
+        return (np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy", mmap_mode="r"))
+
     def read(self, index: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
-        """(image (C, ...), label (...)) of the region `index` (slices over the spatial axes), copied out of a
-        memory map that is closed again: only the region stays in memory."""
-        image = np.load(self.folder / "image.npy", mmap_mode="r")
-        label = np.load(self.folder / "label.npy", mmap_mode="r")
+        """(image (C, ...), label (...)) of the region `index` (slices over the spatial axes), copied: only the
+        region stays in memory."""
+        image, label = self._mapped()
         return np.array(image[(slice(None), *index)]), np.array(label[index])
 
     def take(self, axis: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image and label at `indices` along spatial `axis` (slices and their neighbours)."""
-        image = np.load(self.folder / "image.npy", mmap_mode="r")
-        label = np.load(self.folder / "label.npy", mmap_mode="r")
+        """Image and label at `indices` along spatial `axis` (slices and their neighbours), copied."""
+        image, label = self._mapped()
         return np.take(image, indices, 1 + axis), np.take(label, indices, axis)
 
     def foreground(self) -> np.ndarray:
@@ -124,11 +124,7 @@ def cache_cases(cases: list, cfg, what: str = "cases", resample: bool = True) ->
         if not (folder / "meta.json").exists():
             _write(load_case(case, cfg, resample), folder)
         cached.append(DiskCase(case.case_id, folder, json.loads((folder / "meta.json").read_text())))
-    for case in cached:  # as `load_cases` checks cases held in memory
-        if ndim_of(case) != ndim_of(cached[0]) or case.channels != cached[0].channels:
-            raise MedsegError(f"{path_of(case)}: {case.channels} channels, {ndim_of(case)}D, where "
-                              f"{path_of(cached[0])} has {cached[0].channels} channels, {ndim_of(cached[0])}D; keep "
-                              "2D and 3D data apart, and use --color gray for colour images")
+    check_alike([(path_of(c), ndim_of(c), c.channels) for c in cached])
     return cached
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from medseg.config import FITS, LOSSES, SCHEDULES, TrainConfig
 from medseg.errors import MedsegError
 from medseg.io import write_text_atomic
+from medseg.onnx_engine import ENGINES
 
 # Training options: (flag, type, help). Each maps onto the TrainConfig field of the same name.
 DEFAULT_BUDGET_MINUTES = 30.0  # `medseg train DATA` without --time-budget: what the accuracy bars are measured at
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--shard", metavar="I/N",
                          help="predict only the I-th of N deterministic shares of the inputs (0 <= I < N), for "
                               "arrays of jobs on several machines")
-    predict.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+    predict.add_argument("--engine", default="torch", choices=ENGINES,
                          help="run the networks in PyTorch (default) or as ONNX in onnxruntime (a package exported "
                               "with --onnx carries them; otherwise they are exported on the spot)")
 
@@ -337,8 +338,7 @@ def _train_command(args: argparse.Namespace) -> None:
 
     if args.nproc > 1 and distributed.world_size() == 1:
         return _launch_processes(args)
-    one_network = args.config or args.recipe == "seed" or args.plan or args.resume
-    if distributed.world_size() > 1 and (args.all_folds or not one_network):
+    if distributed.world_size() > 1 and (args.all_folds or not _network_given(args)):
         raise MedsegError("several processes train one configured network: plan first ('medseg plan DATA --out "
                           "plan.json', then --plan plan.json), or use --config or --recipe seed ('medseg train DATA "
                           "--nproc N' does the planning for you)")
@@ -389,7 +389,7 @@ def _launch_processes(args: argparse.Namespace) -> None:
     if args.all_folds:
         raise MedsegError("--nproc trains one network; train the folds one after another instead of --all-folds")
     plan_file = None
-    if not (args.config or args.recipe == "seed" or args.plan or args.resume):
+    if not _network_given(args):
         members, plan = _planned_members(args)
         if len(members) > 1:
             raise MedsegError(f"the plan is an ensemble of {', '.join(members)}, trained side by side on the cores "
@@ -408,6 +408,12 @@ def _launch_processes(args: argparse.Namespace) -> None:
     if plan_file:  # kept beside the run, as a run trained in one process keeps its plan
         run = Path(args.out or next(iter(members.values())).out)
         write_text_atomic(run / "plan.json", json.dumps(plan, indent=2))
+
+
+def _network_given(args: argparse.Namespace) -> bool:
+    """Whether the command names its network (a config, the seed recipe, a plan, a run to resume) rather than
+    asking medseg to plan one: planning times the machine, so it happens once, never once per process."""
+    return bool(args.config or args.recipe == "seed" or args.plan or args.resume)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -16,6 +16,8 @@ LOSSES = ("dice_ce", "ce", "bce", "dice", "focal", "tversky")
 FITS = ("resize", "pad")
 SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
+CACHES = ("auto", "memory", "disk")  # see medseg.cache
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see medseg.precision
 NPY_LAYOUTS = ("auto", "volume", "hwc", "chw")
 # The settings that say how a labelled dataset is read (every command that reads one takes them)
 READING_FIELDS = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout", "allow_unmatched")
@@ -115,9 +117,8 @@ class TrainConfig:
             (self.fit in FITS, f"--fit {self.fit}: choose from {', '.join(FITS)}"),
             (self.lr_schedule in SCHEDULES, f"--lr-schedule {self.lr_schedule}: choose from {', '.join(SCHEDULES)}"),
             (self.color in ("keep", "gray"), f"--color {self.color}: choose keep or gray"),
-            (self.cache in ("auto", "memory", "disk"), f"--cache {self.cache}: choose auto, memory or disk"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"),
-             f"--precision {self.precision}: choose auto, fp32, bf16 or fp16"),
+            (self.cache in CACHES, f"--cache {self.cache}: choose from {', '.join(CACHES)}"),
+            (self.precision in PRECISIONS, f"--precision {self.precision}: choose from {', '.join(PRECISIONS)}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}"),
             (self.model in _model_names(), f"--model {self.model}: choose from {', '.join(_model_names())}"),
             (self.norm in ("batch", "instance"), f"--norm {self.norm}: choose batch or instance"),

@@ -127,14 +127,19 @@ def _read_roi(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:
 def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases", resample: bool = True) -> list[LoadedCase]:
     loaded = [load_case(c, cfg, resample)
               for c in tqdm(cases, desc=f"reading {what}", disable=not show_bars(cfg.progress), leave=False)]
-    odd = next((c for c in loaded if c.image.ndim != loaded[0].image.ndim), None)
-    if odd:
-        kinds = {2: "a 2D image", 3: "a 3D volume"}
-        raise MedsegError(f"{odd.image.path}: {kinds[odd.image.ndim]} among {kinds[loaded[0].image.ndim][2:]}s "
-                          f"(first: {loaded[0].image.path}); keep 2D and 3D data in separate datasets")
-    channels = {c.image.array.shape[0] for c in loaded}
-    if len(channels) > 1:
-        odd = next(c for c in loaded if c.image.array.shape[0] != loaded[0].image.array.shape[0])
-        raise MedsegError(f"{odd.image.path}: {odd.image.array.shape[0]} channels where other cases have "
-                          f"{loaded[0].image.array.shape[0]}; use --color gray to convert colour images")
+    check_alike([(c.image.path, c.image.ndim, c.image.array.shape[0]) for c in loaded])
     return loaded
+
+
+def check_alike(facts: list[tuple]) -> None:
+    """Cases given as (image path, spatial dims, channels) must agree in both: one dataset, one kind of input
+    (for cases held in memory and cached on disk alike)."""
+    path, ndim, channels = facts[0]
+    kinds = {2: "a 2D image", 3: "a 3D volume"}
+    for other, other_ndim, other_channels in facts[1:]:
+        if other_ndim != ndim:
+            raise MedsegError(f"{other}: {kinds[other_ndim]} among {kinds[ndim][2:]}s (first: {path}); keep 2D and "
+                              "3D data in separate datasets")
+        if other_channels != channels:
+            raise MedsegError(f"{other}: {other_channels} channels where other cases have {channels}; use --color "
+                              "gray to convert colour images")

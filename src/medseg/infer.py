@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import math
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,15 @@ class TrainedModel:
     postprocess_classes: list[int] = field(default_factory=list)  # keep-largest-component, chosen on validation
 
 
+def _onnx(trained: TrainedModel) -> bool:
+    """Whether the network runs under onnxruntime (NumPy in and out) rather than PyTorch."""
+    return getattr(trained.model, "takes_numpy", False)
+
+
 def _engine_array(trained: TrainedModel, array: np.ndarray):
     """The array the network takes: a tensor on the model's device, or the NumPy array itself for ONNX."""
     array = np.ascontiguousarray(array)
-    if getattr(trained.model, "takes_numpy", False):
+    if _onnx(trained):
         return array
     import torch
 
@@ -50,7 +54,7 @@ def _precision(trained: TrainedModel):
     """Autocast as the run trained (bf16/fp16 on a GPU); nothing on a CPU or under onnxruntime."""
     import contextlib
 
-    if getattr(trained.model, "takes_numpy", False) or getattr(trained.device, "type", "cpu") != "cuda":
+    if _onnx(trained) or trained.device.type != "cuda":
         return contextlib.nullcontext()
     from medseg import precision
 

@@ -14,7 +14,6 @@ import torch
 
 from medseg.errors import MedsegError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

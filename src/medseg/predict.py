@@ -136,11 +136,11 @@ def _threads() -> int:
 def _models(run, device: str, engine: str, threads: int) -> list:
     """The networks of RUN under `engine`; a package exported with --onnx runs under onnxruntime without
     PyTorch (other runs are exported to ONNX on the spot, which needs it)."""
-    if engine not in ("torch", "onnxruntime"):
-        raise MedsegError(f"--engine {engine}: choose torch or onnxruntime")
-    if engine == "onnxruntime":
-        from medseg.onnx_engine import load_onnx_models, use_onnxruntime
+    from medseg.onnx_engine import ENGINES, load_onnx_models, use_onnxruntime
 
+    if engine not in ENGINES:
+        raise MedsegError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
+    if engine == "onnxruntime":
         models = load_onnx_models(run, threads)
         if models is not None:
             return models

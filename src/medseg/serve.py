@@ -178,8 +178,10 @@ class Segmenter:
 def _keep_only_results(job: Job) -> None:
     """Delete what was uploaded (and an unpacked series) once a job has ended: only its results stay."""
     for item in job.folder.iterdir():
-        if item.name != "results":
-            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+        if item.is_dir() and item.name != "results":
+            shutil.rmtree(item, ignore_errors=True)
+        elif item.is_file():
+            item.unlink(missing_ok=True)
 
 
 def check_content(name: str, data: bytes) -> None:
