@@ -113,6 +113,7 @@ def run_dataset(name: str, out: Path, minutes: float | None, figures: Path = DOC
         "cases": summary["cases_role"],
         "dice": {k: [v["dice"]["mean"], v["dice"]["std"]] for k, v in summary["per_class"].items()},
         "hd95": {k: [v["hd95"]["mean"], v["hd95"]["std"]] for k, v in summary["per_class"].items()},
+        "iou": {k: [v["iou"]["mean"], v["iou"]["std"]] for k, v in summary["per_class"].items()},
         "distance_unit": summary["distance_unit"],
         "bar": asks, "measured": measured, "met": bool(met), "reference": entry["reference"], "command": command,
     }
@@ -122,7 +123,8 @@ def plan_line(plan: dict) -> str:
     """What the planner chose, in a table cell."""
     members = plan["configurations"]["auto"]["members"]
     parts = [f"{name}: {m['size']} px, width {m['base_channels']}, {m['threads']} thread(s)"
-             f"{', rot90' if m.get('rotate90') else ''}, flips {m['flip_axes']}" for name, m in members.items()]
+             f"{', rot90' if m.get('rotate90') else ''}, flips {m['flip_axes']}"
+             f"{', Dice counting label 0' if m.get('loss') == 'dice_ce_all' else ''}" for name, m in members.items()]
     return ("ensemble of " if len(members) > 1 else "") + "; ".join(parts) + f"; {next(iter(members.values()))['normalization']}"
 
 

@@ -48,6 +48,21 @@ def test_losses():
         make_loss("bce", 3)
 
 
+def test_dice_with_label_0_counts_every_class():
+    target = torch.tensor([[[0, 0, 1, 1], [0, 1, 1, 1]]])
+    logits = torch.randn(1, 2, 2, 4, generator=torch.Generator().manual_seed(0)) * 3
+    probs = logits.softmax(1)
+    one_hot = torch.nn.functional.one_hot(target, 2).movedim(-1, 1).float()
+    dice = (2 * (probs * one_hot).sum((0, 2, 3)) + 1e-5) / ((probs + one_hot).sum((0, 2, 3)) + 1e-5)
+    assert soft_dice_loss(logits, target) == pytest.approx(1 - float(dice[1]), rel=1e-6)
+    assert soft_dice_loss(logits, target, background=True) == pytest.approx(1 - float(dice.mean()), rel=1e-6)
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert make_loss("dice_ce_all", 2)(logits, target) == pytest.approx(float(ce + 1 - dice.mean()), rel=1e-6)
+    # calling label-0 pixels foreground costs more once label 0 counts: the membranes of ISBI
+    all_foreground = torch.tensor([-5.0, 5.0]).view(1, 2, 1, 1).expand(1, 2, 2, 4)
+    assert soft_dice_loss(all_foreground, target, background=True) > soft_dice_loss(all_foreground, target) + 0.3
+
+
 def test_focal_and_tversky_losses():
     from medseg.losses import focal_loss, tversky_loss
 

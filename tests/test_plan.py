@@ -137,15 +137,27 @@ def test_default_recipe_for_shared_hippocampus_is_the_measured_pair():
     assert (sagittal["axis"], sagittal["size"], sagittal["flip_axes"]) == (0, 64, [])
     assert (coronal["axis"], coronal["size"], coronal["flip_axes"]) == (1, 48, [0])
     assert sagittal["normalization"] == "zscore" and sagittal["mirror_tta"] and sagittal["lr"] == 1e-3
+    assert sagittal["loss"] == coronal["loss"] == "dice_ce"
 
 
-@pytest.mark.parametrize("name,binary,rotate", [("isbi2012_em", False, True), ("drive", False, True),
-                                                ("dsb2018", True, True)])
-def test_default_recipe_rotates_the_shared_2d_sets(name, binary, rotate):
+@pytest.mark.parametrize("name,binary,loss", [("isbi2012_em", False, "dice_ce_all"), ("drive", False, "dice_ce"),
+                                              ("dsb2018", True, "dice_ce")])
+def test_default_recipe_for_the_shared_2d_sets(name, binary, loss):
     plan = make_plan(shared_dataset(name), 30, calibrate=False, alternatives=False,
                      data_options={"binary_masks": binary or None})
     (member,) = plan["configurations"]["auto"]["members"].values()
-    assert member["rotate90"] is rotate and member["size"] == 128 and member["normalization"] == "zscore"
+    assert member["rotate90"] and member["size"] == 128 and member["normalization"] == "zscore"
+    # ISBI's label 0 is the membranes (22% of pixels): a structure, counted in the Dice term
+    assert member["loss"] == loss and plan["reasons"]["loss"].startswith("label 0 covers")
+
+
+def test_loss_rule_counts_label_0_where_it_is_not_the_majority():
+    from medseg.recipe import _loss
+
+    assert _loss({"class_frequency": {"0": 0.22, "1": 0.78}})[0] == "dice_ce_all"
+    assert _loss({"class_frequency": {"0": 0.49, "1": 0.3, "2": 0.21}})[0] == "dice_ce_all"
+    assert _loss({"class_frequency": {"0": 0.5, "1": 0.5}})[0] == "dice_ce"
+    assert _loss({"class_frequency": {"0": 0.95, "1": 0.05}})[0] == "dice_ce"
 
 
 def test_train_with_no_recipe_flag_trains_the_planned_ensemble(phantoms_3d, tmp_path, capfd):

@@ -12,7 +12,7 @@ from pathlib import Path
 from medseg.errors import MedsegError
 from medseg.transforms import NORMALIZATIONS
 
-LOSSES = ("dice_ce", "ce", "bce", "dice", "focal", "tversky")
+LOSSES = ("dice_ce", "dice_ce_all", "ce", "bce", "dice", "focal", "tversky")
 FITS = ("resize", "pad")
 SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
@@ -154,7 +154,7 @@ class TrainConfig:
         if self.regions:
             from medseg.regions import check_regions
 
-            if self.loss != "dice_ce":
+            if self.loss not in ("dice_ce", "dice_ce_all"):  # the plan's Dice + CE, whichever classes it counts
                 raise MedsegError(f"--loss {self.loss}: region-based training uses BCE + soft Dice per region; "
                                   "leave --loss at dice_ce")
             self.regions = check_regions(self.regions)

@@ -13,13 +13,16 @@ from medseg.distributed import global_sum
 from medseg.errors import MedsegError
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - mean soft Dice over foreground classes, summed over the whole batch ("batch Dice", as nnU-Net)."""
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
+                   background: bool = False) -> torch.Tensor:
+    """1 - mean soft Dice over foreground classes (every class with `background`), summed over the whole batch
+    ("batch Dice", as nnU-Net)."""
     probs = logits.softmax(1)
     one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (0,) + tuple(range(2, logits.ndim))
-    intersection = global_sum((probs * one_hot).sum(dims)[1:])  # over every rank's share of the batch
-    total = global_sum((probs + one_hot).sum(dims)[1:])
+    first = 0 if background else 1
+    intersection = global_sum((probs * one_hot).sum(dims)[first:])  # over every rank's share of the batch
+    total = global_sum((probs + one_hot).sum(dims)[first:])
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
@@ -87,6 +90,9 @@ def make_loss(name: str, num_classes: int, regions: dict | None = None):
         return soft_dice_loss
     if name == "dice_ce":
         return lambda logits, target: F.cross_entropy(logits, target) + soft_dice_loss(logits, target)
+    if name == "dice_ce_all":
+        return lambda logits, target: (F.cross_entropy(logits, target)
+                                       + soft_dice_loss(logits, target, background=True))
     if name == "focal":
         return lambda logits, target: focal_loss(logits, target) + soft_dice_loss(logits, target)
     if name == "tversky":
