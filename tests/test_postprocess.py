@@ -24,7 +24,7 @@ def test_rule_is_kept_only_where_it_helps():
     truth[8:10, 8:10] = 2  # class 2: two blobs, both real
     pred = truth.copy()
     pred[0, 11] = 1  # a false-positive island of class 1
-    decision = choose_classes([pred], [truth], ["background", "a", "b"])
+    decision = choose_classes(iter([(pred, truth, None)]), ["background", "a", "b"])
     assert decision["classes"] == [1]
     report = decision["validation"]
     assert report["1"]["dice_with"] > report["1"]["dice_without"]

@@ -6,6 +6,8 @@ training, each class keeps the rule only if mean validation Dice of that class g
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from scipy import ndimage
 
@@ -23,21 +25,20 @@ def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray
     return out
 
 
-def choose_classes(predictions: list[np.ndarray], truths: list[np.ndarray], class_names: list[str],
-                   rois: list | None = None) -> dict:
+def choose_classes(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], class_names: list[str]) -> dict:
     """Per foreground class: mean validation Dice without and with the rule (cases where the class is undefined
-    left out, as everywhere); `classes` lists where it helped. `rois` (one boolean array or None per case)
-    restricts scoring to each case's region of interest. Scored with `scored_metrics`, as evaluation scores."""
-    report, chosen = {}, []
-    rois = rois or [None] * len(truths)
-    plain = [scored_metrics(p, t, class_names, roi=r) for p, t, r in zip(predictions, truths, rois)]  # once
-    for k in range(1, len(class_names)):
-        before = nanmean([scores[class_names[k]]["dice"] for scores in plain])
-        after = nanmean([_dice(keep_largest_component(p, [k]), t, r, class_names, k)
-                         for p, t, r in zip(predictions, truths, rois)])
-        report[str(k)] = {"dice_without": before, "dice_with": after}
-        if after > before:
-            chosen.append(k)
+    left out, as everywhere); `classes` lists where it helped. `cases` yields (prediction, ground truth, region of
+    interest or None) one case at a time, so only each case's scores are kept, never all predictions at once.
+    Scored with `scored_metrics`, as evaluation scores."""
+    before: dict[int, list[float]] = {k: [] for k in range(1, len(class_names))}
+    after: dict[int, list[float]] = {k: [] for k in before}
+    for pred, truth, roi in cases:
+        plain = scored_metrics(pred, truth, class_names, roi=roi)
+        for k in before:
+            before[k].append(plain[class_names[k]]["dice"])
+            after[k].append(_dice(keep_largest_component(pred, [k]), truth, roi, class_names, k))
+    report = {str(k): {"dice_without": nanmean(before[k]), "dice_with": nanmean(after[k])} for k in before}
+    chosen = [k for k in before if report[str(k)]["dice_with"] > report[str(k)]["dice_without"]]
     return {"rule": "keep largest connected component", "classes": chosen, "validation": report}
 
 

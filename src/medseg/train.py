@@ -238,7 +238,8 @@ def train_folds(cfg: TrainConfig, overwrite: bool = False) -> list[Path]:
 
 def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.device) -> list[int]:
     """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component;
-    the predictions come from `medseg.scoring`, as evaluation's do."""
+    the predictions come from `medseg.scoring`, as evaluation's do, one case at a time (a case cached on disk is
+    read only for its turn)."""
     from medseg.checkpoint import load_run
     from medseg.postprocess import choose_classes
 
@@ -247,10 +248,12 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
         decision = {"rule": "keep largest connected component", "classes": [],
                     "validation": "not tried: region-based runs keep their predictions as they are"}
     else:
-        val_cases = [as_loaded(case) for case in val_cases]
-        scored = [score_case([trained], case, postprocess=False) for case in val_cases]
-        decision = choose_classes([s.pred for s in scored], [case.label for case in val_cases],
-                                  trained.class_names, [case.roi for case in val_cases])
+        def predictions():
+            for case in val_cases:
+                loaded = as_loaded(case)
+                yield score_case([trained], loaded, postprocess=False).pred, loaded.label, loaded.roi
+
+        decision = choose_classes(predictions(), trained.class_names)
     write_text_atomic(run / "postprocessing.json", json.dumps(decision, indent=2))
     return decision["classes"]
 
