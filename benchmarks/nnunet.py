@@ -2,6 +2,8 @@
 
     python benchmarks/nnunet.py                         # MSD Hippocampus, 3d_fullres, 30 minutes (about 40 here)
     python benchmarks/nnunet.py --configuration 2d --minutes 30
+    python benchmarks/nnunet.py --dataset dsb2018       # DSB 2018 nuclei, nnU-Net's 2d configuration
+    python benchmarks/nnunet.py --dataset dsb2018 --probe   # time one short epoch to size the budget trainer
 
 What is the same as medseg's accuracy run (benchmarks/accuracy.py): the training cases (medseg's train + validation
 split of seed 0, handed to nnU-Net as its fold 0 through splits_final.json, so its checkpoint is chosen on the same
@@ -15,6 +17,10 @@ The only code added to it is a trainer subclass that sets the number of epochs a
 run fits the budget: EPOCHS x (ITERATIONS x seconds per iteration + 50 validation iterations) + the final
 validation, from the per-iteration times given (3d_fullres on the hippocampus, 2 cores: about 4 s per iteration in
 a first short try, 5.4 s over the whole 2026-11-28 run, whose 5 x 61 iterations therefore took 35.6 minutes, not 30).
+`--probe` trains one epoch of 20 iterations to measure them on another dataset or configuration.
+
+2D images (DSB 2018) reach nnU-Net as PNG files it reads itself (RGB, labels 0/1 after medseg's own reading of the
+instance masks, `--binary-masks`), written under the output folder; volumes are linked, not copied.
 """
 from __future__ import annotations
 
@@ -31,8 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 DOCS = ROOT / "docs" / "benchmarks"
 VENV = ROOT / ".venv-nnunet"
-HIPPOCAMPUS = SHARED / "msd_hippocampus" / "Task04_Hippocampus"
-DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
+DATASETS = {
+    "msd_hippocampus": {"path": SHARED / "msd_hippocampus" / "Task04_Hippocampus", "id": 4,
+                        "name": "Dataset004_Hippocampus", "ending": ".nii.gz", "channels": {"0": "MRI"},
+                        "classes": ["background", "Anterior", "Posterior"], "binary": False,
+                        "configuration": "3d_fullres", "seconds_per_iteration": 5.4,
+                        "seconds_per_val_iteration": 1.3},
+    "dsb2018": {"path": SHARED / "dsb2018", "id": 518, "name": "Dataset518_DSB2018", "ending": ".png",
+                "channels": {"0": "R", "1": "G", "2": "B"}, "classes": ["background", "nucleus"], "binary": True,
+                "configuration": "2d", "seconds_per_iteration": None, "seconds_per_val_iteration": None},
+}
 TRAINER_TEMPLATE = '''import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -64,32 +78,60 @@ def venv_python() -> Path:
     return python
 
 
-def split() -> dict:
-    """medseg's default split of the hippocampus (seed 0): the cases nnU-Net may train and validate on, and the
-    test cases it only predicts."""
+def split(dataset: dict) -> dict:
+    """medseg's default split (seed 0), as its accuracy run made it: the cases nnU-Net may train and validate on,
+    and the test cases it only predicts."""
     sys.path.insert(0, str(ROOT / "src"))
     from medseg.datasets import find_cases, split_cases
 
-    cases = find_cases(HIPPOCAMPUS).cases
+    cases = find_cases(dataset["path"]).cases
     parts = split_cases([c.case_id for c in cases])
     return {**parts, "files": {c.case_id: (str(c.images[0]), str(c.mask)) for c in cases}}
 
 
-def write_raw(raw: Path, parts: dict) -> None:
-    """nnU-Net's raw layout as links to the shared files (read in place, never copied)."""
-    folder = raw / DATASET_NAME
+def write_raw(raw: Path, parts: dict, dataset: dict) -> None:
+    """nnU-Net's raw layout: links to the shared volumes (read in place, never copied); 2D images as the PNG
+    files nnU-Net reads (RGB, labels 0/1), converted by medseg's own readers."""
+    folder, ending = raw / dataset["name"], dataset["ending"]
     shutil.rmtree(folder, ignore_errors=True)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir(parents=True)
+    place = _link if ending == ".nii.gz" else _png
     for case in parts["train"] + parts["val"]:
         image, mask = parts["files"][case]
-        os.symlink(image, folder / "imagesTr" / f"{case}_0000.nii.gz")
-        os.symlink(mask, folder / "labelsTr" / f"{case}.nii.gz")
+        place(image, folder / "imagesTr" / f"{case}_0000{ending}", dataset)
+        place(mask, folder / "labelsTr" / f"{case}{ending}", dataset, label=True)
     for case in parts["test"]:
-        os.symlink(parts["files"][case][0], folder / "imagesTs" / f"{case}_0000.nii.gz")
+        place(parts["files"][case][0], folder / "imagesTs" / f"{case}_0000{ending}", dataset)
     (folder / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
-        "numTraining": len(parts["train"]) + len(parts["val"]), "file_ending": ".nii.gz"}, indent=2))
+        "channel_names": dataset["channels"], "labels": {n: i for i, n in enumerate(dataset["classes"])},
+        "numTraining": len(parts["train"]) + len(parts["val"]), "file_ending": ending}, indent=2))
+
+
+def _link(source: str, target: Path, dataset: dict, label: bool = False) -> None:
+    os.symlink(source, target)
+
+
+def _png(source: str, target: Path, dataset: dict, label: bool = False) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from medseg.io import read_image
+
+    array = read_image(source).array
+    if label:
+        Image.fromarray(_truth(source, dataset)).save(target)
+    else:  # (C, H, W) as medseg reads it -> H x W x 3, 8 bits
+        channels = len(dataset["channels"])
+        Image.fromarray(np.clip(array[:channels], 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(target)
+
+
+def _truth(mask: str, dataset: dict):
+    """Class indices of a stored mask, as medseg's evaluation reads it."""
+    from medseg.datasets import labels_to_classes
+    from medseg.io import read_image
+
+    return labels_to_classes(read_image(mask).array, mask, binary=dataset["binary"])
 
 
 def write_trainer(python: Path, epochs: int, iterations: int) -> str:
@@ -120,83 +162,116 @@ def nnunet(python: Path, command: str, *args: str, env: dict) -> float:
     return time.monotonic() - started
 
 
-def score(predictions: Path, parts: dict) -> dict:
+def score(predictions: Path, parts: dict, dataset: dict) -> dict:
     """medseg's metrics on nnU-Net's test predictions, each case at its own grid, summarised as medseg does."""
-    from medseg.datasets import labels_to_classes
     from medseg.evaluate import summarise
     from medseg.io import read_image
     from medseg.metrics import scored_metrics
 
-    names = ["background", "Anterior", "Posterior"]
+    names = dataset["classes"]
     rows = []
     for case in parts["test"]:
-        label = read_image(parts["files"][case][1])
-        pred = read_image(predictions / f"{case}.nii.gz")
-        truth = labels_to_classes(label.array, label.path)
-        scores = scored_metrics(pred.array[0].astype("uint8"), truth, names, spacing=label.spacing, boundary=True)
+        mask = parts["files"][case][1]
+        pred = read_image(predictions / f"{case}{dataset['ending']}")
+        scores = scored_metrics(pred.array[0].astype("uint8"), _truth(mask, dataset), names,
+                                spacing=read_image(mask).spacing, boundary=True)
         rows += [{"case": case, "class": n, **m} for n, m in scores.items()]
-    return summarise(rows, names[1:], f"test cases of {HIPPOCAMPUS.name}", Path("nnunet"))
+    return summarise(rows, names[1:], f"test cases of {dataset['path'].name}", Path("nnunet"))
 
 
 def plan_length(minutes: float, seconds_per_iteration: float, seconds_per_val_iteration: float,
-                fixed_seconds: float) -> tuple[int, int]:
-    """Epochs and iterations per epoch that fit the budget, keeping at least 5 epochs (nnU-Net's poly schedule
-    and checkpoint choice work per epoch) and as many iterations as then fit."""
+                fixed_seconds: float, max_epochs: int = 5, max_validation_share: float = 0.25) -> tuple[int, int]:
+    """Epochs and iterations per epoch that fit the budget: up to 5 epochs (nnU-Net's poly schedule and checkpoint
+    choice work per epoch) while its 50 validation iterations per epoch take at most a quarter of the budget (the
+    hippocampus keeps 5; DSB's 12 x 256 x 320 validation batches would otherwise take half), then as many
+    iterations as fit."""
     budget = minutes * 60 - fixed_seconds
-    epochs = 5
-    per_epoch = budget / epochs - 50 * seconds_per_val_iteration
-    iterations = max(1, int(per_epoch / seconds_per_iteration))
+    validation = 50 * seconds_per_val_iteration
+    epochs = max(1, min(max_epochs, int(max_validation_share * budget / validation)))
+    iterations = max(1, int((budget / epochs - validation) / seconds_per_iteration))
     return epochs, iterations
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configuration", default="3d_fullres")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="msd_hippocampus")
+    parser.add_argument("--configuration", help="nnU-Net configuration (default: the dataset's, above)")
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--seconds-per-iteration", type=float, default=5.4)
-    parser.add_argument("--seconds-per-val-iteration", type=float, default=1.3)
+    parser.add_argument("--seconds-per-iteration", type=float, help="default: the dataset's measured figure")
+    parser.add_argument("--seconds-per-val-iteration", type=float)
     parser.add_argument("--fixed-seconds", type=float, default=240,
-                        help="start-up and the final validation of the 32 validation cases")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "nnunet"))
+                        help="start-up and the final validation of the validation cases")
+    parser.add_argument("--probe", action="store_true",
+                        help="train one epoch of 20 iterations and print the timings to size the budget")
+    parser.add_argument("--out", help="default: runs/nnunet/DATASET")
     args = parser.parse_args()
-    if not HIPPOCAMPUS.exists():
-        sys.exit(f"{HIPPOCAMPUS} not found (the shared datasets live beside the repository)")
+    dataset = DATASETS[args.dataset]
+    configuration = args.configuration or dataset["configuration"]
+    if not dataset["path"].exists():
+        sys.exit(f"{dataset['path']} not found (the shared datasets live beside the repository)")
     python = venv_python()
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "runs" / "nnunet" / args.dataset)
     env = {**os.environ, "nnUNet_raw": str(out / "raw"), "nnUNet_preprocessed": str(out / "preprocessed"),
            "nnUNet_results": str(out / "results")}
-    parts = split()
-    write_raw(out / "raw", parts)
-    preprocess = nnunet(python, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", args.configuration,
+    parts = split(dataset)
+    write_raw(out / "raw", parts, dataset)
+    ident = str(dataset["id"])
+    preprocess = nnunet(python, "nnUNetv2_plan_and_preprocess", "-d", ident, "-c", configuration,
                         "-np", "2", "--verify_dataset_integrity", env=env)
     folds = [{"train": parts["train"], "val": parts["val"]}]
-    (out / "preprocessed" / DATASET_NAME / "splits_final.json").write_text(json.dumps(folds, indent=2))
-    epochs, iterations = plan_length(args.minutes, args.seconds_per_iteration, args.seconds_per_val_iteration,
-                                     args.fixed_seconds)
+    (out / "preprocessed" / dataset["name"] / "splits_final.json").write_text(json.dumps(folds, indent=2))
+    if args.probe:
+        return probe(python, ident, configuration, out, env)
+    per_iteration = args.seconds_per_iteration or dataset["seconds_per_iteration"]
+    per_val_iteration = args.seconds_per_val_iteration or dataset["seconds_per_val_iteration"]
+    if per_iteration is None or per_val_iteration is None:
+        sys.exit(f"no iteration timings for {args.dataset}: run with --probe, then pass --seconds-per-iteration "
+                 "and --seconds-per-val-iteration")
+    epochs, iterations = plan_length(args.minutes, per_iteration, per_val_iteration, args.fixed_seconds)
     trainer = write_trainer(python, epochs, iterations)
     shutil.rmtree(out / "results", ignore_errors=True)
-    train_seconds = nnunet(python, "nnUNetv2_train", str(DATASET_ID), args.configuration, "0", "-tr", trainer,
+    train_seconds = nnunet(python, "nnUNetv2_train", ident, configuration, "0", "-tr", trainer,
                            "-device", "cpu", env=env)
     predictions = out / "test_predictions"
     shutil.rmtree(predictions, ignore_errors=True)
-    predict_seconds = nnunet(python, "nnUNetv2_predict", "-i", str(out / "raw" / DATASET_NAME / "imagesTs"),
-                             "-o", str(predictions), "-d", str(DATASET_ID), "-c", args.configuration, "-f", "0",
+    predict_seconds = nnunet(python, "nnUNetv2_predict", "-i", str(out / "raw" / dataset["name"] / "imagesTs"),
+                             "-o", str(predictions), "-d", ident, "-c", configuration, "-f", "0",
                              "-tr", trainer, "-device", "cpu", env=env)
-    summary = score(predictions, parts)
-    result = {"dataset": "msd_hippocampus", "configuration": args.configuration, "trainer": trainer,
+    summary = score(predictions, parts, dataset)
+    result = {"dataset": args.dataset, "configuration": configuration, "trainer": trainer,
               "epochs": epochs, "iterations_per_epoch": iterations, "budget_min": args.minutes,
+              "seconds_per_iteration": per_iteration, "seconds_per_val_iteration": per_val_iteration,
               "preprocess_min": round(preprocess / 60, 1), "train_min": round(train_seconds / 60, 1),
               "predict_s_per_case": round(predict_seconds / len(parts["test"]), 2),
               "test_cases": len(parts["test"]), "train_cases": len(parts["train"]), "val_cases": len(parts["val"]),
               "dice": {k: [v["dice"]["mean"], v["dice"]["std"]] for k, v in summary["per_class"].items()},
+              "iou": {k: [v["iou"]["mean"], v["iou"]["std"]] for k, v in summary["per_class"].items()},
               "hd95_mm": {k: [v["hd95"]["mean"], v["hd95"]["std"]] for k, v in summary["per_class"].items()},
               "mean_dice": summary["mean_dice"]}
     print(json.dumps(result, indent=2))
     store = DOCS / "nnunet.json"
     results = json.loads(store.read_text()) if store.exists() else {}
-    results[f"msd_hippocampus/{args.configuration}"] = result
+    results[f"{args.dataset}/{configuration}"] = result
     store.write_text(json.dumps(results, indent=2))
     write_docs(results)
+
+
+def probe(python: Path, ident: str, configuration: str, out: Path, env: dict,
+          iterations: int = 20, val_share: float = 0.25) -> None:
+    """One epoch of `iterations` training and nnU-Net's 50 validation iterations, then its final validation:
+    prints the seconds per training iteration (a validation iteration counted as `val_share` of one, as measured
+    on the hippocampus: 1.3 s against 5.4 s) and the fixed seconds (start-up and final validation)."""
+    trainer = write_trainer(python, 1, iterations)
+    results = out / "probe_results"
+    shutil.rmtree(results, ignore_errors=True)
+    total = nnunet(python, "nnUNetv2_train", ident, configuration, "0", "-tr", trainer, "-device", "cpu",
+                   env={**env, "nnUNet_results": str(results)})
+    log = next(results.rglob("training_log_*.txt")).read_text()
+    epoch = float(log.split("Epoch time: ")[1].split(" s")[0])
+    per_iteration = epoch / (iterations + 50 * val_share)
+    print(json.dumps({"epoch_s": epoch, "total_s": round(total, 1), "seconds_per_iteration": round(per_iteration, 2),
+                      "seconds_per_val_iteration": round(per_iteration * val_share, 2),
+                      "fixed_seconds": round(total - epoch)}, indent=2))
 
 
 def write_docs(results: dict) -> None:
@@ -209,21 +284,24 @@ def write_docs(results: dict) -> None:
              "cases (used for no choice by either), same wall-clock budget on this 2-core CPU, scored by medseg's "
              "metrics.", "",
              "| dataset | tool | configuration | budget (min) | trained (min) | epochs x iterations | test cases | "
-             "Dice per class (mean ± sd) | HD95 mm |", "|---|---|---|---|---|---|---|---|---|"]
+             "Dice per class (mean ± sd) | IoU per class (mean ± sd) | HD95 (mm, or pixels for 2D images) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         name = key.split("/")[0]
         mine = ours.get(name)
         if mine:
             lines.append(f"| {name} | medseg (default) | {mine['plan']} | {mine['budget_min']:g} | "
                          f"{mine['train_min']} | - | {mine['test_cases']} | {_cells(mine['dice'])} | "
-                         f"{_cells(mine['hd95'])} |")
+                         f"{_cells(mine.get('iou'))} | {_cells(mine['hd95'])} |")
         lines.append(f"| {name} | nnU-Net v2 | {r['configuration']}, {r['trainer']} | {r['budget_min']:g} | "
                      f"{r['train_min']} | {r['epochs']} x {r['iterations_per_epoch']} | {r['test_cases']} | "
-                     f"{_cells(r['dice'])} | {_cells(r['hd95_mm'])} |")
+                     f"{_cells(r['dice'])} | {_cells(r.get('iou'))} | {_cells(r['hd95_mm'])} |")
     write_section("NNUNET", "benchmarks/nnunet.py", lines, "medseg beside nnU-Net v2 (benchmarks/nnunet.py)")
 
 
-def _cells(per_class: dict) -> str:
+def _cells(per_class: dict | None) -> str:
+    if not per_class:
+        return "-"
     return "; ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in per_class.items())
 
 
