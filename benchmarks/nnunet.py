@@ -118,20 +118,19 @@ def _png(source: str, target: Path, dataset: dict, label: bool = False) -> None:
 
     from medseg.io import read_image
 
-    array = read_image(source).array
+    image = read_image(source)
     if label:
-        Image.fromarray(_truth(source, dataset)).save(target)
+        Image.fromarray(_truth(image, dataset)).save(target)
     else:  # (C, H, W) as medseg reads it -> H x W x 3, 8 bits
         channels = len(dataset["channels"])
-        Image.fromarray(np.clip(array[:channels], 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(target)
+        Image.fromarray(np.clip(image.array[:channels], 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(target)
 
 
-def _truth(mask: str, dataset: dict):
-    """Class indices of a stored mask, as medseg's evaluation reads it."""
+def _truth(mask, dataset: dict):
+    """Class indices of a mask read by `medseg.io.read_image`, as medseg's evaluation reads them."""
     from medseg.datasets import labels_to_classes
-    from medseg.io import read_image
 
-    return labels_to_classes(read_image(mask).array, mask, binary=dataset["binary"])
+    return labels_to_classes(mask.array, mask.path, binary=dataset["binary"])
 
 
 def write_trainer(python: Path, epochs: int, iterations: int) -> str:
@@ -171,10 +170,10 @@ def score(predictions: Path, parts: dict, dataset: dict) -> dict:
     names = dataset["classes"]
     rows = []
     for case in parts["test"]:
-        mask = parts["files"][case][1]
+        mask = read_image(parts["files"][case][1])
         pred = read_image(predictions / f"{case}{dataset['ending']}")
         scores = scored_metrics(pred.array[0].astype("uint8"), _truth(mask, dataset), names,
-                                spacing=read_image(mask).spacing, boundary=True)
+                                spacing=mask.spacing, boundary=True)
         rows += [{"case": case, "class": n, **m} for n, m in scores.items()]
     return summarise(rows, names[1:], f"test cases of {dataset['path'].name}", Path("nnunet"))
 
