@@ -75,6 +75,36 @@ def test_killed_five_times_and_resumed_the_run_ends_with_the_weights_of_one_neve
     assert not list(run.glob(".tmp-*"))
 
 
+# the run dies (as under SIGKILL) on the second of the two checkpoint writes of epoch TARGET, whichever comes second
+DIE_BETWEEN_WRITES = """
+import importlib, os, sys
+train = importlib.import_module("medseg.train")  # the module: the package exports a function of that name
+TARGET, written, save = int(sys.argv[1]), [], train.save_checkpoint
+def dying_save(path, state, **kwargs):
+    written.append(state["epoch"])
+    if written.count(TARGET) == 2:
+        os._exit(9)
+    save(path, state, **kwargs)
+train.save_checkpoint = dying_save
+from medseg.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_killed_between_the_best_and_last_checkpoint_writes_the_resumed_best_is_the_true_best(data, uninterrupted,
+                                                                                               tmp_path):
+    best_epoch = json.loads((uninterrupted / "train_summary.json").read_text())["best_epoch"]
+    assert best_epoch > 1, "the short run should improve after its first epoch"
+    run = tmp_path / "between"
+    died = subprocess.run([sys.executable, "-c", DIE_BETWEEN_WRITES, str(best_epoch), "train", str(data), "--out",
+                           str(run), *SHORT_RUN], capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert read_checkpoint(run / "best.pt")["epoch"] == best_epoch
+    assert all(torch.equal(a, b) for a, b in zip(weights(uninterrupted / "best.pt").values(),
+                                                 weights(run / "best.pt").values()))
+
+
 def stopped_copy(uninterrupted: Path, out: Path) -> Path:
     """The uninterrupted run as it would look killed after its last epoch, before its post-processing."""
     shutil.copytree(uninterrupted, out)

@@ -350,12 +350,13 @@ class _Loop:
             if not distributed.is_main():
                 continue  # rank 0 writes and reports; every process has made the same decisions above
             # checkpoints first, each holding the history up to its epoch: a run stopped between these writes
-            # resumes from the last checkpoint and rewrites the history files from it
+            # resumes from the last checkpoint and rewrites the history files from it. best.pt before last.pt:
+            # once last.pt says this epoch was the best, a resumed run never writes best.pt for it again
             state = self.state(model_args, epoch, row["val_dice"])
-            save_checkpoint(self.trained.run / "last.pt", {**state, "optimizer": self.optimizer.state_dict(),
-                                                           "resume": self.resume_state()}, keep_previous=True)
             if improved:
                 save_checkpoint(self.trained.run / "best.pt", state, keep_previous=True)
+            save_checkpoint(self.trained.run / "last.pt", {**state, "optimizer": self.optimizer.state_dict(),
+                                                           "resume": self.resume_state()}, keep_previous=True)
             self.write_history()
             if self.tracker:
                 self.tracker.log_epoch(row)
