@@ -18,6 +18,7 @@ SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
 CACHES = ("auto", "memory", "disk")  # see medseg.cache
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see medseg.precision
+COMPILE_CHOICES = ("auto", "on", "off")  # see medseg.compiling
 NPY_LAYOUTS = ("auto", "volume", "hwc", "chw")
 # The settings that say how a labelled dataset is read (every command that reads one takes them)
 READING_FIELDS = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout", "allow_unmatched")
@@ -105,6 +106,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     cache: str = "auto"  # memory, disk (preprocessed once, read per batch), auto: disk for data over 1/10 of RAM
+    compile: str = "auto"  # torch.compile the training step: auto (budgeted CPU runs), on, off; see medseg.compiling
     precision: str = "auto"  # bf16/fp16 autocast on CUDA GPUs (auto picks), fp32 on CPUs: see medseg.precision
     progress: bool = True
     # optional experiment tracking (off by default; the packages are not needed otherwise)
@@ -118,6 +120,7 @@ class TrainConfig:
             (self.lr_schedule in SCHEDULES, f"--lr-schedule {self.lr_schedule}: choose from {', '.join(SCHEDULES)}"),
             (self.color in ("keep", "gray"), f"--color {self.color}: choose keep or gray"),
             (self.cache in CACHES, f"--cache {self.cache}: choose from {', '.join(CACHES)}"),
+            (self.compile in COMPILE_CHOICES, f"--compile {self.compile}: choose from {', '.join(COMPILE_CHOICES)}"),
             (self.precision in PRECISIONS, f"--precision {self.precision}: choose from {', '.join(PRECISIONS)}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}"),
             (self.model in _model_names(), f"--model {self.model}: choose from {', '.join(_model_names())}"),

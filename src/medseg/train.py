@@ -27,7 +27,7 @@ from medseg.checkpoint import resolve_device, save_checkpoint
 from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
 from medseg.budget import calibrate_steps
-from medseg import distributed, precision
+from medseg import compiling, distributed, precision
 from medseg.console import show_bars
 from medseg.data import LoadedCase, first_orientation, load_cases, read_label
 from medseg.datasets import Dataset, case_hash, check_label_values, find_cases, manifest_hash, split_cases
@@ -137,7 +137,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
     model.to(device)
     sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
     trained = TrainedModel(model, cfg, class_names, in_channels, Path(cfg.out), device)
-    loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started, tracker)
+    compile_step, compile_reason = compiling.decide(cfg, device, distributed.world_size())
+    if cfg.compile != "off":
+        say(f"torch.compile: {compile_reason}")
+    loop = _Loop(cfg, trained, loss_fn, sampler, val_cases, started, tracker, compile_step)
     if cfg.steps is None and cfg.time_budget:
         cfg.steps, cfg.calibration = calibrate_steps(loop, cfg.time_budget * 60 - (time.monotonic() - started))
         cfg.steps_per_epoch = loop.steps  # written to config.json: a re-run repeats the same epochs
@@ -189,7 +192,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None)
         cfg.save(run / "config.json")
     summary["postprocessing"] = choose_postprocessing(run, val_cases, device)
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
-                   device=str(device), precision=precision.name(loop.amp), seconds=round(time.monotonic() - started, 1))
+                   device=str(device), precision=precision.name(loop.amp), compile=compile_reason,
+                   seconds=round(time.monotonic() - started, 1))
     if init:
         summary["init_from"] = {k: init[k] for k in ("source", "loaded", "of")} | {"skipped": len(init["skipped"])}
     write_text_atomic(run / "train_summary.json", json.dumps(summary, indent=2))
@@ -273,11 +277,13 @@ def redecide_postprocessing(run: str | Path, device: str = "auto") -> dict:
 class _Loop:
     """The epoch loop: optimise for a fixed number of steps, validate per case, checkpoint, stop early."""
 
-    def __init__(self, cfg, trained, loss_fn, sampler, val_cases, started, tracker: Tracker | None = None):
+    def __init__(self, cfg, trained, loss_fn, sampler, val_cases, started, tracker: Tracker | None = None,
+                 compile_step: bool = False):
         self.cfg, self.trained, self.loss_fn, self.sampler = cfg, trained, loss_fn, sampler
+        self.compile_step = compile_step
         self.val_cases, self.started, self.tracker = val_cases, started, tracker
         self.optimizer = make_optimizer(cfg, trained.model)
-        self.network = self.wrap(trained.model)  # what training steps call: DDP around the model with several processes
+        self.network = self.wrap(trained.model)  # what training steps call (DDP, compiled: see wrap)
         self.amp = precision.autocast_dtype(trained.device, cfg.precision)  # None (fp32) on a CPU
         self.scaler = precision.grad_scaler(trained.device, self.amp)
         self.steps = cfg.steps_per_epoch or max(50, math.ceil(len(sampler) / cfg.batch_size))
@@ -287,15 +293,16 @@ class _Loop:
         self.finished: str | None = None  # why the loop ended before its last epoch, once it has
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model as a training step calls it: in DistributedDataParallel when several processes train."""
-        if not distributed.active():
-            return model
-        from torch.nn.parallel import DistributedDataParallel
+        """The model as a training step calls it: in DistributedDataParallel when several processes train, and
+        compiled where `medseg.compiling` decided so."""
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
 
-        device = self.trained.device
-        if device.type == "cuda":  # batch statistics over the global batch (PyTorch has no CPU SyncBatchNorm)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            device = self.trained.device
+            if device.type == "cuda":  # batch statistics over the global batch (PyTorch has no CPU SyncBatchNorm)
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return compiling.compiled(model) if self.compile_step else model
 
     @property
     def last_step(self) -> int:

@@ -1,0 +1,64 @@
+"""torch.compile for the training step where it pays for itself: time-budgeted runs on a CPU.
+
+Measured here (benchmarks/compile_speed.py, docs/benchmarks.md): a compiled 2D training step takes 0.73-0.74 of
+the eager one, so a budget sees about 35% more steps; the one-off compile costs 30-60 s (a few seconds once
+inductor's disk cache holds the graphs). `--compile auto` (the default) therefore compiles time-budgeted CPU runs
+of at least MIN_BUDGET_MINUTES, where the compile is under a tenth of the budget and pays back within minutes,
+after a probe that the C++ toolchain inductor needs works here. It is not switched on by `auto` where it was
+never measured (GPUs, several processes) or where a short run would only pay for it; `--compile on` asks for it
+anywhere. The decision depends only on the settings, the device and the toolchain, so a re-run of config.json
+decides as the run did; it is printed and kept in train_summary.json.
+
+Validation and inference stay eager: they run the same weights, and their input sizes vary from case to case.
+"""
+from __future__ import annotations
+
+import torch
+
+from medseg.errors import MedsegError
+
+MIN_BUDGET_MINUTES = 10.0
+
+
+def decide(cfg, device: torch.device, processes: int) -> tuple[bool, str]:
+    """Whether to compile the training step of the run `cfg` (a TrainConfig), and why (one clause for the printed
+    line and train_summary.json). A run re-made from its config.json decides as it did: its steps come from the
+    calibration it keeps, so it counts as time-budgeted still."""
+    if cfg.compile == "off":
+        return False, "off (--compile off)"
+    if cfg.compile == "auto":
+        if device.type != "cpu":
+            return False, f"off (auto: not measured on {device.type.upper()} here; --compile on to try it)"
+        if processes > 1:
+            return False, "off (auto: not used with several training processes)"
+        budgeted = cfg.time_budget and (cfg.steps is None or cfg.calibration)
+        if not budgeted or cfg.time_budget < MIN_BUDGET_MINUTES:
+            return False, (f"off (auto: the 30-60 s compile pays back only in time-budgeted runs of at least "
+                           f"{MIN_BUDGET_MINUTES:g} min)")
+    failure = probe()
+    if failure:
+        if cfg.compile == "on":
+            raise MedsegError(f"--compile on: torch.compile does not work here ({failure}); use --compile off")
+        return False, f"off (auto: torch.compile does not work here: {failure})"
+    why = "--compile on" if cfg.compile == "on" else "auto: time-budgeted CPU run; measured 0.74 of the eager step time"
+    return True, f"on ({why})"
+
+
+def probe() -> str | None:
+    """None where torch.compile can build and run a small kernel here (it needs a C++ compiler on a CPU), else
+    the first line of what went wrong."""
+    try:
+        kernel = torch.compile(lambda x: torch.relu(x) * 2 + 1, dynamic=False)
+        if not torch.equal(kernel(torch.arange(-2.0, 2.0)), torch.tensor([1.0, 1.0, 1.0, 3.0])):
+            return "a compiled test kernel computed a wrong result"
+    except Exception as exc:  # no compiler, no headers, an unsupported platform: all mean "train eagerly"
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    finally:
+        torch._dynamo.reset()  # the probe's graph is of no further use
+    return None
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as a compiled training step calls it; shares the model's parameters (its state dict is the
+    model's). Fixed shapes: training batches all have one size, and a shape-generic graph would be slower."""
+    return torch.compile(model, dynamic=False)
