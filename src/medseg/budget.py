@@ -14,8 +14,7 @@ import time
 
 import torch
 
-from medseg import distributed, precision
-from medseg.losses import deep_supervision_loss
+from medseg import distributed
 
 WARMUP_STEPS = 2  # the first steps pay for allocation and kernel selection
 MEASURE_STEPS = 40
@@ -70,27 +69,25 @@ def _together() -> None:
 
 
 def _time_steps(loop) -> float:
-    """Mean seconds of a training step (sampling and augmentation included), timed on a copy of the model."""
+    """Mean seconds of a training step as the loop takes it (sampling, augmentation, the step, its metrics), timed
+    on a copy of the model and optimiser: the run's own are left as they were."""
     sampler, generator = loop.sampler, loop.sampler.generator
     saved = generator.get_state(), torch.get_rng_state(), getattr(sampler, "centred", None)
+    shadow = copy.copy(loop)
     model = copy.deepcopy(loop.trained.model).train()
-    device = loop.trained.device
-    optimizer = type(loop.optimizer)(model.parameters(), **loop.optimizer.defaults)  # same kind, on the copy
-    network = loop.wrap(model)  # with several processes, timed as it trains: gradients averaged across them
+    shadow.trained = dataclasses.replace(loop.trained, model=model)
+    shadow.optimizer = type(loop.optimizer)(model.parameters(), **loop.optimizer.defaults)  # same kind, on the copy
+    shadow.network = loop.wrap(model)  # as the run trains: compiled, or across processes, where it does
+    shadow.scaler = copy.deepcopy(loop.scaler)
     try:
         batches = sampler.epoch_batches(WARMUP_STEPS + MEASURE_STEPS)
         timed, started = 0, None
         for i, (image, label) in enumerate(batches):
-            if i == WARMUP_STEPS:
+            if i == WARMUP_STEPS:  # a compiled network compiles in the first of these
                 started = time.perf_counter()
-            image, label = distributed.share(image).to(device), distributed.share(label).to(device)
-            with precision.autocast(device, loop.amp):  # timed in the precision the run trains in
-                outputs = network(image)
-                loss = (deep_supervision_loss(loop.loss_fn, outputs, label) if isinstance(outputs, list)
-                        else loop.loss_fn(outputs, label))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            image, label = distributed.share(image), distributed.share(label)
+            logits, _ = shadow.step(image, label)
+            shadow.batch_counts(logits, label)
             if started is not None:
                 timed += 1
                 if distributed.any_rank(time.perf_counter() - started > MEASURE_SECONDS):
