@@ -1,5 +1,6 @@
-"""What torch.compile (inductor, CPU) would buy medseg's networks here, before any of it is wired in: the 3D U-Net of
-the sliding-window benchmark on one batch of windows (inference) and the default 2D U-Net on one training step.
+"""What torch.compile (inductor, CPU) buys medseg's networks here: the 3D U-Net of the sliding-window benchmark on one
+batch of windows (inference, not compiled by medseg) and the default 2D U-Net on one training step (compiled by
+`--compile auto` in time-budgeted CPU runs, see medseg.compiling).
 
     python benchmarks/compile_speed.py [--repeats 7]
 
@@ -85,7 +86,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from docs_section import write_section
 
-    write_section("COMPILE_SPEED", "benchmarks/compile_speed.py", lines, "torch.compile on this CPU (not used yet)")
+    write_section("COMPILE_SPEED", "benchmarks/compile_speed.py", lines, "torch.compile on this CPU")
     print("\n".join(lines))
 
 

@@ -1,7 +1,9 @@
 """Training throughput side by side (issue 14, item 1): the same network, data, crop and batch size through
 
   (a) a bare PyTorch loop on tensors already in memory (crops taken once, no augmentation): the ceiling;
-  (b) medseg's training pipeline: its sampler (cropping, flips, affine in 2D, intensity jitter) and its step;
+  (b) medseg's training pipeline: its sampler (cropping, flips, affine in 2D, intensity jitter) and its step,
+      eager and compiled (as `--compile auto` trains time-budgeted CPU runs; the other pipelines step eagerly,
+      as their users' loops would unless they compile too);
   (c) the pipeline a MONAI user would write: CacheDataset of dictionary transforms (load, channel first,
       normalise, cached; then random crop, flips, affine in 2D, intensity scale/shift) and a DataLoader with
       persistent workers.
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from docs_section import write_section
-from medseg import precision
+from medseg import compiling, precision
 from medseg.config import TrainConfig
 from medseg.data import load_cases
 from medseg.datasets import find_cases
@@ -56,10 +58,11 @@ class Trainer:
     """One optimiser step of the shared network on a batch (the part every pipeline has in common), on `device`
     in the precision medseg trains in there (bf16 autocast on a GPU that has it, fp32 on a CPU)."""
 
-    def __init__(self, cfg: TrainConfig, channels: int, classes: int, device: torch.device):
+    def __init__(self, cfg: TrainConfig, channels: int, classes: int, device: torch.device, compile_step=False):
         torch.manual_seed(0)
         self.device, self.dtype = device, precision.autocast_dtype(device, "auto")
         self.model = create_model("unet", **cfg.model_args(channels, classes)).train().to(device)
+        self.network = compiling.compiled(self.model) if compile_step else self.model  # compiles in the warm-up
         self.optimizer = torch.optim.Adam(self.model.parameters(), 1e-3)
         self.loss = make_loss("dice_ce", classes)
 
@@ -68,7 +71,7 @@ class Trainer:
             image, label = image.pin_memory(), label.pin_memory()
         image, label = image.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
         with precision.autocast(self.device, self.dtype):
-            loss = self.loss(self.model(image), label)
+            loss = self.loss(self.network(image), label)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -143,16 +146,21 @@ def measure(dims: int, data: Path, steps: int, repeats: int, device: str = "cpu"
     sampler = (PatchSampler if dims == 3 else SliceSampler)(loaded, cfg, torch.Generator().manual_seed(0))
     pipelines = {"bare": bare_batches(sampler, cfg), "medseg": medseg_batches(sampler),
                  "monai_workers0": monai_batches(cases, cfg, 0), "monai_workers2": monai_batches(cases, cfg, 2)}
+    if device.type == "cpu":  # where medseg's budgeted runs compile by default (medseg.compiling)
+        pipelines["medseg_compiled"] = medseg_batches(sampler)
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(repeats):
         for name, batches in pipelines.items():
-            rates[name].append(steps_per_second(batches, Trainer(cfg, channels, classes, device), steps))
+            trainer = Trainer(cfg, channels, classes, device, compile_step=name == "medseg_compiled")
+            rates[name].append(steps_per_second(batches, trainer, steps))
     row = {"dims": dims, "device": str(device), "data": f"{len(cases)} cases", "batch": cfg.batch_size,
            "crop": [cfg.size] * 2 if dims == 2 else list(cfg.patch_size), "medseg_load_seconds": round(load_seconds, 1),
            **{f"{name}_steps_per_s": round(statistics.median(v), 3) for name, v in rates.items()}}
     row["medseg_over_bare"] = row["medseg_steps_per_s"] / row["bare_steps_per_s"]
     monai_best = max(row["monai_workers0_steps_per_s"], row["monai_workers2_steps_per_s"])
     row["medseg_over_monai"] = row["medseg_steps_per_s"] / monai_best
+    if "medseg_compiled_steps_per_s" in row:
+        row["medseg_compiled_over_monai"] = row["medseg_compiled_steps_per_s"] / monai_best
     print(row, flush=True)
     return row
 
@@ -175,14 +183,16 @@ def main() -> None:
     (DOCS / "throughput.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     lines = [f"Machine: {machine}. Training steps per second (median of {args.repeats} windows of {args.steps} "
              "steps, pipelines interleaved); the same U-Net (width 16, instance norm), Dice + CE, Adam.", "",
-             "| data | batch x crop | (a) bare loop | (b) medseg | (c) MONAI, 0 workers | (c) MONAI, 2 workers | "
-             "(b)/(a) (bar 0.90) | (b)/(c) best (bar 1.3) |", "|---|---|---|---|---|---|---|---|"]
+             "| data | batch x crop | (a) bare loop | (b) medseg | (b) medseg, compiled step | (c) MONAI, 0 workers | "
+             "(c) MONAI, 2 workers | (b)/(a) (bar 0.90) | (b)/(c) best (bar 1.3) | (b) compiled/(c) best |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         crop = "x".join(map(str, r["crop"]))
         lines.append(f"| {'2D phantoms' if r['dims'] == 2 else 'MSD hippocampus'} ({r['data']}) | {r['batch']} x "
                      f"{crop} | {r['bare_steps_per_s']:.2f} | {r['medseg_steps_per_s']:.2f} | "
-                     f"{r['monai_workers0_steps_per_s']:.2f} | {r['monai_workers2_steps_per_s']:.2f} | "
-                     f"{r['medseg_over_bare']:.2f} | {r['medseg_over_monai']:.2f} |")
+                     f"{r['medseg_compiled_steps_per_s']:.2f} | {r['monai_workers0_steps_per_s']:.2f} | "
+                     f"{r['monai_workers2_steps_per_s']:.2f} | {r['medseg_over_bare']:.2f} | "
+                     f"{r['medseg_over_monai']:.2f} | {r['medseg_compiled_over_monai']:.2f} |")
     lines += ["", "Command: `python benchmarks/throughput.py` (alone on the machine)."]
     write_section("THROUGHPUT", "benchmarks/throughput.py", lines, "Training throughput: medseg, a bare loop, MONAI")
 
