@@ -44,13 +44,18 @@ def upload(base: str, name: str, data: bytes, headers: dict | None = None) -> tu
     return status, answer_headers, json.loads(reply)
 
 
-def finished(base: str, job_id: str, headers: dict | None = None) -> dict:
+def reached(base: str, job_id: str, *statuses: str, headers: dict | None = None) -> dict:
+    """The job once its status is one of `statuses` (polled for up to 30 s)."""
     for _ in range(600):
         job = json.loads(request(f"{base}/api/v1/jobs/{job_id}", headers=headers)[2])
-        if job["status"] in ("done", "failed"):
+        if job["status"] in statuses:
             return job
         time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
+    raise AssertionError(f"job {job_id} never reached {' or '.join(statuses)}")
+
+
+def finished(base: str, job_id: str, headers: dict | None = None) -> dict:
+    return reached(base, job_id, "done", "failed", headers=headers)
 
 
 @pytest.fixture
@@ -108,8 +113,9 @@ def test_a_full_queue_answers_429_with_retry_after(trained_2d, png):
     gate, real = threading.Event(), segmenter._segment
     segmenter._segment = lambda job: (gate.wait(30), real(job))  # the worker is busy until the gate opens
     try:
-        statuses = [upload(base, png.name, png.read_bytes()) for _ in range(4)]
-        time.sleep(0.2)
+        statuses = [upload(base, png.name, png.read_bytes())]
+        reached(base, statuses[0][2]["id"], "running")  # the worker holds the first: the queue is empty again
+        statuses += [upload(base, png.name, png.read_bytes()) for _ in range(3)]
         codes = [s[0] for s in statuses]
         assert codes[:2] == [202, 202] and codes[2:] == [429, 429]  # one running, one waiting, the rest refused
         assert statuses[2][1]["retry-after"] == "5"
