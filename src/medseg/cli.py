@@ -80,7 +80,7 @@ TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--precision", str, "auto (default: bf16 autocast on GPUs that support it, fp16 on older ones, fp32 on CPUs), "
                          "fp32, bf16 or fp16 (GPU only)"),
     ("--compile", str, "auto (default: torch.compile the training step of time-budgeted CPU runs of 10 min or "
-                       "more, about 35%% more steps), on or off"),
+                       "more: a quarter to a third more steps measured here), on or off"),
     ("--cache", str, "memory (cases held in RAM), disk (preprocessed once into $MEDSEG_CACHE, default ~/.cache/medseg, "
                      "and read per batch: datasets larger than memory) or auto (default: disk when the image files "
                      "exceed a tenth of the memory)"),
