@@ -53,13 +53,13 @@ def _weights(run):
 
 
 def test_time_budget_becomes_steps_and_a_rerun_repeats_the_weights(phantoms_2d, tmp_path):
-    run = train(tiny_config(phantoms_2d, tmp_path / "run", epochs=1000, steps_per_epoch=20, time_budget=0.1,
+    run = train(tiny_config(phantoms_2d, tmp_path / "run", epochs=1000, steps_per_epoch=20, time_budget=0.2,
                             patience=0, lr_schedule="poly"))
     summary = json.loads((run / "train_summary.json").read_text())
     cfg = TrainConfig.load(run / "config.json")
     assert cfg.steps and cfg.calibration["seconds_per_step"] > 0 and summary["stopped"] == "steps done"
     assert summary["steps"] == cfg.steps and summary["epochs_run"] == cfg.calibration["epochs"] < 1000
-    assert summary["seconds"] < 0.1 * 60 + 5 and (run / "best.pt").exists()
+    assert summary["seconds"] < 0.2 * 60 + 5 and (run / "best.pt").exists()
     # the steps are in config.json: the same seed, data and steps give the same weights, whatever the clock says
     assert main(["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     first, again = _weights(run), _weights(tmp_path / "again")

@@ -19,6 +19,7 @@ from medseg import distributed
 WARMUP_STEPS = 2  # the first steps pay for allocation and kernel selection
 MEASURE_STEPS = 40
 MEASURE_SECONDS = 15.0  # long enough that members calibrating side by side measure each other's contention
+MEASURE_SHARE = 0.1  # of the budget, at most, spent timing steps: a short budget is not eaten by its calibration
 # Steps over a whole run came out 8-17% slower than over the calibration's (two members side by side on the
 # hippocampus): the schedule is planned for 95% of the estimate, and the training loop's clock guard stops a run
 # that still runs late (recording where, so that a re-run repeats it).
@@ -28,6 +29,7 @@ SAFETY = 0.95
 # 25-40% faster than they were once both ran).
 SIDE_BY_SIDE = None
 CHECKPOINT_SECONDS = 1.0  # per epoch: two checkpoints, the history, a line of output
+GUARD_SLACK_SECONDS = 2.0  # the clock guard's margin beyond the last validation and the post-processing pass
 VALIDATION_SHARE = 0.05  # of the budget, at most, when medseg chooses the epoch length
 
 
@@ -37,10 +39,12 @@ def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
     is not set, epochs are lengthened so that validation takes at most VALIDATION_SHARE of the budget."""
     started = time.perf_counter()
     _together()
-    seconds_per_step = _time_steps(loop)
+    seconds_per_step = _time_steps(loop, min(MEASURE_SECONDS, MEASURE_SHARE * budget_seconds))
     _together()
     seconds_per_validation = _time_validation(loop)  # with several processes, rank 0's (the others wait)
-    available = budget_seconds - (time.perf_counter() - started) - seconds_per_validation  # post-processing pass
+    # what is left once the post-processing pass and the guard's slack are set aside: the plan ends where the
+    # clock guard (guard_reserve) would let it, so only a slower machine, not the plan, trips the guard
+    available = budget_seconds - (time.perf_counter() - started) - seconds_per_validation - GUARD_SLACK_SECONDS
     if loop.cfg.steps_per_epoch is None:
         most_validations = max(1, int(VALIDATION_SHARE * budget_seconds / max(seconds_per_validation, 1e-3)))
         rough_steps = available / seconds_per_step
@@ -68,7 +72,13 @@ def _together() -> None:
         SIDE_BY_SIDE = None
 
 
-def _time_steps(loop) -> float:
+def guard_reserve(seconds_per_validation: float) -> float:
+    """Seconds a budgeted run keeps in hand when the clock guard stops it: the validation of the epoch it stops
+    in, the post-processing pass and a slack."""
+    return 2 * seconds_per_validation + GUARD_SLACK_SECONDS
+
+
+def _time_steps(loop, measure_seconds: float) -> float:
     """Mean seconds of a training step as the loop takes it (sampling, augmentation, the step, its metrics), timed
     on a copy of the model and optimiser: the run's own are left as they were."""
     sampler, generator = loop.sampler, loop.sampler.generator
@@ -90,9 +100,9 @@ def _time_steps(loop) -> float:
             shadow.batch_counts(logits, label)
             if started is not None:
                 timed += 1
-                if distributed.any_rank(time.perf_counter() - started > MEASURE_SECONDS):
+                if distributed.any_rank(time.perf_counter() - started > measure_seconds):
                     break
-        return (time.perf_counter() - started) / timed if timed else MEASURE_SECONDS
+        return (time.perf_counter() - started) / timed if timed else measure_seconds
     finally:
         generator.set_state(saved[0])
         torch.set_rng_state(saved[1])

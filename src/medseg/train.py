@@ -26,7 +26,7 @@ from medseg.cache import as_loaded, cache_cases, channels_of, labels_of, ndim_of
 from medseg.checkpoint import resolve_device, save_checkpoint
 from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
-from medseg.budget import calibrate_steps
+from medseg.budget import calibrate_steps, guard_reserve
 from medseg import compiling, distributed, precision
 from medseg.console import show_bars
 from medseg.data import LoadedCase, first_orientation, load_cases, read_label
@@ -314,7 +314,7 @@ class _Loop:
         more validation and the post-processing pass. Never on a re-run, which stops where the run stopped."""
         if not self.cfg.time_budget or self.cfg.stop_at is not None or not self.cfg.calibration:
             return False
-        reserve = 2 * self.cfg.calibration["seconds_per_validation"] + 2.0
+        reserve = guard_reserve(self.cfg.calibration["seconds_per_validation"])
         return self.elapsed() > self.cfg.time_budget * 60 - reserve
 
     @property
