@@ -32,6 +32,18 @@ def test_run_folder_holds_everything(trained_2d):
     assert torch.load(trained_2d / "last.pt", weights_only=True)["optimizer"]
 
 
+def test_threads_are_the_runs_own_and_given_back(phantoms_2d, tmp_path):
+    """train(threads=1) in a notebook must not leave the rest of the session on one thread (it did: every test
+    after one such run trained on one core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(tiny_config(phantoms_2d, tmp_path / "run", epochs=1, steps_per_epoch=1, threads=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_training_learns_phantoms(phantoms_2d, tmp_path):
     """A small network must beat chance clearly within seconds: the capstone's stuck-at-50% model would fail."""
     run = train(tiny_config(phantoms_2d, tmp_path / "run", base_channels=8, epochs=6, steps_per_epoch=15,

@@ -116,6 +116,15 @@ def create_run_dir(out: str | Path, overwrite: bool, kind: str = "run") -> Path:
 def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None) -> Path:
     """Train as configured and return the run folder; with `resume` (a run folder, whose config.json `cfg` is),
     continue that run from its last completed epoch instead (see `medseg.resume`)."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, overwrite, resume)
+    finally:
+        if torch.get_num_threads() != threads:  # --threads is this run's: a notebook's later work keeps its own
+            torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     cfg.validate()
     # a tracking package asked for but missing fails here, before any work; with several processes, rank 0 tracks
     tracker = Tracker(cfg if distributed.is_main() else replace(cfg, tensorboard=None, mlflow=None))
