@@ -44,6 +44,18 @@ def test_threads_are_the_runs_own_and_given_back(phantoms_2d, tmp_path):
         torch.set_num_threads(before)
 
 
+def test_init_seed_changes_the_weights_but_not_the_split(phantoms_2d, tmp_path):
+    """Ensemble members that differ only in --init-seed must share their validation and test cases."""
+    runs = {name: train(tiny_config(phantoms_2d, tmp_path / name, epochs=1, steps_per_epoch=1, **extra))
+            for name, extra in (("plain", {}), ("same", {"init_seed": 0}), ("other", {"init_seed": 1}))}
+    splits = {name: json.loads((run / "split.json").read_text()) for name, run in runs.items()}
+    assert splits["plain"] == splits["same"] == splits["other"]
+    weights = {name: torch.load(run / "last.pt", weights_only=True)["model"] for name, run in runs.items()}
+    first = next(iter(weights["plain"]))
+    assert all(torch.equal(weights["plain"][k], weights["same"][k]) for k in weights["plain"])  # None is --seed
+    assert not torch.equal(weights["plain"][first], weights["other"][first])
+
+
 def test_training_learns_phantoms(phantoms_2d, tmp_path):
     """A small network must beat chance clearly within seconds: the capstone's stuck-at-50% model would fail."""
     run = train(tiny_config(phantoms_2d, tmp_path / "run", base_channels=8, epochs=6, steps_per_epoch=15,

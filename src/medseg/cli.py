@@ -76,7 +76,9 @@ TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--train-fraction", float, "train on this share of the training cases, same validation (default 1)"),
     ("--folds", int, "k-fold cross-validation: number of folds"),
     ("--fold", int, "k-fold cross-validation: which fold validates"),
-    ("--seed", int, "random seed"),
+    ("--seed", int, "random seed (the split, and the rest unless --init-seed is given)"),
+    ("--init-seed", int, "seed of the initial weights and of the training samples' order and augmentation only: "
+                         "the split stays --seed's"),
     ("--precision", str, "auto (default: bf16 autocast on GPUs that support it, fp16 on older ones, fp32 on CPUs), "
                          "fp32, bf16 or fp16 (GPU only)"),
     ("--compile", str, "auto (default: torch.compile the training step of time-budgeted CPU runs of 10 min or "

@@ -101,6 +101,9 @@ class TrainConfig:
     folds: int = 0
     fold: int = 0
     seed: int = 0
+    # seeds the initial weights and the order and augmentation of training samples, leaving the split to `seed`
+    # (None: `seed`); ensemble members that differ only in it share their validation and test cases
+    init_seed: int | None = None
     # resources
     time_budget: float | None = None  # minutes for the whole training, validation included
     device: str = "auto"

@@ -130,7 +130,7 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     tracker = Tracker(cfg if distributed.is_main() else replace(cfg, tensorboard=None, mlflow=None))
     resumed = read_resume_state(resume) if resume else None
     started = time.monotonic() - (resumed["resume"]["elapsed"] if resumed else 0.0)
-    generator = seed_everything(cfg.seed)
+    generator = seed_everything(cfg.seed if cfg.init_seed is None else cfg.init_seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = distributed.start(resolve_device(cfg.device))
