@@ -9,6 +9,7 @@ import pickle
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -135,6 +136,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MedsegError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     return device
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """PyTorch on `count` CPU threads (None: as it is) inside the block, and the caller's count back after it, so
+    that a notebook's later work keeps its own. Given back only where it changed: setting it again as a DDP rank
+    ended made that rank abort at exit (once in five runs)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def load_run(run: str | Path, which: str = "best", device: str = "auto", unfinished: bool = False) -> TrainedModel:

@@ -200,14 +200,12 @@ def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, clas
     """Time a few training steps per candidate width (on `threads` CPU threads, as the run will use); return the
     widest that sees as many pixels as MIN_SAMPLES samples of REFERENCE_PIXELS (else the narrowest), and the
     timings."""
+    from medseg.checkpoint import torch_threads
     from medseg.models import UNet
 
     timings, chosen = {}, widths[0]
     target = torch.device(device)
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for width in widths:
             seconds = _time_width(UNet(channels, classes, width, depth, spatial_dims=dims, norm=norm,
                                        activation=activation).to(target), batch, channels, classes, patch, target,
@@ -216,8 +214,6 @@ def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, clas
             timings[str(width)] = {"seconds_per_step": round(seconds, 4), "samples_in_budget": int(samples)}
             if samples * math.prod(patch) >= MIN_SAMPLES[dims] * REFERENCE_PIXELS[dims]:
                 chosen = width
-    finally:
-        torch.set_num_threads(previous)
     return chosen, timings
 
 

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from medseg.cache import as_loaded, cache_cases, channels_of, labels_of, ndim_of, path_of, use_disk
-from medseg.checkpoint import resolve_device, save_checkpoint
+from medseg.checkpoint import resolve_device, save_checkpoint, torch_threads
 from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
 from medseg.budget import calibrate_steps, guard_reserve
@@ -116,12 +116,8 @@ def create_run_dir(out: str | Path, overwrite: bool, kind: str = "run") -> Path:
 def train(cfg: TrainConfig, overwrite: bool = False, resume: Path | None = None) -> Path:
     """Train as configured and return the run folder; with `resume` (a run folder, whose config.json `cfg` is),
     continue that run from its last completed epoch instead (see `medseg.resume`)."""
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(cfg.threads):  # --threads is this run's, not the calling session's
         return _train(cfg, overwrite, resume)
-    finally:
-        if torch.get_num_threads() != threads:  # --threads is this run's: a notebook's later work keeps its own
-            torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
@@ -131,8 +127,6 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     resumed = read_resume_state(resume) if resume else None
     started = time.monotonic() - (resumed["resume"]["elapsed"] if resumed else 0.0)
     generator = seed_everything(cfg.seed if cfg.init_seed is None else cfg.init_seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = distributed.start(resolve_device(cfg.device))
     if cfg.batch_size % distributed.world_size():
         raise MedsegError(f"--batch-size {cfg.batch_size} does not split over {distributed.world_size()} processes; "
