@@ -15,6 +15,7 @@ from pathlib import Path
 from medseg.errors import MedsegError
 
 SERIES_UID, DESCRIPTION, MODALITY, SOP_UID = "0020000E", "0008103E", "00080060", "00080018"
+RETRY_ATTEMPTS, RETRY_WAIT_MS = 3, 500
 
 
 def _client(url: str):
@@ -22,7 +23,11 @@ def _client(url: str):
         from dicomweb_client.api import DICOMwebClient
     except ImportError as exc:
         raise MedsegError("medseg pacs needs the dicomweb-client package: pip install 'medseg[deploy]'") from exc
-    return DICOMwebClient(url=url.rstrip("/"))
+    client = DICOMwebClient(url=url.rstrip("/"))
+    # the client's default is 5 attempts over 30 s, for refused connections too: a mistyped address then sat half
+    # a minute before its error. Three attempts, 1 s and 2 s apart, still ride out a server's brief 503s.
+    client.set_http_retry_params(max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MS)
+    return client
 
 
 def _value(attributes: dict, tag: str) -> str:
