@@ -82,6 +82,22 @@ def test_rotations_only_when_asked_and_jitter_keeps_negative_intensities():
         assert any(same)
 
 
+def test_elastic_deformation_bends_the_inside_and_keeps_the_edges():
+    blocks = torch.tensor(np.random.default_rng(1).integers(0, 3, size=(16, 8, 8)))
+    label = blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)  # 128x128 made of 16x16 blocks
+    image = label[:, None].float()
+    generator = torch.Generator().manual_seed(0)
+    plain = dict(affine_p=0, intensity_p=0, flip_axes=[])
+    assert torch.equal(augment(image, label, generator, **plain)[1], label)  # elastic off by default
+    bent_image, bent_label = augment(image, label, generator, elastic_p=1, **plain)
+    assert all((b != l).any() for b, l in zip(bent_label, label))  # every sample bent somewhere inside
+    assert (bent_image[:, 0].round().long() == bent_label).float().mean() > 0.95  # image and label together
+    for rows, cols in [(0, slice(None)), (-1, slice(None)), (slice(None), 0), (slice(None), -1)]:
+        assert torch.equal(bent_label[:, rows, cols], label[:, rows, cols])  # edges still: nothing pulled in
+    half = augment(image, label, generator, elastic_p=0.5, **plain)[1]
+    assert 0 < sum(torch.equal(h, l) for h, l in zip(half, label)) < len(label)  # chosen per sample
+
+
 def test_context_slices_stack_neighbours_as_channels():
     volume = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)  # (C, D, H, W)
     plain = to_slices(volume, axis=0)

@@ -50,11 +50,11 @@ def pad_or_crop(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int
 
 def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
             affine_p: float = 0.3, max_rotation_deg: float = 15.0, max_scale: float = 0.15,
-            intensity_p: float = 0.5, rotate90: bool = False,
-            flip_axes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            intensity_p: float = 0.5, rotate90: bool = False, flip_axes: list[int] | None = None,
+            elastic_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flips along every spatial axis (or only `flip_axes`, counted from 0 over the sample's spatial
-    axes), a small affine (2D only), intensity jitter and, with `rotate90`, 90-degree
-    rotations in the last plane when it is square, per sample. The same spatial transform is applied to image
+    axes), a small affine and, on `elastic_p` of the samples, an elastic deformation (2D only), intensity jitter
+    and, with `rotate90`, 90-degree rotations in the last plane when it is square, per sample. The same spatial transform is applied to image
     and label. Rotations by 90 degrees suit data without a canonical orientation (EM, microscopy); for anatomy
     they ask the network to learn every orientation of a structure it only ever meets one way.
 
@@ -75,7 +75,7 @@ def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
             k = int(rand(1) * 4) % 4
             image[i], label[i] = image[i].rot90(k, (-2, -1)), label[i].rot90(k, (-2, -1))
     if spatial == 2:
-        image, label = _random_affine(image, label, rand, affine_p, max_rotation_deg, max_scale)
+        image, label = _random_warp(image, label, rand, affine_p, max_rotation_deg, max_scale, elastic_p)
     if intensity_p > 0:
         shape = (b,) + (1,) * (image.ndim - 1)
         jitter = rand(b) < intensity_p
@@ -97,10 +97,12 @@ def _intensity_range(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low.view(shape), (flat.amax(1) - low).clamp(min=1e-6).view(shape)
 
 
-def _random_affine(image, label, rand, p, max_rotation_deg, max_scale):
-    b = image.shape[0]
+def _random_warp(image, label, rand, p, max_rotation_deg, max_scale, elastic_p):
+    """A random affine on `p` of the samples and an elastic deformation on `elastic_p` of them, as one resampling."""
+    b, h, w = image.shape[0], image.shape[-2], image.shape[-1]
     chosen = rand(b) < p
-    if not chosen.any():
+    bent = rand(b) < elastic_p if elastic_p > 0 else torch.zeros(b, dtype=torch.bool)
+    if not chosen.any() and not bent.any():
         return image, label
     angle = (rand(b) * 2 - 1) * math.radians(max_rotation_deg)
     scale = 1 + (rand(b) * 2 - 1) * max_scale
@@ -110,7 +112,24 @@ def _random_affine(image, label, rand, p, max_rotation_deg, max_scale):
     identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(b, 2, 3)
     theta = torch.where(chosen.view(b, 1, 1), theta, identity)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    if bent.any():
+        grid = grid + _elastic_field(b, h, w, rand) * bent.view(b, 1, 1, 1)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                           align_corners=False)[:, 0].long()
     return image, label
+
+
+ELASTIC_SPACING, ELASTIC_PIXELS = 32, 5.0
+
+
+def _elastic_field(b: int, h: int, w: int, rand) -> torch.Tensor:
+    """(B, H, W, 2) smooth random displacements in grid_sample's [-1, 1] units: uniform in +-ELASTIC_PIXELS at
+    control points every ELASTIC_SPACING pixels (the U-Net paper's coarse grid, scaled to the crop), bicubically
+    interpolated, and tapered to zero at the edges so that no pixel is pulled in from outside the sample."""
+    rows, cols = max(2, round(h / ELASTIC_SPACING) + 1), max(2, round(w / ELASTIC_SPACING) + 1)
+    coarse = (rand(b, 2, rows, cols) * 2 - 1) * ELASTIC_PIXELS
+    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+    taper = torch.sin(torch.linspace(0, math.pi, h))[:, None] * torch.sin(torch.linspace(0, math.pi, w))[None]
+    field = field * taper
+    return torch.stack([field[:, 0] * 2 / w, field[:, 1] * 2 / h], -1)  # grid's last axis is (x, y)

@@ -67,6 +67,10 @@ TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--flip-axes", "intlist", "mirror training samples only along these axes (2D: 0 rows, 1 columns), "
                                "'none' for no mirroring (default: every axis)"),
     ("--rotate90", bool, "also rotate training samples by multiples of 90 degrees (data with no up, e.g. EM)"),
+    ("--affine-p", float, "2D: share of training samples given a random rotation and scaling (default 0.3)"),
+    ("--max-rotation", float, "2D: largest random rotation in degrees, either way (default 15)"),
+    ("--max-scale", float, "2D: largest random scaling, 1 +- this (default 0.15)"),
+    ("--elastic-p", float, "2D: share of training samples bent by a smooth elastic deformation (default 0)"),
     ("--init-from", str, "start from the weights of this run (or .pt) that match by name and shape"),
     ("--freeze-encoder-epochs", int, "hold the encoder still for this many first epochs (with --init-from)"),
     ("--test-fraction", float, "share of cases held out as test cases, used for no choice and reported by "

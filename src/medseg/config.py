@@ -91,6 +91,11 @@ class TrainConfig:
     augment: bool = True
     rotate90: bool = False  # also rotate training samples by multiples of 90 degrees (EM, microscopy)
     flip_axes: list[int] | None = None  # axes of a training sample to mirror at random (None: all; []: none)
+    # 2D: share of samples given a random rotation (up to max_rotation degrees either way) and scaling (1 +- max_scale)
+    affine_p: float = 0.3
+    max_rotation: float = 15.0
+    max_scale: float = 0.15
+    elastic_p: float = 0.0  # 2D: share of samples bent by a smooth random elastic deformation (medseg.augment)
     # transfer learning
     init_from: str | None = None  # a run folder or checkpoint: its tensors that match by name and shape start training
     freeze_encoder_epochs: int = 0  # hold the encoder still for this many first epochs
@@ -152,6 +157,9 @@ class TrainConfig:
             (self.context == 0 or (self.context > 0 and self.dims == 2),
              f"--context {self.context}: neighbouring slices are for 2D training on volumes (--dims 2)"),
             (self.time_budget is None or self.time_budget > 0, "--time-budget must be positive (minutes)"),
+            (0 <= self.elastic_p <= 1, "--elastic-p must lie in [0, 1]"),
+            (0 <= self.affine_p <= 1 and 0 <= self.max_rotation <= 180 and 0 <= self.max_scale < 1,
+             "--affine-p must lie in [0, 1], --max-rotation in [0, 180] degrees and --max-scale in [0, 1)"),
             (self.freeze_encoder_epochs >= 0, "--freeze-encoder-epochs must be 0 or more"),
         ]
         for ok, message in checks:

@@ -23,7 +23,8 @@ def stack_and_augment(pairs: list, cfg: TrainConfig, generator: torch.Generator)
     image, label = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     if not cfg.augment:
         return image, label
-    return augment(image, label, generator, rotate90=cfg.rotate90, flip_axes=cfg.flip_axes)
+    return augment(image, label, generator, affine_p=cfg.affine_p, max_rotation_deg=cfg.max_rotation,
+                   max_scale=cfg.max_scale, rotate90=cfg.rotate90, flip_axes=cfg.flip_axes, elastic_p=cfg.elastic_p)
 
 
 class SliceSampler:
