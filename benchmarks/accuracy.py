@@ -124,8 +124,17 @@ def plan_line(plan: dict) -> str:
     members = plan["configurations"]["auto"]["members"]
     parts = [f"{name}: {m['size']} px, width {m['base_channels']}, {m['threads']} thread(s)"
              f"{', rot90' if m.get('rotate90') else ''}, flips {m['flip_axes']}"
-             f"{', Dice counting label 0' if m.get('loss') == 'dice_ce_all' else ''}" for name, m in members.items()]
+             f"{', Dice counting label 0' if m.get('loss') == 'dice_ce_all' else ''}"
+             f"{', elastic' if m.get('elastic_p') else ''}{_affine(m)}" for name, m in members.items()]
     return ("ensemble of " if len(members) > 1 else "") + "; ".join(parts) + f"; {next(iter(members.values()))['normalization']}"
+
+
+def _affine(member: dict) -> str:
+    """The random rotations and scalings where the planner widened them (otherwise the defaults: not shown)."""
+    if not member.get("affine_p"):
+        return ""
+    return (f", rotations up to {member['max_rotation']:g} deg and scalings 1 +- {member['max_scale']:g} on "
+            f"{member['affine_p']:.0%} of samples")
 
 
 def train_then_evaluate(train_args: list[str], run: Path, device: str = "auto",

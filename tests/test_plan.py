@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from medseg.cli import main
+from medseg.config import TrainConfig
 from medseg.datasets import find_cases
 from medseg.plan import (choose_normalization, class_order, config_from_plan, fingerprint, make_plan,
                          mirror_axes, patch_and_depth)
@@ -138,6 +139,10 @@ def test_default_recipe_for_shared_hippocampus_is_the_measured_pair():
     assert (coronal["axis"], coronal["size"], coronal["flip_axes"]) == (1, 48, [0])
     assert sagittal["normalization"] == "zscore" and sagittal["mirror_tta"] and sagittal["lr"] == 1e-3
     assert sagittal["loss"] == coronal["loss"] == "dice_ce"
+    # the never-mirrored member makes up for the views mirrors would add; the mirrored one keeps the usual affine
+    assert (sagittal["affine_p"], sagittal["max_rotation"], sagittal["max_scale"]) == (0.5, 30.0, 0.3)
+    assert "affine_p" not in coronal and "sagittal_augmentation" in plan["reasons"]
+    assert TrainConfig(**sagittal).affine_p == 0.5 and TrainConfig(**coronal).affine_p == 0.3
 
 
 @pytest.mark.parametrize("name,binary,loss", [("isbi2012_em", False, "dice_ce_all"), ("drive", False, "dice_ce"),
@@ -149,6 +154,8 @@ def test_default_recipe_for_the_shared_2d_sets(name, binary, loss):
     assert member["rotate90"] and member["size"] == 128 and member["normalization"] == "zscore"
     # ISBI's label 0 is the membranes (22% of pixels): a structure, counted in the Dice term
     assert member["loss"] == loss and plan["reasons"]["loss"].startswith("label 0 covers")
+    # the usual affine where mirrors are allowed; elastic deformation only when asked (tried on ISBI, not adopted)
+    assert TrainConfig(**member).affine_p == 0.3 and TrainConfig(**member).elastic_p == 0
 
 
 def test_loss_rule_counts_label_0_where_it_is_not_the_majority():
