@@ -54,9 +54,10 @@ def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
             elastic_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flips along every spatial axis (or only `flip_axes`, counted from 0 over the sample's spatial
     axes), a small affine and, on `elastic_p` of the samples, an elastic deformation (2D only), intensity jitter
-    and, with `rotate90`, 90-degree rotations in the last plane when it is square, per sample. The same spatial transform is applied to image
-    and label. Rotations by 90 degrees suit data without a canonical orientation (EM, microscopy); for anatomy
-    they ask the network to learn every orientation of a structure it only ever meets one way.
+    and, with `rotate90`, 90-degree rotations in the last plane when it is square, per sample. The same spatial
+    transform is applied to image and label. Rotations by 90 degrees suit data without a canonical orientation
+    (EM, microscopy); for anatomy they ask the network to learn every orientation of a structure it only ever
+    meets one way.
 
     image: (B, C, *spatial), any normalisation; label: (B, *spatial); 2D or 3D.
     """
