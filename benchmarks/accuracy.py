@@ -33,6 +33,7 @@ from medseg.cli import main as medseg_main
 from medseg.data import load_case
 from medseg.evaluate import evaluation_cases
 from medseg.metrics import maximal_f_score, threshold_counts
+from medseg.recipe import affine_words
 from medseg.scoring import score_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +133,7 @@ def plan_line(plan: dict) -> str:
 
 def _affine(member: dict) -> str:
     """The random rotations and scalings where the planner widened them (otherwise the defaults: not shown)."""
-    if not member.get("affine_p"):
-        return ""
-    return (f", rotations up to {member['max_rotation']:g} deg and scalings 1 +- {member['max_scale']:g} on "
-            f"{member['affine_p']:.0%} of samples")
+    return f", {affine_words(member)}" if member.get("affine_p") else ""
 
 
 def train_then_evaluate(train_args: list[str], run: Path, device: str = "auto",

@@ -38,6 +38,7 @@ import os
 
 import numpy as np
 
+from medseg.config import TrainConfig
 from medseg.plan import calibrate_width, choose_normalization, class_count, mirror_axes
 
 MAX_SIDE = 128
@@ -51,6 +52,7 @@ BACKGROUND_MAJORITY = 0.5  # below this share label 0 is a structure, and Dice c
 # a network that may not be mirrored at all (classes in a fixed order along every in-plane axis) sees fewer distinct
 # views of its cases: stronger rotations and scalings (nnU-Net's ranges) make up for the mirrors it loses
 UNMIRRORED_AFFINE = {"affine_p": 0.5, "max_rotation": 30.0, "max_scale": 0.3}
+USUAL_AFFINE = {name: getattr(TrainConfig, name) for name in UNMIRRORED_AFFINE}  # TrainConfig's defaults
 
 
 def default_configuration(fp: dict, data: str, options: dict, budget_minutes: float, device: str = "cpu",
@@ -81,9 +83,8 @@ def default_configuration(fp: dict, data: str, options: dict, budget_minutes: fl
         settings["threads"] = threads
         if settings["flip_axes"] == []:
             settings.update(UNMIRRORED_AFFINE)
-            reasons[f"{name}_augmentation"] = (
-                "no axis may be mirrored: rotations up to 30 degrees and scalings of 0.7-1.3 on half the samples "
-                "(otherwise 15 degrees, 0.85-1.15, on 30%) make up for the views the mirrors would have added")
+            reasons[f"{name}_augmentation"] = f"no axis may be mirrored: {affine_words(UNMIRRORED_AFFINE)} " \
+                f"(otherwise {affine_words(USUAL_AFFINE)}) make up for the views the mirrors would have added"
         settings["depth"] = _depth(settings["size"])
         width, timings = 16, {}
         if calibrate:
@@ -116,6 +117,12 @@ def _volume_members(fp: dict, common: dict, mirrored: list[int], cores: int) -> 
                          "size": _side([fp["shape"]["max"][a] for a in in_plane]),
                          "flip_axes": [i for i, a in enumerate(in_plane) if a in mirrored]}
     return members, why
+
+
+def affine_words(affine: dict) -> str:
+    """Random rotations and scalings in words, from the TrainConfig settings affine_p, max_rotation, max_scale."""
+    return (f"rotations up to {affine['max_rotation']:g} degrees and scalings of {1 - affine['max_scale']:g}-"
+            f"{1 + affine['max_scale']:g} on {affine['affine_p']:.0%} of the samples")
 
 
 def _plane_axes(orientation: str) -> dict[str, int]:
