@@ -49,3 +49,27 @@ def test_a_compiled_run_trains_the_same_function_as_an_eager_one(phantoms_2d, tm
               for c, run in runs.items()}
     assert losses["off"][-1] < losses["off"][0]  # it learns, so equal losses say something
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)  # same maths; the kernels may round differently
+
+
+
+def test_a_frozen_network_predicts_what_the_eager_one_does_with_short_batches_padded():
+    from medseg.infer import sliding_window
+    from medseg.models import create_model
+
+    torch.manual_seed(0)
+    eager = create_model("unet", in_channels=1, num_classes=2, base_channels=4, depth=2, spatial_dims=3,
+                         norm="instance").eval()
+    frozen = compiling.FrozenNetwork(eager)
+    shapes, compiled = [], frozen.compiled
+    frozen.compiled = lambda x: shapes.append(tuple(x.shape)) or compiled(x)
+    patch, volume = (16, 16, 16), torch.randn(1, 1, 26, 26, 26)  # 3 windows along each axis: 27
+    with torch.no_grad():
+        expected = sliding_window(eager, volume, patch, 0.5, batch_size=4)
+        got = sliding_window(frozen, volume, patch, 0.5, batch_size=4)
+    assert float((got - expected).abs().max()) < 1e-4
+    assert shapes == [(4, 1, *patch)] * 7  # six batches of 4 windows and one of 3, padded to 4: one graph
+    single = volume[..., :16, :16, :16]
+    with torch.no_grad():  # a batch of one, padded to itself; and padding changes nothing for the real samples
+        assert float((frozen(single) - eager(single)).abs().max()) < 1e-4
+        triple = frozen(single.repeat(3, 1, 1, 1, 1))  # padded to 4: the graph the sliding window compiled
+        assert float((triple[2] - eager(single)[0]).abs().max()) < 1e-4

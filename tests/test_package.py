@@ -145,14 +145,15 @@ def test_onnx_parity_on_a_real_volume(trained_3d):
     np.testing.assert_array_equal(labels_a, labels_b)
 
 
-def test_predict_engine_onnxruntime_writes_the_same_masks(package_2d, phantoms_2d, tmp_path):
+def test_predict_engines_onnxruntime_and_compiled_write_the_same_masks(package_2d, phantoms_2d, tmp_path):
     images = phantoms_2d / "imagesTr"
-    for engine in ("torch", "onnxruntime"):
+    for engine in ("torch", "onnxruntime", "compiled"):
         assert main(["predict", str(package_2d), str(images), "--out", str(tmp_path / engine), "--engine", engine,
                      "--quiet"]) == 0
     for mask in (tmp_path / "torch").iterdir():
-        np.testing.assert_array_equal(np.asarray(PILImage.open(mask)),
-                                      np.asarray(PILImage.open(tmp_path / "onnxruntime" / mask.name)))
+        for engine in ("onnxruntime", "compiled"):
+            np.testing.assert_array_equal(np.asarray(PILImage.open(mask)),
+                                          np.asarray(PILImage.open(tmp_path / engine / mask.name)))
 
 
 # `medseg ...` in a Python where `import torch` fails, as on a server without PyTorch installed

@@ -27,7 +27,7 @@ import numpy as np
 from medseg.arrays import pad_edge_to_multiple
 from medseg.errors import MedsegError
 
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("torch", "onnxruntime", "compiled")  # compiled: medseg.compiling.FrozenNetwork
 
 
 def _onnxruntime():

@@ -82,9 +82,11 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     A broken input (unreadable, wrong channels, NaN voxels) does not stop the others: once every good input is
     written, `SomeInputsFailed` names the broken ones with their reasons (`strict`: the first one raises at once).
     A mask already in `out` is replaced only with `overwrite`. RUN may also be a model package (`medseg export`);
-    `engine` "onnxruntime" runs each network as ONNX (the package's, or exported on the spot). `fmt`: auto (the
-    input's format; NIfTI for DICOM series), nifti, png, npz (probabilities) or dicom-seg (DICOM series inputs);
-    `with_uncertainty` also writes NAME_uncertainty (entropy of the mean probability) beside each result.
+    `engine` "onnxruntime" runs each network as ONNX (the package's, or exported on the spot), "compiled" with
+    torch.compile and frozen weights (a one-off compile per input shape, then faster: many windows or cases).
+    `fmt`: auto (the input's format; NIfTI for DICOM series), nifti, png, npz (probabilities) or dicom-seg (DICOM
+    series inputs); `with_uncertainty` also writes NAME_uncertainty (entropy of the mean probability) beside each
+    result.
     series: which DICOM series to read where a folder holds several (UID or description). RUN may be a
     cross-validation folder (`fold_0`, `fold_1`, ...): the folds are ensembled. `workers` > 1 predicts in that many
     processes, sharing the cores; `shard` (i, n) takes the i-th of n deterministic shares of the inputs, so that n
@@ -151,6 +153,10 @@ def _models(run, device: str, engine: str, threads: int) -> list:
                           "without it ('medseg export RUN --out model.zip --onnx', then --engine onnxruntime)") from exc
 
     models = load_models(run, device=device)
+    if engine == "compiled":
+        from medseg.compiling import freeze_for_inference
+
+        return freeze_for_inference(models)
     return use_onnxruntime(models, threads) if engine == "onnxruntime" else models
 
 
@@ -167,7 +173,7 @@ _WORKER: dict = {}  # a worker process's models, loaded once by `_start_worker`
 
 
 def _start_worker(run: str, device: str, engine: str, threads: int) -> None:
-    if engine == "torch":
+    if engine != "onnxruntime":
         import torch
 
         torch.set_num_threads(threads)
