@@ -173,8 +173,8 @@ def plot(rows: list[dict], ct: dict) -> None:
 
     voxels = [r["size"][0] * r["size"][1] * r["size"][2] / 1e6 for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(voxels, [r["medseg_s"] for r in rows], "o-", label="medseg")
-    left.plot(voxels, [r["monai_s"] for r in rows], "s-", label="MONAI")
+    left.plot(voxels, [r["medseg_s"] for r in rows], "o-", label="medseg, eager")
+    left.plot(voxels, [r["monai_s"] for r in rows], "s-", label="MONAI, eager")
     left.plot(voxels, [r["medseg_compiled_s"] for r in rows], "^-", label="medseg, --engine compiled")
     left.set_xlabel("million voxels")
     left.set_ylabel("seconds per volume")
