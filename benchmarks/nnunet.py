@@ -4,6 +4,7 @@
     python benchmarks/nnunet.py --configuration 2d --minutes 30
     python benchmarks/nnunet.py --dataset dsb2018       # DSB 2018 nuclei, nnU-Net's 2d configuration
     python benchmarks/nnunet.py --dataset dsb2018 --probe   # time one short epoch to size the budget trainer
+    python benchmarks/nnunet.py --dataset drive         # DRIVE vessels, 2d, scored inside the field of view
 
 What is the same as medseg's accuracy run (benchmarks/accuracy.py): the training cases (medseg's train + validation
 split of seed 0, handed to nnU-Net as its fold 0 through splits_final.json, so its checkpoint is chosen on the same
@@ -19,8 +20,10 @@ validation, from the per-iteration times given (3d_fullres on the hippocampus, 2
 a first short try, 5.4 s over the whole 2026-11-28 run, whose 5 x 61 iterations therefore took 35.6 minutes, not 30).
 `--probe` trains one epoch of 20 iterations to measure them on another dataset or configuration.
 
-2D images (DSB 2018) reach nnU-Net as PNG files it reads itself (RGB, labels 0/1 after medseg's own reading of the
-instance masks, `--binary-masks`), written under the output folder; volumes are linked, not copied.
+2D images (DSB 2018, DRIVE) reach nnU-Net as PNG files it reads itself (RGB, labels 0/1 after medseg's own reading
+of the masks: DSB's instance masks with `--binary-masks`, DRIVE's 0/255 vessel maps), written under the output
+folder; volumes are linked, not copied. DRIVE is scored inside each image's field of view (its `mask` folder), as
+medseg's evaluation scores it; nnU-Net trains on the whole images, as it would for a user.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ DATASETS = {
     "dsb2018": {"path": SHARED / "dsb2018", "id": 518, "name": "Dataset518_DSB2018", "ending": ".png",
                 "channels": {"0": "R", "1": "G", "2": "B"}, "classes": ["background", "nucleus"], "binary": True,
                 "configuration": "2d", "seconds_per_iteration": None, "seconds_per_val_iteration": None},
+    "drive": {"path": SHARED / "drive", "id": 519, "name": "Dataset519_DRIVE", "ending": ".png",
+              "channels": {"0": "R", "1": "G", "2": "B"}, "classes": ["background", "vessel"], "binary": False,
+              "configuration": "2d", "seconds_per_iteration": None, "seconds_per_val_iteration": None},
 }
 TRAINER_TEMPLATE = '''import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -86,7 +92,8 @@ def split(dataset: dict) -> dict:
 
     cases = find_cases(dataset["path"]).cases
     parts = split_cases([c.case_id for c in cases])
-    return {**parts, "files": {c.case_id: (str(c.images[0]), str(c.mask)) for c in cases}}
+    return {**parts, "files": {c.case_id: (str(c.images[0]), str(c.mask)) for c in cases},
+            "rois": {c.case_id: c.roi and str(c.roi) for c in cases}}
 
 
 def write_raw(raw: Path, parts: dict, dataset: dict) -> None:
@@ -172,7 +179,9 @@ def score(predictions: Path, parts: dict, dataset: dict) -> dict:
     for case in parts["test"]:
         mask = read_image(parts["files"][case][1])
         pred = read_image(predictions / f"{case}{dataset['ending']}")
-        scores = scored_metrics(pred.array[0].astype("uint8"), _truth(mask, dataset), names,
+        roi = parts["rois"][case]  # the field of view, read as medseg.data reads it
+        roi = None if roi is None else read_image(roi).array.max(0) > 0
+        scores = scored_metrics(pred.array[0].astype("uint8"), _truth(mask, dataset), names, roi=roi,
                                 spacing=mask.spacing, boundary=True)
         rows += [{"case": case, "class": n, **m} for n, m in scores.items()]
     return summarise(rows, names[1:], f"test cases of {dataset['path'].name}", Path("nnunet"))
