@@ -93,7 +93,7 @@ def split(dataset: dict) -> dict:
     cases = find_cases(dataset["path"]).cases
     parts = split_cases([c.case_id for c in cases])
     return {**parts, "files": {c.case_id: (str(c.images[0]), str(c.mask)) for c in cases},
-            "rois": {c.case_id: c.roi and str(c.roi) for c in cases}}
+            "cases": {c.case_id: c for c in cases}}
 
 
 def write_raw(raw: Path, parts: dict, dataset: dict) -> None:
@@ -170,6 +170,7 @@ def nnunet(python: Path, command: str, *args: str, env: dict) -> float:
 
 def score(predictions: Path, parts: dict, dataset: dict) -> dict:
     """medseg's metrics on nnU-Net's test predictions, each case at its own grid, summarised as medseg does."""
+    from medseg.data import read_roi
     from medseg.evaluate import summarise
     from medseg.io import read_image
     from medseg.metrics import scored_metrics
@@ -179,8 +180,7 @@ def score(predictions: Path, parts: dict, dataset: dict) -> dict:
     for case in parts["test"]:
         mask = read_image(parts["files"][case][1])
         pred = read_image(predictions / f"{case}{dataset['ending']}")
-        roi = parts["rois"][case]  # the field of view, read as medseg.data reads it
-        roi = None if roi is None else read_image(roi).array.max(0) > 0
+        roi = read_roi(parts["cases"][case], mask.spatial_shape)  # DRIVE's field of view, as medseg reads it
         scores = scored_metrics(pred.array[0].astype("uint8"), _truth(mask, dataset), names, roi=roi,
                                 spacing=mask.spacing, boundary=True)
         rows += [{"case": case, "class": n, **m} for n, m in scores.items()]

@@ -51,7 +51,6 @@ def test_a_compiled_run_trains_the_same_function_as_an_eager_one(phantoms_2d, tm
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)  # same maths; the kernels may round differently
 
 
-
 def test_a_frozen_network_predicts_what_the_eager_one_does_with_short_batches_padded():
     from medseg.infer import sliding_window
     from medseg.models import create_model

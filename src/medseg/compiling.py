@@ -79,7 +79,7 @@ class FrozenNetwork:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
-        self.compiled = torch.compile(self.model, dynamic=False)
+        self.compiled = compiled(self.model)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor

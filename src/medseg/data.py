@@ -85,7 +85,7 @@ def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True)
     image = read_case_image(case.images, cfg.color, cfg.npy_layout)
     mask, label = read_label(case, cfg)
     check_same_grid(case, image, mask)
-    roi = _read_roi(case, image.spatial_shape)
+    roi = read_roi(case, image.spatial_shape)
     image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
     if resample and cfg.orientation and image.affine is not None and orientation_of(image.affine) != cfg.orientation:
         label = reorient(label, image.affine, cfg.orientation)
@@ -114,7 +114,9 @@ def first_orientation(cases: list[Case], color: str = "keep") -> str | None:
     return (read_image(cases[0].images[0], color=color).orientation or None) if cases else None
 
 
-def _read_roi(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:
+def read_roi(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The case's region of interest as a boolean map (*spatial): wherever any channel is non-zero; None where
+    the case has none. Its shape must be the image's `shape`."""
     if case.roi is None:
         return None
     roi = read_image(case.roi)
