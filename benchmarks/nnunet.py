@@ -128,9 +128,10 @@ def _png(source: str, target: Path, dataset: dict, label: bool = False) -> None:
     image = read_image(source)
     if label:
         Image.fromarray(_truth(image, dataset)).save(target)
-    else:  # (C, H, W) as medseg reads it -> H x W x 3, 8 bits
+    else:  # (C, H, W) as medseg reads it -> H x W x C (H x W for one channel), 8 bits
         channels = len(dataset["channels"])
-        Image.fromarray(np.clip(image.array[:channels], 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(target)
+        pixels = np.clip(image.array[:channels], 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(target)
 
 
 def _truth(mask, dataset: dict):

@@ -6,12 +6,16 @@
       as their users' loops would unless they compile too);
   (c) the pipeline a MONAI user would write: CacheDataset of dictionary transforms (load, channel first,
       normalise, cached; then random crop, flips, affine in 2D, intensity scale/shift) and a DataLoader with
-      persistent workers.
+      persistent workers;
+  (d) where nnU-Net v2's venv exists (.venv-nnunet, made by benchmarks/nnunet.py): nnU-Net's own data loader and
+      default augmentation, on its preprocessed copy of the same cases, with the worker count nnU-Net allows on this
+      machine, built by its default trainer (benchmarks/nnunet_loader.py, run in that venv, one process per timed
+      window); only its patch and batch size are set to the shared ones.
 
 2D: 64 synthetic 256x256 PNG phantoms (medseg synth), crops 128x128; 3D: the MSD hippocampus training volumes,
 patches 32^3 (hippocampus volumes are ~35x50x35). Steps per second are medians of three timed windows per
-pipeline, the pipelines interleaved so that each meets the same machine. nnU-Net v2's loader (d) is not run here:
-it needs its own preprocessed copy of the data (see benchmarks/nnunet.py for the end-to-end comparison).
+pipeline, the pipelines interleaved so that each meets the same machine. nnU-Net's preprocessing (its planner on
+the same cases, once per run, under runs/throughput_nnunet/) is not timed, as medseg's loading is not.
 
     python benchmarks/throughput.py [--steps 20]
 
@@ -22,8 +26,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,9 +86,9 @@ class Trainer:
             torch.cuda.synchronize()  # a step counts once its kernels are done
 
 
-def steps_per_second(batches, trainer: Trainer, steps: int) -> float:
-    """Steps per second over `steps` steps, after two warm-up steps."""
-    for _ in range(2):
+def steps_per_second(batches, trainer: Trainer, steps: int, warmup: int = 2) -> float:
+    """Steps per second over `steps` steps, after `warmup` steps."""
+    for _ in range(warmup):
         trainer.step(*next(batches))
     started = time.perf_counter()
     for _ in range(steps):
@@ -133,6 +140,54 @@ def monai_batches(cases, cfg: TrainConfig, workers: int):
             yield batch["image"].as_tensor().float(), batch["label"].as_tensor()[:, 0].long()
 
 
+class NnunetLoader:
+    """Pipeline (d): nnU-Net's preprocessed copy of the cases, made once; each timed window one process in its venv."""
+
+    def __init__(self, dims: int, data: Path, cases, channels: int, classes: int):
+        import nnunet
+
+        self.python = nnunet.VENV / "bin" / "python"
+        self.dims, self.data, self.channels, self.classes = dims, data, channels, classes
+        self.configuration = "2d" if dims == 2 else "3d_fullres"
+        self.ident = 520 + dims
+        self.name = f"Dataset{self.ident}_Throughput{dims}d"
+        out = ROOT / "runs" / "throughput_nnunet" / f"{dims}d"
+        self.env = {**os.environ, "nnUNet_raw": str(out / "raw"), "nnUNet_preprocessed": str(out / "preprocessed"),
+                    "nnUNet_results": str(out / "results"),
+                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")])}
+        labels = json.loads((data / "dataset.json").read_text())["labels"]
+        dataset = {"name": self.name, "ending": ".png" if dims == 2 else ".nii.gz",
+                   "channels": {str(i): f"channel{i}" for i in range(channels)},
+                   "classes": [labels[str(i)] for i in range(len(labels))], "binary": False}
+        ids = [c.case_id for c in cases]  # all of them train, as in the other pipelines
+        parts = {"train": ids, "val": [], "test": [],
+                 "files": {c.case_id: (str(c.images[0]), str(c.mask)) for c in cases}}
+        nnunet.write_raw(out / "raw", parts, dataset)
+        nnunet.nnunet(self.python, "nnUNetv2_plan_and_preprocess", "-d", str(self.ident), "-c", self.configuration,
+                      "-np", "2", env=self.env)
+        split = [{"train": ids, "val": ids[:2]}]
+        (out / "preprocessed" / self.name / "splits_final.json").write_text(json.dumps(split))
+
+    def rate(self, steps: int) -> tuple[float, int]:
+        """Steps per second of one window, and nnU-Net's augmenter worker count."""
+        command = [str(self.python), str(ROOT / "benchmarks" / "nnunet_loader.py"), "--dataset", self.name,
+                   "--configuration", self.configuration, "--dims", str(self.dims), "--data", str(self.data),
+                   "--channels", str(self.channels), "--classes", str(self.classes), "--steps", str(steps)]
+        done = subprocess.run(command, env=self.env, check=True, capture_output=True, text=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return result["steps_per_s"], result["workers"]
+
+
+def nnunet_loader(dims: int, data: Path, cases, channels: int, classes: int) -> NnunetLoader | None:
+    import nnunet
+
+    if not (nnunet.VENV / "bin" / "python").exists():
+        print(f"(d) skipped: no nnU-Net venv at {nnunet.VENV} (python benchmarks/nnunet.py --probe makes it)",
+              file=sys.stderr)
+        return None
+    return NnunetLoader(dims, data, cases, channels, classes)
+
+
 def measure(dims: int, data: Path, steps: int, repeats: int, device: str = "cpu") -> dict:
     """Steps per second of each pipeline for `dims` on `device` (benchmarks/gpu.py calls it with cuda)."""
     device = torch.device(device)
@@ -149,10 +204,15 @@ def measure(dims: int, data: Path, steps: int, repeats: int, device: str = "cpu"
     if device.type == "cpu":  # where medseg's budgeted runs compile by default (medseg.compiling)
         pipelines["medseg_compiled"] = medseg_batches(sampler)
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    nnunet = nnunet_loader(dims, data, cases, channels, classes) if device.type == "cpu" else None
+    workers = None
     for _ in range(repeats):
         for name, batches in pipelines.items():
             trainer = Trainer(cfg, channels, classes, device, compile_step=name == "medseg_compiled")
             rates[name].append(steps_per_second(batches, trainer, steps))
+        if nnunet:
+            rate, workers = nnunet.rate(steps)
+            rates.setdefault("nnunet", []).append(rate)
     row = {"dims": dims, "device": str(device), "data": f"{len(cases)} cases", "batch": cfg.batch_size,
            "crop": [cfg.size] * 2 if dims == 2 else list(cfg.patch_size), "medseg_load_seconds": round(load_seconds, 1),
            **{f"{name}_steps_per_s": round(statistics.median(v), 3) for name, v in rates.items()}}
@@ -161,6 +221,9 @@ def measure(dims: int, data: Path, steps: int, repeats: int, device: str = "cpu"
     row["medseg_over_monai"] = row["medseg_steps_per_s"] / monai_best
     if "medseg_compiled_steps_per_s" in row:
         row["medseg_compiled_over_monai"] = row["medseg_compiled_steps_per_s"] / monai_best
+    if "nnunet_steps_per_s" in row:
+        row["nnunet_workers"] = workers
+        row["medseg_over_nnunet"] = row["medseg_steps_per_s"] / row["nnunet_steps_per_s"]
     print(row, flush=True)
     return row
 
@@ -184,15 +247,18 @@ def main() -> None:
     lines = [f"Machine: {machine}. Training steps per second (median of {args.repeats} windows of {args.steps} "
              "steps, pipelines interleaved); the same U-Net (width 16, instance norm), Dice + CE, Adam.", "",
              "| data | batch x crop | (a) bare loop | (b) medseg | (b) medseg, compiled step | (c) MONAI, 0 workers | "
-             "(c) MONAI, 2 workers | (b)/(a) (bar 0.90) | (b)/(c) best (bar 1.3) | (b) compiled/(c) best |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(c) MONAI, 2 workers | (d) nnU-Net v2 loader (workers) | (b)/(a) (bar 0.90) | (b)/(c) best (bar 1.3) | "
+             "(b) compiled/(c) best | (b)/(d) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         crop = "x".join(map(str, r["crop"]))
+        nnunet = (f"{r['nnunet_steps_per_s']:.2f} ({r['nnunet_workers']})", f"{r['medseg_over_nnunet']:.2f}") \
+            if "nnunet_steps_per_s" in r else ("not run", "")
         lines.append(f"| {'2D phantoms' if r['dims'] == 2 else 'MSD hippocampus'} ({r['data']}) | {r['batch']} x "
                      f"{crop} | {r['bare_steps_per_s']:.2f} | {r['medseg_steps_per_s']:.2f} | "
                      f"{r['medseg_compiled_steps_per_s']:.2f} | {r['monai_workers0_steps_per_s']:.2f} | "
-                     f"{r['monai_workers2_steps_per_s']:.2f} | {r['medseg_over_bare']:.2f} | "
-                     f"{r['medseg_over_monai']:.2f} | {r['medseg_compiled_over_monai']:.2f} |")
+                     f"{r['monai_workers2_steps_per_s']:.2f} | {nnunet[0]} | {r['medseg_over_bare']:.2f} | "
+                     f"{r['medseg_over_monai']:.2f} | {r['medseg_compiled_over_monai']:.2f} | {nnunet[1]} |")
     lines += ["", "Command: `python benchmarks/throughput.py` (alone on the machine)."]
     write_section("THROUGHPUT", "benchmarks/throughput.py", lines, "Training throughput: medseg, a bare loop, MONAI")
 
