@@ -145,13 +145,13 @@ def test_onnx_parity_on_a_real_volume(trained_3d):
     np.testing.assert_array_equal(labels_a, labels_b)
 
 
-def test_predict_engines_onnxruntime_and_compiled_write_the_same_masks(package_2d, phantoms_2d, tmp_path):
+def test_predict_engines_auto_onnxruntime_and_compiled_write_the_same_masks(package_2d, phantoms_2d, tmp_path):
     images = phantoms_2d / "imagesTr"
-    for engine in ("torch", "onnxruntime", "compiled"):
+    for engine in ("torch", "onnxruntime", "compiled", "auto"):
         assert main(["predict", str(package_2d), str(images), "--out", str(tmp_path / engine), "--engine", engine,
                      "--quiet"]) == 0
     for mask in (tmp_path / "torch").iterdir():
-        for engine in ("onnxruntime", "compiled"):
+        for engine in ("onnxruntime", "compiled", "auto"):
             np.testing.assert_array_equal(np.asarray(PILImage.open(mask)),
                                           np.asarray(PILImage.open(tmp_path / engine / mask.name)))
 
@@ -179,13 +179,14 @@ def test_a_2d_package_predicts_without_pytorch(package_2d, phantoms_2d, tmp_path
 
 
 def test_a_3d_package_predicts_without_pytorch(trained_3d, phantoms_3d, tmp_path):
-    """A 3D network's sliding window with mirroring TTA under onnxruntime and NumPy alone: identical masks and
-    probabilities within 1e-3 (written as float16) of PyTorch's."""
+    """A 3D network's sliding window with mirroring TTA under onnxruntime and NumPy alone (the default engine,
+    auto, picks it where PyTorch is missing): identical masks and probabilities within 1e-3 (written as float16) of
+    PyTorch's."""
     package = export_package(trained_3d, tmp_path / "model3d.zip", onnx=True)
     images = sorted((phantoms_3d / "imagesTr").iterdir())[:3]
     args = ["predict", str(package), *map(str, images), "--format", "npz", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "torch")]) == 0
-    done = medseg_without_torch(*args, "--out", str(tmp_path / "ort"), "--engine", "onnxruntime")
+    done = medseg_without_torch(*args, "--out", str(tmp_path / "ort"))  # --engine auto finds the ONNX networks
     assert done.returncode == 0, done.stderr
     results = sorted((tmp_path / "torch").glob("*.npz"))
     assert len(results) == 3

@@ -292,11 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--shard", metavar="I/N",
                          help="predict only the I-th of N deterministic shares of the inputs (0 <= I < N), for "
                               "arrays of jobs on several machines")
-    predict.add_argument("--engine", default="torch", choices=ENGINES,
-                         help="run the networks in PyTorch (default), as ONNX in onnxruntime (a package exported "
-                              "with --onnx carries them; otherwise they are exported on the spot), or compiled with "
-                              "frozen weights (torch.compile: about 10-30 s once per input shape, then 0.5-0.7 of "
-                              "the eager time here; pays for many windows or cases of one size)")
+    predict.add_argument("--engine", default="auto", choices=ENGINES,
+                         help="auto (default): PyTorch, and on a CPU an input shape is compiled with frozen weights "
+                              "once its eager work reaches 75 s, or at once where a volume's windows alone would "
+                              "take that long (large volumes, many images of one size); torch: always eager; "
+                              "onnxruntime: as ONNX (a package exported with --onnx carries them; otherwise "
+                              "exported on the spot); compiled: torch.compile from the first input (about 40 s "
+                              "once per input shape with a cold cache here, then 0.5-0.7 of the eager time)")
 
     serve = sub.add_parser("serve", help="a web page (and REST API) that segments uploads and shows the masks")
     serve.add_argument("run", help="a run, ensemble or model package")

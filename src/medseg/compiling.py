@@ -12,15 +12,24 @@ decides as the run did; it is printed and kept in train_summary.json.
 Validation stays eager: it runs the same weights, and its input sizes vary from case to case. Prediction can run
 compiled (`medseg predict --engine compiled`, `FrozenNetwork`): the weights are frozen into the graph, which lets
 inductor fold them and pre-pack the convolutions for oneDNN; measured for the 3D U-Net's sliding window in
-benchmarks/sliding_window.py.
+benchmarks/sliding_window.py. `--engine auto` (the default on a CPU, `AdaptiveNetwork`) compiles only the input
+shapes that have already cost as much eager time as a compile does, so a few small cases never wait for one.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
+from medseg.console import notice
 from medseg.errors import MedsegError
 
 MIN_BUDGET_MINUTES = 10.0
+# Eager seconds after which compiling an input shape has paid for itself: a cold compile (empty inductor cache,
+# the toolchain probe included) cost about 37 s here and a compiled batch of windows about half an eager one
+# (benchmarks/predict_engines.py), so C / (1 - r) = 75 s. Renting until then costs at most (75 + 37) / 75 = 1.5x
+# the better of eager and compiled on a job whose length is unknown, and nothing on jobs shorter than that.
+COMPILE_AFTER_SECONDS = 75.0
 
 
 def decide(cfg, device: torch.device, processes: int) -> tuple[bool, str]:
@@ -85,11 +94,81 @@ class FrozenNetwork:
         import torch._inductor.config as inductor
 
         n = x.shape[0]
-        size = 1 << (n - 1).bit_length()
+        size = padded_batch(n)
         if size > n:
             x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
         with torch.no_grad(), inductor.patch(freezing=True):
             return self.compiled(x)[:n]
+
+
+def padded_batch(n: int) -> int:
+    """The batch size FrozenNetwork runs `n` samples as: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+class AdaptiveNetwork:
+    """`--engine auto` on a CPU: the network runs eagerly, and an input shape that has cost COMPILE_AFTER_SECONDS
+    of eager time runs from then on through the frozen, compiled twin (FrozenNetwork): the rule of renting until
+    the rent paid would have bought. Where the work ahead is known (`expect`: a volume's sliding window knows its
+    windows), a shape compiles after its first batch if that work alone would pay back the compile. A job too short
+    for a compile to pay back never compiles; a long one (a CT volume's hundreds of windows, a folder of many
+    same-sized images) runs nearly all of its batches compiled. Shapes are counted as FrozenNetwork pads them, so a volume's
+    last, shorter batch counts with the others. The first compile also probes the toolchain; where it cannot
+    compile, prediction stays eager and says so once."""
+
+    def __init__(self, model: torch.nn.Module, after_seconds: float = COMPILE_AFTER_SECONDS):
+        self.model = model.eval()
+        self.after_seconds = after_seconds
+        self.eager_seconds: dict[tuple, float] = {}  # per padded input shape
+        self.last_seconds: dict[tuple, float] = {}  # the latest eager call's, per shape
+        self.expected_calls = 0  # calls still to come in the current job, where it said (`expect`)
+        self.compiled_shapes: set[tuple] = set()
+        self.frozen: FrozenNetwork | None = None
+        self.failure: str | None = None  # why torch.compile does not work here, once a compile was wanted
+
+    def expect(self, calls: int) -> None:
+        """The job about to run calls the network `calls` times with one input shape (a volume's windows)."""
+        self.expected_calls = calls
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (padded_batch(x.shape[0]), *x.shape[1:])
+        if shape not in self.compiled_shapes and self._would_pay(shape) and self._compiler_works():
+            notice(f"--engine auto: compiling the network for inputs of shape {list(shape)} (the eager work on "
+                   f"them would pay for the compile; --engine torch stays eager)")
+            self.compiled_shapes.add(shape)
+        self.expected_calls = max(0, self.expected_calls - 1)
+        if shape in self.compiled_shapes:
+            return self.frozen(x)
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = self.model(x)
+        self.last_seconds[shape] = time.perf_counter() - started
+        self.eager_seconds[shape] = self.eager_seconds.get(shape, 0.0) + self.last_seconds[shape]
+        return out
+
+    def _would_pay(self, shape: tuple) -> bool:
+        """The eager time already spent on `shape`, or the known work ahead at its last call's speed, reaches the
+        pay-back point."""
+        ahead = self.expected_calls * self.last_seconds.get(shape, 0.0)
+        return max(self.eager_seconds.get(shape, 0.0), ahead) >= self.after_seconds
+
+    def _compiler_works(self) -> bool:
+        if self.frozen is None and self.failure is None:
+            self.failure = probe()
+            if self.failure:
+                notice(f"--engine auto: staying eager, torch.compile does not work here ({self.failure})")
+            else:
+                self.frozen = FrozenNetwork(self.model)
+        return self.frozen is not None
+
+
+def adapt_for_inference(models: list) -> list:
+    """`--engine auto`: on a CPU, each member's network compiles the input shapes that recur (AdaptiveNetwork);
+    elsewhere (a GPU, where it was not measured) the networks stay as they are."""
+    for trained in models:
+        if trained.device.type == "cpu":
+            trained.model = AdaptiveNetwork(trained.model)
+    return models
 
 
 def freeze_for_inference(models: list) -> list:

@@ -169,6 +169,8 @@ def sliding_window(model, volume, patch: tuple[int, ...], overlap: float = 0.5, 
     starts = [window_starts(n, p, overlap) for n, p in zip(padded.shape[2:], patch)]
     total, norm = None, arrays.zeros(padded.shape[2:], volume)
     corners = list(itertools.product(*starts))
+    if hasattr(model, "expect"):  # --engine auto: a long volume compiles at once (medseg.compiling)
+        model.expect(-(-len(corners) // batch_size) * 2 ** len(mirror))
     for first in range(0, len(corners), batch_size):
         chunk = corners[first:first + batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]

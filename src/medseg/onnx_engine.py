@@ -27,7 +27,9 @@ import numpy as np
 from medseg.arrays import pad_edge_to_multiple
 from medseg.errors import MedsegError
 
-ENGINES = ("torch", "onnxruntime", "compiled")  # compiled: medseg.compiling.FrozenNetwork
+# auto: medseg.compiling.AdaptiveNetwork (or onnxruntime for a package where PyTorch is missing); compiled:
+# medseg.compiling.FrozenNetwork
+ENGINES = ("auto", "torch", "onnxruntime", "compiled")
 
 
 def _onnxruntime():

@@ -61,11 +61,12 @@ def segment_from_pacs(run: str | Path, url: str, study: str, series: str | None 
     import pydicom
 
     from medseg.checkpoint import load_models
+    from medseg.compiling import adapt_for_inference
     from medseg.dicom_seg import run_segment_codes, write_dicom_seg
     from medseg.infer import predict_image
     from medseg.io import read_image
 
-    models = load_models(run, device=device)
+    models = adapt_for_inference(load_models(run, device=device))  # a CT series' many windows compile, as in predict
     client = _client(url)
     series_uid = choose_series(client, study, series, url)
     folder = Path(tempfile.mkdtemp(prefix="medseg-pacs-"))

@@ -74,7 +74,7 @@ class SomeInputsFailed(MedsegError):
 
 def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, overlays: bool = False,
                   device: str = "auto", progress: bool = True, series: str | None = None,
-                  strict: bool = False, overwrite: bool = False, engine: str = "torch", fmt: str = "auto",
+                  strict: bool = False, overwrite: bool = False, engine: str = "auto", fmt: str = "auto",
                   with_uncertainty: bool = False, workers: int = 1,
                   shard: tuple[int, int] | None = None, threads: int | None = None) -> list[Path]:
     """Write a mask for every input into `out` (and `out/overlays/NAME.png` when asked); return the mask paths.
@@ -82,8 +82,10 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     A broken input (unreadable, wrong channels, NaN voxels) does not stop the others: once every good input is
     written, `SomeInputsFailed` names the broken ones with their reasons (`strict`: the first one raises at once).
     A mask already in `out` is replaced only with `overwrite`. RUN may also be a model package (`medseg export`);
-    `engine` "onnxruntime" runs each network as ONNX (the package's, or exported on the spot), "compiled" with
-    torch.compile and frozen weights (a one-off compile per input shape, then faster: many windows or cases).
+    `engine` "auto" runs the networks in PyTorch and, on a CPU, compiles an input shape once it has taken as long
+    eagerly as a compile takes (medseg.compiling.AdaptiveNetwork; a package exported with --onnx runs in
+    onnxruntime where PyTorch is missing), "torch" always eagerly, "onnxruntime" as ONNX (the package's, or
+    exported on the spot), "compiled" with torch.compile and frozen weights from the first input.
     `fmt`: auto (the input's format; NIfTI for DICOM series), nifti, png, npz (probabilities) or dicom-seg (DICOM
     series inputs); `with_uncertainty` also writes NAME_uncertainty (entropy of the mean probability) beside each
     result.
@@ -142,7 +144,7 @@ def _models(run, device: str, engine: str, threads: int) -> list:
 
     if engine not in ENGINES:
         raise MedsegError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
-    if engine == "onnxruntime":
+    if engine == "onnxruntime" or (engine == "auto" and not _torch_installed()):
         models = load_onnx_models(run, threads)
         if models is not None:
             return models
@@ -153,11 +155,17 @@ def _models(run, device: str, engine: str, threads: int) -> list:
                           "without it ('medseg export RUN --out model.zip --onnx', then --engine onnxruntime)") from exc
 
     models = load_models(run, device=device)
-    if engine == "compiled":
-        from medseg.compiling import freeze_for_inference
+    if engine in ("auto", "compiled"):
+        from medseg.compiling import adapt_for_inference, freeze_for_inference
 
-        return freeze_for_inference(models)
+        return adapt_for_inference(models) if engine == "auto" else freeze_for_inference(models)
     return use_onnxruntime(models, threads) if engine == "onnxruntime" else models
+
+
+def _torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def _predict_job(models: list, job: tuple) -> tuple[Path, Path | None, str | None]:
