@@ -57,8 +57,9 @@ def test_init_seed_changes_the_weights_but_not_the_split(phantoms_2d, tmp_path):
 
 
 def test_training_learns_phantoms(phantoms_2d, tmp_path):
-    """A small network must beat chance clearly within seconds: the capstone's stuck-at-50% model would fail."""
-    run = train(tiny_config(phantoms_2d, tmp_path / "run", base_channels=8, epochs=6, steps_per_epoch=15,
+    """A small network must beat chance clearly within seconds: the capstone's stuck-at-50% model would fail.
+    12 epochs: with 6 this seed's best validation Dice was 0.581 on a freshly built environment (0.73 with 12)."""
+    run = train(tiny_config(phantoms_2d, tmp_path / "run", base_channels=8, epochs=12, steps_per_epoch=15,
                             lr=3e-3, batch_size=8))
     history = json.loads((run / "history.json").read_text())
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
