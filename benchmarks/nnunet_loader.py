@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from throughput import Trainer, setting, steps_per_second
+from throughput import Trainer, crop, setting, steps_per_second
 
 
 def nnunet_batches(dataset: str, configuration: str, patch: list[int], batch_size: int):
@@ -59,8 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     cfg = setting(args.dims, Path(args.data))
-    patch = [cfg.size] * 2 if args.dims == 2 else list(cfg.patch_size)
-    batches, augmenter, workers = nnunet_batches(args.dataset, args.configuration, patch, cfg.batch_size)
+    batches, augmenter, workers = nnunet_batches(args.dataset, args.configuration, crop(cfg), cfg.batch_size)
     trainer = Trainer(cfg, args.channels, args.classes, torch.device("cpu"))
     # Warm-up past nnU-Net's queue of 6 prepared batches, so the window times the loader's steady state.
     rate = steps_per_second(batches, trainer, args.steps, warmup=8)

@@ -61,6 +61,11 @@ def setting(dims: int, data: Path) -> TrainConfig:
                        norm="instance", normalization="zscore", progress=False)
 
 
+def crop(cfg: TrainConfig) -> list[int]:
+    """The spatial size of every pipeline's training samples."""
+    return [cfg.size] * 2 if cfg.dims == 2 else list(cfg.patch_size)
+
+
 class Trainer:
     """One optimiser step of the shared network on a batch (the part every pipeline has in common), on `device`
     in the precision medseg trains in there (bf16 autocast on a GPU that has it, fp32 on a CPU)."""
@@ -120,7 +125,7 @@ def monai_batches(cases, cfg: TrainConfig, workers: int):
     from monai.data import CacheDataset, DataLoader
 
     keys = ["image", "label"]
-    spatial = [cfg.size, cfg.size] if cfg.dims == 2 else list(cfg.patch_size)
+    spatial = crop(cfg)
     cached = [mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.NormalizeIntensityd("image", channel_wise=True),
               mt.EnsureTyped(keys, dtype=[torch.float32, torch.long])]
     crop = ([mt.SpatialPadd(keys, spatial), mt.RandSpatialCropd(keys, spatial, random_size=False)] if cfg.dims == 2
@@ -204,17 +209,17 @@ def measure(dims: int, data: Path, steps: int, repeats: int, device: str = "cpu"
     if device.type == "cpu":  # where medseg's budgeted runs compile by default (medseg.compiling)
         pipelines["medseg_compiled"] = medseg_batches(sampler)
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
-    nnunet = nnunet_loader(dims, data, cases, channels, classes) if device.type == "cpu" else None
+    peer = nnunet_loader(dims, data, cases, channels, classes) if device.type == "cpu" else None
     workers = None
     for _ in range(repeats):
         for name, batches in pipelines.items():
             trainer = Trainer(cfg, channels, classes, device, compile_step=name == "medseg_compiled")
             rates[name].append(steps_per_second(batches, trainer, steps))
-        if nnunet:
-            rate, workers = nnunet.rate(steps)
+        if peer:
+            rate, workers = peer.rate(steps)
             rates.setdefault("nnunet", []).append(rate)
     row = {"dims": dims, "device": str(device), "data": f"{len(cases)} cases", "batch": cfg.batch_size,
-           "crop": [cfg.size] * 2 if dims == 2 else list(cfg.patch_size), "medseg_load_seconds": round(load_seconds, 1),
+           "crop": crop(cfg), "medseg_load_seconds": round(load_seconds, 1),
            **{f"{name}_steps_per_s": round(statistics.median(v), 3) for name, v in rates.items()}}
     row["medseg_over_bare"] = row["medseg_steps_per_s"] / row["bare_steps_per_s"]
     monai_best = max(row["monai_workers0_steps_per_s"], row["monai_workers2_steps_per_s"])
@@ -251,14 +256,14 @@ def main() -> None:
              "(b) compiled/(c) best | (b)/(d) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        crop = "x".join(map(str, r["crop"]))
-        nnunet = (f"{r['nnunet_steps_per_s']:.2f} ({r['nnunet_workers']})", f"{r['medseg_over_nnunet']:.2f}") \
+        shape = "x".join(map(str, r["crop"]))
+        peer = (f"{r['nnunet_steps_per_s']:.2f} ({r['nnunet_workers']})", f"{r['medseg_over_nnunet']:.2f}") \
             if "nnunet_steps_per_s" in r else ("not run", "")
         lines.append(f"| {'2D phantoms' if r['dims'] == 2 else 'MSD hippocampus'} ({r['data']}) | {r['batch']} x "
-                     f"{crop} | {r['bare_steps_per_s']:.2f} | {r['medseg_steps_per_s']:.2f} | "
+                     f"{shape} | {r['bare_steps_per_s']:.2f} | {r['medseg_steps_per_s']:.2f} | "
                      f"{r['medseg_compiled_steps_per_s']:.2f} | {r['monai_workers0_steps_per_s']:.2f} | "
-                     f"{r['monai_workers2_steps_per_s']:.2f} | {nnunet[0]} | {r['medseg_over_bare']:.2f} | "
-                     f"{r['medseg_over_monai']:.2f} | {r['medseg_compiled_over_monai']:.2f} | {nnunet[1]} |")
+                     f"{r['monai_workers2_steps_per_s']:.2f} | {peer[0]} | {r['medseg_over_bare']:.2f} | "
+                     f"{r['medseg_over_monai']:.2f} | {r['medseg_compiled_over_monai']:.2f} | {peer[1]} |")
     lines += ["", "Command: `python benchmarks/throughput.py` (alone on the machine)."]
     write_section("THROUGHPUT", "benchmarks/throughput.py", lines, "Training throughput: medseg, a bare loop, MONAI")
 

@@ -12,8 +12,9 @@ decides as the run did; it is printed and kept in train_summary.json.
 Validation stays eager: it runs the same weights, and its input sizes vary from case to case. Prediction can run
 compiled (`medseg predict --engine compiled`, `FrozenNetwork`): the weights are frozen into the graph, which lets
 inductor fold them and pre-pack the convolutions for oneDNN; measured for the 3D U-Net's sliding window in
-benchmarks/sliding_window.py. `--engine auto` (the default on a CPU, `AdaptiveNetwork`) compiles only the input
-shapes that have already cost as much eager time as a compile does, so a few small cases never wait for one.
+benchmarks/sliding_window.py. `--engine auto` (the default, `AdaptiveNetwork` on a CPU) compiles only the input
+shapes whose eager work would pay for the compile, so a few small cases never wait for one
+(benchmarks/predict_engines.py).
 """
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ class AdaptiveNetwork:
     the rent paid would have bought. Where the work ahead is known (`expect`: a volume's sliding window knows its
     windows), a shape compiles after its first batch if that work alone would pay back the compile. A job too short
     for a compile to pay back never compiles; a long one (a CT volume's hundreds of windows, a folder of many
-    same-sized images) runs nearly all of its batches compiled. Shapes are counted as FrozenNetwork pads them, so a volume's
-    last, shorter batch counts with the others. The first compile also probes the toolchain; where it cannot
+    same-sized images) runs nearly all of its batches compiled. Shapes are counted as FrozenNetwork pads them, so
+    a volume's last, shorter batch counts with the others. The first compile also probes the toolchain; where it cannot
     compile, prediction stays eager and says so once."""
 
     def __init__(self, model: torch.nn.Module, after_seconds: float = COMPILE_AFTER_SECONDS):

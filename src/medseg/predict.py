@@ -82,8 +82,8 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     A broken input (unreadable, wrong channels, NaN voxels) does not stop the others: once every good input is
     written, `SomeInputsFailed` names the broken ones with their reasons (`strict`: the first one raises at once).
     A mask already in `out` is replaced only with `overwrite`. RUN may also be a model package (`medseg export`);
-    `engine` "auto" runs the networks in PyTorch and, on a CPU, compiles an input shape once it has taken as long
-    eagerly as a compile takes (medseg.compiling.AdaptiveNetwork; a package exported with --onnx runs in
+    `engine` "auto" runs the networks in PyTorch and, on a CPU, compiles an input shape once the eager work on it
+    would pay for the compile (medseg.compiling.AdaptiveNetwork; a package exported with --onnx runs in
     onnxruntime where PyTorch is missing), "torch" always eagerly, "onnxruntime" as ONNX (the package's, or
     exported on the spot), "compiled" with torch.compile and frozen weights from the first input.
     `fmt`: auto (the input's format; NIfTI for DICOM series), nifti, png, npz (probabilities) or dicom-seg (DICOM
@@ -95,6 +95,7 @@ def predict_files(run: str | Path, inputs: list[str | Path], out: str | Path, ov
     machines (a Slurm array, a Kubernetes job) cover every input exactly once. `threads`: for the networks
     (default: PyTorch's setting, or every core where PyTorch is not loaded).
     """
+    engine = _resolved(engine)  # once, so that worker processes run the engine chosen here
     models = _models(run, device, engine, threads or _threads())
     inputs_ = group_channels(collect_inputs(inputs), models[0].in_channels)
     targets = mask_targets(inputs_, out, fmt)  # every input's, so each shard refuses a clash alike
@@ -144,7 +145,7 @@ def _models(run, device: str, engine: str, threads: int) -> list:
 
     if engine not in ENGINES:
         raise MedsegError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
-    if engine == "onnxruntime" or (engine == "auto" and not _torch_installed()):
+    if engine == "onnxruntime":
         models = load_onnx_models(run, threads)
         if models is not None:
             return models
@@ -162,10 +163,11 @@ def _models(run, device: str, engine: str, threads: int) -> list:
     return use_onnxruntime(models, threads) if engine == "onnxruntime" else models
 
 
-def _torch_installed() -> bool:
+def _resolved(engine: str) -> str:
+    """`auto` is onnxruntime where PyTorch is not installed (a package exported with --onnx needs none)."""
     import importlib.util
 
-    return importlib.util.find_spec("torch") is not None
+    return "onnxruntime" if engine == "auto" and importlib.util.find_spec("torch") is None else engine
 
 
 def _predict_job(models: list, job: tuple) -> tuple[Path, Path | None, str | None]:
