@@ -63,6 +63,58 @@ def test_dice_with_label_0_counts_every_class():
     assert soft_dice_loss(all_foreground, target, background=True) > soft_dice_loss(all_foreground, target) + 0.3
 
 
+def _brute_force_border_weights(target, w0, sigma=5.0):
+    """Reference: every pixel's distance to every object, sorted; no box, no reach."""
+    from scipy import ndimage
+
+    objects, count = ndimage.label(target > 0)
+    distances = np.sort(np.stack([ndimage.distance_transform_edt(objects != i) for i in range(1, count + 1)]), 0)
+    return 1 + w0 * np.exp(-(distances[0] + distances[1]) ** 2 / (2 * sigma**2))
+
+
+def test_border_weights_are_the_unet_papers_map():
+    from medseg.losses import border_weights
+
+    target = torch.zeros(2, 40, 90, dtype=torch.long)
+    target[0, 5:35, 5:28] = 1
+    target[0, 5:35, 31:55] = 1  # a gap of 3 pixels: columns 28-30
+    target[0, 5:35, 80:88] = 1  # 25 pixels from the second square
+    target[1, 10:20, 10:20] = 1  # one object alone: no second object, every weight 1
+    weights = border_weights(target, 10.0)
+    expected = _brute_force_border_weights(target[0].numpy(), 10.0)
+    far = np.abs(weights[0].numpy() - expected) > 1e-4
+    # where the two transforms differ, the reference's extra weight lies beyond the reach (it counts under exp(-8))
+    assert (expected[far] - 1 < 10 * np.exp(-8) + 1e-4).all()
+    gap, beside, inside = (float(weights[0, 20, c]) for c in (29, 27, 15))
+    corner = float(weights[0, 0, 0])
+    assert gap == pytest.approx(1 + 10 * math.exp(-16 / 50), rel=1e-4)  # 2 pixels to each square
+    assert beside == pytest.approx(gap, rel=1e-4)  # the objects' pixels by the gap weigh as the gap: no class favoured
+    assert inside < 1.1 and corner < 1.1
+    assert torch.equal(weights[1], torch.ones(40, 90))
+
+
+def test_border_weight_changes_only_the_cross_entropy():
+    target = torch.zeros(1, 12, 12, dtype=torch.long)
+    target[0, 2:10, 2:5] = 1
+    target[0, 2:10, 7:10] = 1
+    logits = torch.randn(1, 2, 12, 12, generator=torch.Generator().manual_seed(1))
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert make_loss("dice_ce", 2, border_weight=0)(logits, target) == make_loss("dice_ce", 2)(logits, target)
+    from medseg.losses import border_weights
+
+    weights = border_weights(target, 10.0)
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    weighted = float((per_pixel * weights).sum() / weights.sum())
+    assert weighted != pytest.approx(float(ce), rel=1e-3)
+    assert make_loss("ce", 2, border_weight=10)(logits, target) == pytest.approx(weighted, rel=1e-6)
+    dice = float(soft_dice_loss(logits, target))
+    assert make_loss("dice_ce", 2, border_weight=10)(logits, target) == pytest.approx(weighted + dice, rel=1e-6)
+    from medseg.config import TrainConfig
+
+    with pytest.raises(MedsegError, match="cross-entropy"):
+        TrainConfig(data="x", loss="focal", border_weight=10).validate()
+
+
 def test_focal_and_tversky_losses():
     from medseg.losses import focal_loss, tversky_loss
 

@@ -154,6 +154,8 @@ def test_default_recipe_for_the_shared_2d_sets(name, binary, loss):
     assert member["rotate90"] and member["size"] == 128 and member["normalization"] == "zscore"
     # ISBI's label 0 is the membranes (22% of pixels): a structure, counted in the Dice term
     assert member["loss"] == loss and plan["reasons"]["loss"].startswith("label 0 covers")
+    # and its cross-entropy weighs the membranes between close cells (the U-Net paper's map); the others not
+    assert member["border_weight"] == (10.0 if loss == "dice_ce_all" else 0.0)
     # the usual affine where mirrors are allowed; elastic deformation only when asked (tried on ISBI, not adopted)
     assert TrainConfig(**member).affine_p == 0.3 and TrainConfig(**member).elastic_p == 0
 
@@ -161,10 +163,10 @@ def test_default_recipe_for_the_shared_2d_sets(name, binary, loss):
 def test_loss_rule_counts_label_0_where_it_is_not_the_majority():
     from medseg.recipe import _loss
 
-    assert _loss({"class_frequency": {"0": 0.22, "1": 0.78}})[0] == "dice_ce_all"
-    assert _loss({"class_frequency": {"0": 0.49, "1": 0.3, "2": 0.21}})[0] == "dice_ce_all"
-    assert _loss({"class_frequency": {"0": 0.5, "1": 0.5}})[0] == "dice_ce"
-    assert _loss({"class_frequency": {"0": 0.95, "1": 0.05}})[0] == "dice_ce"
+    assert _loss({"class_frequency": {"0": 0.22, "1": 0.78}})[:2] == ("dice_ce_all", 10.0)
+    assert _loss({"class_frequency": {"0": 0.49, "1": 0.3, "2": 0.21}})[:2] == ("dice_ce_all", 10.0)
+    assert _loss({"class_frequency": {"0": 0.5, "1": 0.5}})[:2] == ("dice_ce", 0.0)
+    assert _loss({"class_frequency": {"0": 0.95, "1": 0.05}})[:2] == ("dice_ce", 0.0)
 
 
 def test_train_with_no_recipe_flag_trains_the_planned_ensemble(phantoms_3d, tmp_path, capfd):

@@ -56,6 +56,7 @@ TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--optimizer", str, "adam (seed) or sgd (Nesterov momentum 0.99)"),
     ("--deep-supervision", bool, "add losses on the coarser decoder levels (nnU-Net)"),
     ("--loss", str, f"one of {', '.join(LOSSES)}"),
+    ("--border-weight", float, "weigh the cross-entropy up to 1 + W where objects come close (U-Net's weight map)"),
     ("--lr", float, "Adam learning rate (seed: 1e-4)"),
     ("--lr-schedule", str, f"one of {', '.join(SCHEDULES)}"),
     ("--weight-decay", float, "Adam weight decay"),

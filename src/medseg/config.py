@@ -73,6 +73,9 @@ class TrainConfig:
     deep_supervision: bool = False  # losses on the coarser decoder levels too (nnU-Net)
     # optimisation
     loss: str = "dice_ce"
+    # w0 of the U-Net paper's weight map on the cross-entropy (pixels where objects come close weigh up to
+    # 1 + w0; medseg.losses.border_weights); 0: every pixel alike
+    border_weight: float = 0.0
     optimizer: str = "adam"  # or "sgd": Nesterov momentum 0.99, as nnU-Net
     lr: float = 1e-4
     lr_schedule: str = "constant"
@@ -158,6 +161,9 @@ class TrainConfig:
              f"--context {self.context}: neighbouring slices are for 2D training on volumes (--dims 2)"),
             (self.time_budget is None or self.time_budget > 0, "--time-budget must be positive (minutes)"),
             (0 <= self.elastic_p <= 1, "--elastic-p must lie in [0, 1]"),
+            (self.border_weight >= 0, "--border-weight must be 0 or more"),
+            (not self.border_weight or self.loss in ("dice_ce", "dice_ce_all", "ce", "bce", "tversky"),
+             f"--border-weight weighs a cross-entropy term; --loss {self.loss} has none"),
             (0 <= self.affine_p <= 1 and 0 <= self.max_rotation <= 180 and 0 <= self.max_scale < 1,
              "--affine-p must lie in [0, 1], --max-rotation in [0, 180] degrees and --max-scale in [0, 1)"),
             (self.freeze_encoder_epochs >= 0, "--freeze-encoder-epochs must be 0 or more"),

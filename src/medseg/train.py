@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
                           "choose a multiple of their number (the batch size is the global batch)")
     dataset, split, train_cases, val_cases, class_names = prepare_data(cfg)
     in_channels = channels_of(train_cases[0])
-    loss_fn = make_loss(cfg.loss, len(class_names), cfg.regions)
+    loss_fn = make_loss(cfg.loss, len(class_names), cfg.regions, cfg.border_weight)
     model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
     model = create_model(cfg.model, **model_args)
     init = initialise(model, cfg)  # a checkpoint that does not fit fails here, before the run folder is made
