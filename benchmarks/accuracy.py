@@ -126,6 +126,7 @@ def plan_line(plan: dict) -> str:
     parts = [f"{name}: {m['size']} px, width {m['base_channels']}, {m['threads']} thread(s)"
              f"{', rot90' if m.get('rotate90') else ''}, flips {m['flip_axes']}"
              f"{', Dice counting label 0' if m.get('loss') == 'dice_ce_all' else ''}"
+             f"{', weight map (U-Net)' if m.get('border_weight') else ''}"
              f"{', elastic' if m.get('elastic_p') else ''}{_affine(m)}"
              for name, m in members.items()]
     return ("ensemble of " if len(members) > 1 else "") + "; ".join(parts) + f"; {next(iter(members.values()))['normalization']}"

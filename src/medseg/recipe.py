@@ -21,8 +21,8 @@ docs/benchmarks.md (the reason written beside each choice names it):
 - Dice counts label 0 too where label 0 covers under half the pixels (ISBI's membranes, 22%): chosen on ISBI's
   validation images (1 - accuracy 0.0777 -> 0.0766, Dice unchanged); on its test images no better (0.0760 ->
   0.0767), docs/benchmarks.md. There the cross-entropy also weighs pixels where objects come close up to 11x
-  (the U-Net paper's weight map): validation 1 - accuracy 0.0771 -> 0.0762, Dice 0.9504 -> 0.9511; test images
-  unchanged (0.0757 -> 0.0758).
+  (the U-Net paper's weight map): validation 1 - accuracy 0.0771 -> 0.0762, Dice 0.9504 -> 0.9511 (a trial and
+  the default's own run alike); test images unchanged (0.0757 -> 0.0758 and 0.0759).
 - Mirroring only along axes where no two classes lie in a fixed order (hippocampus: left-right only). A network
   that may not be mirrored at all rotates (up to 30 degrees) and scales (0.7-1.3) half its samples instead of
   30% by 15 degrees and 0.85-1.15: the hippocampus sagittal network's gap between training and validation Dice
@@ -30,8 +30,8 @@ docs/benchmarks.md (the reason written beside each choice names it):
 - 90-degree rotations only for 2D data with no up: a foreground atlas that is flat (cells, membranes) or looks the
   same when turned (a fundus); on the hippocampus, rotations cost 0.07 Dice in an 8-minute A/B.
 - Width 16, or 8 where timing training steps on this device shows that the budget would show the network fewer
-  pixels than `medseg.plan.MIN_SAMPLES` 64x64 slices at 16 (hippocampus: width 16 seeing 45k slices in 15 minutes reached 0.83,
-  width 32 seeing 18k reached 0.67).
+  pixels than `medseg.plan.MIN_SAMPLES` 64x64 slices at 16 (hippocampus: width 16 seeing 45k slices in 15 minutes
+  reached 0.83, width 32 seeing 18k reached 0.67).
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def default_configuration(fp: dict, data: str, options: dict, budget_minutes: fl
     mirrored, why_mirror = mirror_axes(fp)
     loss, border_weight, why_loss = _loss(fp)
     common = {"data": str(data), **options, "normalization": normalization, "fit": "pad", "depth": DEPTH,
-              "loss": loss, "border_weight": border_weight, "optimizer": "adam", "lr": 1e-3, "lr_schedule": "poly", "patience": 0,
-              "epochs": 100_000, "batch_size": BATCH, "mirror_tta": True, "time_budget": budget_minutes,
+              "loss": loss, "border_weight": border_weight, "optimizer": "adam", "lr": 1e-3, "lr_schedule": "poly",
+              "patience": 0, "epochs": 100_000, "batch_size": BATCH, "mirror_tta": True, "time_budget": budget_minutes,
               "intensity_stats": fp["foreground_intensity"] if normalization == "ct" else None}
     reasons = {"normalization": why_norm, "mirroring": why_mirror, "loss": why_loss,
                "network": "2D U-Net, depth 4, Adam 1e-3 poly, Dice + CE, batch 16, TTA over the trained flips (and "
