@@ -79,6 +79,17 @@ def test_region_run_trains_predicts_and_scores_regions(phantoms_2d, tmp_path):
 def test_region_loss_only_with_dice_ce(phantoms_2d, tmp_path):
     with pytest.raises(MedsegError, match="region-based"):
         tiny_config(phantoms_2d, tmp_path / "r", regions={"a": [1]}, loss="focal").validate()
+    with pytest.raises(MedsegError, match="border-weight"):  # the weight map is not applied to regions' BCE
+        tiny_config(phantoms_2d, tmp_path / "r", regions={"a": [1]}, border_weight=10).validate()
+    # where the plan chose the map (label 0 a minority) and the user asks for regions, the plan's map is dropped
+    from medseg.autotrain import configs_from_plan
+
+    plan = {"default": "auto", "configurations": {"auto": {"members": {"2d": {
+        "loss": "dice_ce_all", "border_weight": 10.0, "size": 64}}}}}
+    (cfg,) = configs_from_plan(plan, None, phantoms_2d, {"regions": {"a": [1]}}).values()
+    assert cfg.border_weight == 0 and cfg.validate().loss == "dice_ce_all"
+    (cfg,) = configs_from_plan(plan, None, phantoms_2d, {}).values()
+    assert cfg.border_weight == 10
 
 
 def test_shared_brats_trains_on_regions(tmp_path):

@@ -52,6 +52,8 @@ def configs_from_plan(plan: dict, configuration: str | None, data: str | Path | 
             cfg.data = str(data)
         for key, value in overrides.items():
             setattr(cfg, key, value)
+        if cfg.regions and "border_weight" not in overrides:
+            cfg.border_weight = 0.0  # the plan's weight map is for a cross-entropy over classes; regions train on BCE
         cfg.progress = progress
         members[name] = cfg
     return members

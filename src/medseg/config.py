@@ -177,6 +177,9 @@ class TrainConfig:
             if self.loss not in ("dice_ce", "dice_ce_all"):  # the plan's Dice + CE, whichever classes it counts
                 raise MedsegError(f"--loss {self.loss}: region-based training uses BCE + soft Dice per region; "
                                   "leave --loss at dice_ce")
+            if self.border_weight:
+                raise MedsegError("--border-weight weighs a cross-entropy over classes; region-based training "
+                                  "uses BCE per region: leave it at 0")
             self.regions = check_regions(self.regions)
         return self
 
