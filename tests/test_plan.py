@@ -175,6 +175,7 @@ def test_train_with_no_recipe_flag_trains_the_planned_ensemble(phantoms_3d, tmp_
     out = capfd.readouterr().out  # the members print from their own processes
     assert out.startswith("Plan: 2 2D networks averaged (sagittal slices padded to 32 and coronal")
     assert "\nYour flags override the plan: --base-channels 4.\n" in out  # the paragraph's width is not what runs
+    assert "\nYour flags add to the plan: --steps 4.\n" in out  # a setting the plan leaves at medseg's default
     assert "sagittal: epoch 1/1" in out and "coronal: epoch 1/1" in out
     run = tmp_path / "run"
     assert (run / "ensemble.json").exists() and (run / "plan.json").exists()

@@ -28,17 +28,28 @@ def planned_members(data: str | Path, budget_minutes: float, overrides: dict, de
     plan = make_plan(data, budget_minutes, device, data_options={k: overrides.get(k) for k in READING_FIELDS},
                      alternatives=False, cores=overrides.get("threads"))
     print(describe(plan["configurations"]["auto"], plan["reasons"]), flush=True)
-    changed = overridden(plan["configurations"]["auto"]["members"], overrides)
+    changed, added = overridden(plan["configurations"]["auto"]["members"], overrides)
     if changed:
         print(f"Your flags override the plan: {changed}.", flush=True)
+    if added:
+        print(f"Your flags add to the plan: {added}.", flush=True)
     return configs_from_plan(plan, None, data, overrides, progress), plan
 
 
-def overridden(members: dict, overrides: dict) -> str:
-    """The user's settings that differ from what the plan chose, as flags ("--base-channels 32")."""
+# what the data is and where the run goes: the user's to say, not a change to the recipe
+NOT_RECIPE = (*READING_FIELDS, "data", "out", "class_names", "device", "threads", "progress")
+
+
+def overridden(members: dict, overrides: dict) -> tuple[str, str]:
+    """The user's settings that differ from what the plan chose, and those the plan leaves at medseg's defaults
+    that the user changed (`--elastic-p 0.5`), each as flags ("--base-channels 32")."""
+    planned = set().union(*members.values())
     changed = {key: value for key, value in overrides.items()
                if any(key in m and m[key] != value for m in members.values())}
-    return ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in changed.items())
+    added = {key: value for key, value in overrides.items()
+             if key not in planned and key not in NOT_RECIPE and value != getattr(TrainConfig, key, None)}
+    return tuple(", ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items())
+                 for settings in (changed, added))
 
 
 def configs_from_plan(plan: dict, configuration: str | None, data: str | Path | None, overrides: dict,
