@@ -128,16 +128,17 @@ def monai_batches(cases, cfg: TrainConfig, workers: int):
     spatial = crop(cfg)
     cached = [mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.NormalizeIntensityd("image", channel_wise=True),
               mt.EnsureTyped(keys, dtype=[torch.float32, torch.long])]
-    crop = ([mt.SpatialPadd(keys, spatial), mt.RandSpatialCropd(keys, spatial, random_size=False)] if cfg.dims == 2
-            else [mt.SpatialPadd(keys, spatial), mt.RandCropByPosNegLabeld(keys, "label", spatial, pos=1, neg=2,
-                                                                              num_samples=1)])
+    cropping = ([mt.SpatialPadd(keys, spatial), mt.RandSpatialCropd(keys, spatial, random_size=False)]
+                if cfg.dims == 2 else
+                [mt.SpatialPadd(keys, spatial), mt.RandCropByPosNegLabeld(keys, "label", spatial, pos=1, neg=2,
+                                                                         num_samples=1)])
     augment = [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(cfg.dims)]
     if cfg.dims == 2:
         augment.append(mt.RandAffined(keys, prob=0.3, rotate_range=0.26, scale_range=0.15, mode=["bilinear", "nearest"],
                                       padding_mode="border"))
     augment += [mt.RandScaleIntensityd("image", 0.2, prob=0.5), mt.RandShiftIntensityd("image", 0.1, prob=0.5)]
     data = [{"image": str(c.images[0]), "label": str(c.mask)} for c in cases]
-    dataset = CacheDataset(data, mt.Compose(cached + crop + augment), progress=False, num_workers=1)
+    dataset = CacheDataset(data, mt.Compose(cached + cropping + augment), progress=False, num_workers=1)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True,
                         persistent_workers=workers > 0)
     while True:

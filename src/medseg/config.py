@@ -13,6 +13,7 @@ from medseg.errors import MedsegError
 from medseg.transforms import NORMALIZATIONS
 
 LOSSES = ("dice_ce", "dice_ce_all", "ce", "bce", "dice", "focal", "tversky")
+CE_LOSSES = ("dice_ce", "dice_ce_all", "ce", "bce", "tversky")  # those with a cross-entropy term: --border-weight
 FITS = ("resize", "pad")
 SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("adam", "sgd")
@@ -162,7 +163,7 @@ class TrainConfig:
             (self.time_budget is None or self.time_budget > 0, "--time-budget must be positive (minutes)"),
             (0 <= self.elastic_p <= 1, "--elastic-p must lie in [0, 1]"),
             (self.border_weight >= 0, "--border-weight must be 0 or more"),
-            (not self.border_weight or self.loss in ("dice_ce", "dice_ce_all", "ce", "bce", "tversky"),
+            (not self.border_weight or self.loss in CE_LOSSES,
              f"--border-weight weighs a cross-entropy term; --loss {self.loss} has none"),
             (0 <= self.affine_p <= 1 and 0 <= self.max_rotation <= 180 and 0 <= self.max_scale < 1,
              "--affine-p must lie in [0, 1], --max-rotation in [0, 180] degrees and --max-scale in [0, 1)"),

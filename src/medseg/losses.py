@@ -82,7 +82,6 @@ def scaled_target(target: torch.Tensor, size: tuple[int, ...], factor: int) -> t
 
 
 BORDER_SIGMA = 5.0  # pixels: the U-Net paper's sigma for its weight map
-BORDER_REACH = 4 * BORDER_SIGMA  # objects further apart than this add under exp(-8) to a pixel's weight
 
 
 def border_weights(target: torch.Tensor, w0: float, sigma: float = BORDER_SIGMA) -> torch.Tensor:
@@ -95,11 +94,11 @@ def border_weights(target: torch.Tensor, w0: float, sigma: float = BORDER_SIGMA)
 
     labels = target.cpu().numpy()
     weights = np.ones(labels.shape, np.float32)
+    reach = int(4 * sigma)  # objects further apart add under w0 * exp(-8) to a pixel's weight
     for sample, weight in zip(labels, weights):
         objects, _ = ndimage.label(sample > 0)
         nearest = np.full(sample.shape, np.inf, np.float32)
         second = nearest.copy()
-        reach = int(BORDER_REACH)
         for number, box in enumerate(ndimage.find_objects(objects), start=1):
             # distances beyond the reach weigh nothing: each object's transform needs only its box widened by it
             box = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, n)) for s, n in zip(box, sample.shape))
