@@ -59,6 +59,22 @@ def test_augmentation_moves_image_and_label_together():
     assert agree > 0.8  # bilinear image and nearest label differ only along edges
 
 
+def test_warps_mirror_image_and_label_alike_past_the_sample():
+    # no label 0 anywhere: a warp that reaches outside the sample must not invent it (ISBI's label 0 is membrane)
+    blocks = torch.tensor(np.random.default_rng(2).integers(1, 3, size=(64, 4, 4)))
+    label = blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)  # 64x64 made of 16x16 blocks
+    image = label[:, None].float()
+    generator = torch.Generator().manual_seed(0)
+    aug_image, aug_label = augment(image, label, generator, affine_p=1, intensity_p=0, max_scale=0.3,
+                                   max_rotation_deg=30)
+    assert not torch.equal(aug_label, label)
+    assert set(aug_label.unique().tolist()) <= {1, 2}
+    corners = torch.zeros(64, 64, dtype=torch.bool)
+    corners[:8, :8] = corners[:8, -8:] = corners[-8:, :8] = corners[-8:, -8:] = True
+    agree = aug_image[:, 0].round().long() == aug_label
+    assert agree[:, corners].float().mean() > 0.9  # the corners, often outside the sample, agree as the middle
+
+
 def test_rotations_only_when_asked_and_jitter_keeps_negative_intensities():
     label = torch.zeros(64, 8, 8, dtype=torch.long)
     label[:, 0, 1] = 1  # a marker off every diagonal: flips move it to four places, rotations to eight

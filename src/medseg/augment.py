@@ -115,8 +115,11 @@ def _random_warp(image, label, rand, p, max_rotation_deg, max_scale, elastic_p):
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     if bent.any():
         grid = grid + _elastic_field(b, h, w, rand) * bent.view(b, 1, 1, 1)
-    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+    # where the warp reaches past the sample, image and label are both mirrored in: a label padded with 0 beside
+    # a replicated image border (as before) taught 3% of ISBI's training pixels that smeared texture is membrane,
+    # ISBI's label 0 (9% of a warped 128x128 sample lies outside it, on average)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="reflection",
                           align_corners=False)[:, 0].long()
     return image, label
 
