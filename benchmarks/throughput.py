@@ -135,7 +135,7 @@ def monai_batches(cases, cfg: TrainConfig, workers: int):
     augment = [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(cfg.dims)]
     if cfg.dims == 2:
         augment.append(mt.RandAffined(keys, prob=0.3, rotate_range=0.26, scale_range=0.15, mode=["bilinear", "nearest"],
-                                      padding_mode="border"))
+                                      padding_mode="reflection"))  # as medseg.augment
     augment += [mt.RandScaleIntensityd("image", 0.2, prob=0.5), mt.RandShiftIntensityd("image", 0.1, prob=0.5)]
     data = [{"image": str(c.images[0]), "label": str(c.mask)} for c in cases]
     dataset = CacheDataset(data, mt.Compose(cached + cropping + augment), progress=False, num_workers=1)
