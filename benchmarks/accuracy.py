@@ -33,7 +33,7 @@ from medseg.cli import main as medseg_main
 from medseg.data import load_case
 from medseg.evaluate import evaluation_cases
 from medseg.metrics import maximal_f_score, threshold_counts
-from medseg.recipe import affine_words
+from medseg.recipe import affine_words, sample_words
 from medseg.scoring import score_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def run_dataset(name: str, out: Path, minutes: float | None, figures: Path = DOC
 def plan_line(plan: dict) -> str:
     """What the planner chose, in a table cell."""
     members = plan["configurations"]["auto"]["members"]
-    parts = [f"{name}: {m['size']} px, width {m['base_channels']}, {m['threads']} thread(s)"
+    parts = [f"{name}: {sample_words(m)} px, width {m['base_channels']}, {m['threads']} thread(s)"
              f"{', rot90' if m.get('rotate90') else ''}, flips {m['flip_axes']}"
              f"{', Dice counting label 0' if m.get('loss') == 'dice_ce_all' else ''}"
              f"{', weight map (U-Net)' if m.get('border_weight') else ''}"

@@ -133,10 +133,11 @@ def test_default_recipe_for_shared_hippocampus_is_the_measured_pair():
                      alternatives=False, cores=2)
     members = plan["configurations"]["auto"]["members"]
     sagittal, coronal = members["sagittal"], members["coronal"]
-    # what the hand recipe found: sagittal slices (up to 58x47) padded to 64 and never mirrored, coronal slices
-    # (up to 43x47) padded to 48 and mirrored left-right only
-    assert (sagittal["axis"], sagittal["size"], sagittal["flip_axes"]) == (0, 64, [])
-    assert (coronal["axis"], coronal["size"], coronal["flip_axes"]) == (1, 48, [0])
+    # what the hand recipe found: sagittal slices (up to 58x47) padded to 64x48 (each side only as far as it needs)
+    # and never mirrored, coronal slices (up to 43x47) padded to 48 and mirrored left-right only
+    assert (sagittal["axis"], sagittal["size"], sagittal["patch"], sagittal["flip_axes"]) == (0, 64, [64, 48], [])
+    assert (coronal["axis"], coronal["size"], coronal["flip_axes"]) == (1, 48, [0]) and "patch" not in coronal
+    assert TrainConfig(**sagittal).patch_size == (64, 48) and sagittal["depth"] == 4
     assert sagittal["normalization"] == "zscore" and sagittal["mirror_tta"] and sagittal["lr"] == 1e-3
     assert sagittal["loss"] == coronal["loss"] == "dice_ce"
     # the never-mirrored member makes up for the views mirrors would add; the mirrored one keeps the usual affine
@@ -158,6 +159,17 @@ def test_default_recipe_for_the_shared_2d_sets(name, binary, loss):
     assert member["border_weight"] == (10.0 if loss == "dice_ce_all" else 0.0)
     # the usual affine where mirrors are allowed; elastic deformation only when asked (tried on ISBI, not adopted)
     assert TrainConfig(**member).affine_p == 0.3 and TrainConfig(**member).elastic_p == 0
+
+
+def test_a_size_of_the_users_replaces_the_planned_2d_sample():
+    from medseg.autotrain import configs_from_plan
+
+    member = {"data": "x", "dims": 2, "axis": 0, "fit": "pad", "size": 64, "patch": [64, 48]}
+    plan = {"configurations": {"auto": {"members": {"sagittal": member}}}}
+    assert configs_from_plan(plan, "auto", None, {})["sagittal"].patch_size == (64, 48)
+    assert configs_from_plan(plan, "auto", None, {"size": 96})["sagittal"].patch_size == (96, 96)
+    assert configs_from_plan(plan, "auto", None, {"rotate90": True})["sagittal"].patch_size == (64, 64)
+    assert configs_from_plan(plan, "auto", None, {"patch": [32, 64]})["sagittal"].patch_size == (32, 64)
 
 
 def test_loss_rule_counts_label_0_where_it_is_not_the_majority():

@@ -180,3 +180,26 @@ def test_context_run_trains_and_predicts_volumes(phantoms_3d, tmp_path):
     assert predict_image(trained, image).shape == image.spatial_shape
     with pytest.raises(MedsegError, match="--context"):
         tiny_config(phantoms_3d, tmp_path / "bad", dims=3, context=1).validate()
+
+
+def test_slices_train_on_a_sample_that_is_not_square(phantoms_3d, tmp_path):
+    """A 2D network on volumes pads each side of its slices only as far as that side needs (--patch 32,16): the
+    batches have that shape, and prediction pads each slice to it and crops back to the slice's own size."""
+    cfg = tiny_config(phantoms_3d, tmp_path / "run", fit="pad", size=32, patch=[32, 16], epochs=1)
+    cases = load_cases(find_cases(phantoms_3d).cases[:2], cfg)
+    from medseg.samplers import SliceSampler
+
+    images, labels = SliceSampler(cases, cfg, torch.Generator().manual_seed(0)).batch([0, 1, 2])
+    assert images.shape == (3, 1, 32, 16) and labels.shape == (3, 32, 16)
+    trained = load_run(train(cfg))
+    assert trained.config.patch_size == (32, 16)
+    volume = np.random.rand(1, 20, 24, 12).astype(np.float32)
+    assert predict_probabilities(trained, volume).shape == (3, 20, 24, 12)
+
+
+@pytest.mark.parametrize("settings,message", [({"patch": [32, 16], "rotate90": True}, "square"),
+                                              ({"patch": [32, 16, 16]}, "give 2 sides"),
+                                              ({"patch": [32, 2]}, "at least 2\\*\\*depth")])
+def test_a_2d_sample_that_cannot_be_trained_is_refused(settings, tmp_path, message):
+    with pytest.raises(MedsegError, match=message):
+        tiny_config(tmp_path, tmp_path / "run", fit="pad", **settings).validate()

@@ -42,7 +42,8 @@ TRAIN_OPTIONS = DATA_OPTIONS + [
     ("--fit", str, f"how slices reach that size: {' or '.join(FITS)}"),
     ("--orientation", str, "voxel order the network works in, e.g. RAS; volumes stored otherwise are reoriented "
                            "(default: the first training volume's)"),
-    ("--patch", "intlist", "3D training patch, e.g. 40,56,40 (default: size^3)"),
+    ("--patch", "intlist", "training sample, e.g. 40,56,40 (3D) or 64,48 (2D, not with --rotate90); default: "
+                           "size on every side"),
     ("--foreground-fraction", float, "3D: share of patches centred on foreground (default 0.33)"),
     ("--overlap", float, "3D: sliding-window overlap at inference (default 0.5)"),
     ("--mirror-tta", bool, "average predictions over mirrored inputs"),

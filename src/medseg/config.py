@@ -60,7 +60,7 @@ class TrainConfig:
     # voxel order the network works in (axis codes, e.g. 'RAS'; set from the first training volume): other
     # volumes are reoriented to it for the network and back, as a structure's side can carry its label
     orientation: str | None = None
-    patch: list[int] | None = None  # 3D training patch (voxels); default size^3
+    patch: list[int] | None = None  # training sample: 3D patch (voxels, default size^3) or 2D sides (size x size)
     foreground_fraction: float = 0.33  # 3D: share of patches centred on a foreground voxel
     overlap: float = 0.5  # 3D: sliding-window overlap at inference
     mirror_tta: bool = False  # average predictions over mirrored inputs
@@ -145,8 +145,13 @@ class TrainConfig:
                                                     f"{', '.join(NORMALIZATIONS)}"),
             (self.normalization != "ct" or bool(self.intensity_stats),
              "ct normalisation needs dataset intensity statistics: make a plan with 'medseg plan DATA'"),
-            (self.dims == 2 or all(p >= 2**self.depth for p in self.patch_size),
+            (self.patch is None or len(self.patch) == self.dims,
+             f"--patch {self.patch}: give {self.dims} sides for --dims {self.dims}"),
+            ((self.dims == 2 and not self.patch) or all(p >= 2**self.depth for p in self.patch_size),
              f"--patch {self.patch_size}: every side must be at least 2**depth = {2**self.depth}"),
+            # a quarter turn of a sample that is not square changes its shape, and a batch holds one shape
+            (not (self.rotate90 and self.dims == 2 and len(set(self.patch_size)) > 1),
+             f"--rotate90 needs a square 2D sample; --patch {self.patch} is not"),
             (0 <= self.overlap < 1 and 0 <= self.foreground_fraction <= 1,
              "--overlap must lie in [0, 1) and --foreground-fraction in [0, 1]"),
             (self.size >= 2**self.depth, f"--size {self.size} is smaller than 2**depth = {2**self.depth}"),
@@ -191,10 +196,8 @@ class TrainConfig:
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        """The spatial size of a training sample: (size, size) in 2D, the patch (default size^3) in 3D."""
-        if self.dims == 2:
-            return (self.size, self.size)
-        return tuple(self.patch) if self.patch else (self.size,) * 3
+        """The spatial size of a training sample: the patch where one is set, else size in every dimension."""
+        return tuple(self.patch) if self.patch else (self.size,) * self.dims
 
     def save(self, path: str | Path) -> None:
         from medseg.io import write_text_atomic

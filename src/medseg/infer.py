@@ -85,10 +85,10 @@ def _probabilities(trained: TrainedModel, array: np.ndarray, batch_size: int) ->
     for start in range(0, len(slices), batch_size):
         batch = _engine_array(trained, np.stack(slices[start:start + batch_size]))
         if cfg.fit == "resize":
-            probs = arrays.resize(forward_probabilities(model, arrays.resize(batch, (cfg.size, cfg.size)),
+            probs = arrays.resize(forward_probabilities(model, arrays.resize(batch, cfg.patch_size),
                                                         tta_axes(cfg), sigmoid, rotate), native)
         else:
-            probs = _at_least_training_size(model, batch, cfg.size, tta_axes(cfg), sigmoid, rotate)
+            probs = _at_least_training_size(model, batch, cfg.patch_size, tta_axes(cfg), sigmoid, rotate)
         out.append(arrays.to_numpy(probs))
     probs = np.concatenate(out, 0)  # (S, K, H, W)
     if array.ndim == 3:
@@ -128,11 +128,11 @@ def forward_probabilities(model, batch, mirror: tuple[int, ...] = (), sigmoid: b
     return total / count
 
 
-def _at_least_training_size(model, batch, size: int, mirror: tuple[int, ...], sigmoid: bool = False,
+def _at_least_training_size(model, batch, size: tuple[int, int], mirror: tuple[int, ...], sigmoid: bool = False,
                             rotate: bool = False):
-    """Slices smaller than the training size are zero-padded to it, as in training, and cropped back."""
+    """Slices smaller than the training sample are zero-padded to it, as in training, and cropped back."""
     h, w = batch.shape[-2:]
-    padded = arrays.pad_centre(batch, (size, size))
+    padded = arrays.pad_centre(batch, size)
     return arrays.crop_centre(forward_probabilities(model, padded, mirror, sigmoid, rotate), (h, w))
 
 

@@ -88,10 +88,11 @@ def default_configuration(fp: dict, data: str, options: dict, budget_minutes: fl
             settings.update(UNMIRRORED_AFFINE)
             reasons[f"{name}_augmentation"] = f"no axis may be mirrored: {affine_words(UNMIRRORED_AFFINE)} " \
                 f"(otherwise {affine_words(USUAL_AFFINE)}) make up for the views the mirrors would have added"
-        settings["depth"] = _depth(settings["size"])
+        sample = settings.get("patch") or [settings["size"]] * 2
+        settings["depth"] = _depth(min(sample))
         width, timings = 16, {}
         if calibrate:
-            width, timings = calibrate_width(2, [settings["size"]] * 2, settings["depth"], fp["channels"],
+            width, timings = calibrate_width(2, sample, settings["depth"], fp["channels"],
                                              class_count(fp), BATCH, budget_minutes, device, threads=threads,
                                              widths=WIDTHS, norm="batch", activation="relu")
         settings["base_channels"] = width
@@ -116,10 +117,17 @@ def _volume_members(fp: dict, common: dict, mirrored: list[int], cores: int) -> 
     members = {}
     for name, axis in chosen.items():
         in_plane = [a for a in range(3) if a != axis]
-        members[name] = {**common, "dims": 2, "axis": axis,
-                         "size": _side([fp["shape"]["max"][a] for a in in_plane]),
+        sides = [_side([fp["shape"]["max"][a]]) for a in in_plane]
+        members[name] = {**common, "dims": 2, "axis": axis, "size": max(sides),
                          "flip_axes": [i for i, a in enumerate(in_plane) if a in mirrored]}
+        if len(set(sides)) > 1:  # each side padded only as far as it needs: no steps spent on padding (nnU-Net's
+            members[name]["patch"] = sides  # patches are not square either); 2D sets turned by 90 stay square
     return members, why
+
+
+def sample_words(settings: dict) -> str:
+    """A 2D member's training sample in words: '64x48', or '128' for a square one."""
+    return "x".join(map(str, settings["patch"])) if settings.get("patch") else str(settings["size"])
 
 
 def affine_words(affine: dict) -> str:
@@ -200,11 +208,11 @@ def describe(configuration: dict, reasons: dict) -> str:
     members = configuration["members"]
     first = next(iter(members.values()))
     if len(members) > 1:
-        shape = " and ".join(f"{name} slices padded to {m['size']}" for name, m in members.items())
+        shape = " and ".join(f"{name} slices padded to {sample_words(m)}" for name, m in members.items())
         layout = f"{len(members)} 2D networks averaged ({shape}), side by side on {first['threads']} core(s) each"
     else:
         name, m = next(iter(members.items()))
-        layout = f"one 2D network ({name}, padded or cropped to {m['size']})"
+        layout = f"one 2D network ({name}, padded or cropped to {sample_words(m)})"
     widths = ", ".join(str(m["base_channels"]) for m in members.values())
     flips = "; ".join(f"{name} along {m['flip_axes'] or 'no axis'}" for name, m in members.items())
     extras = "; 90-degree rotations" if first.get("rotate90") else ""

@@ -48,10 +48,10 @@ class SliceSampler:
         self.labels = [self._fitted_label(torch.from_numpy(l.astype(np.int64))[None])[0] for l in labels]
 
     def _fitted(self, image: torch.Tensor) -> torch.Tensor:
-        return arrays.resize(image, (self.cfg.size,) * 2) if self.cfg.fit == "resize" else image
+        return arrays.resize(image, self.cfg.patch_size) if self.cfg.fit == "resize" else image
 
     def _fitted_label(self, label: torch.Tensor) -> torch.Tensor:
-        return resize_label(label, (self.cfg.size,) * 2) if self.cfg.fit == "resize" else label
+        return resize_label(label, self.cfg.patch_size) if self.cfg.fit == "resize" else label
 
     def __len__(self) -> int:
         return len(self.index) if self.disk else len(self.images)
@@ -74,8 +74,7 @@ class SliceSampler:
                 self._fitted_label(torch.from_numpy(label.astype(np.int64))[None]))
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        size = (self.cfg.size, self.cfg.size)
-        pairs = [pad_or_crop(*self._slice(i), size, self.generator) for i in indices]
+        pairs = [pad_or_crop(*self._slice(i), self.cfg.patch_size, self.generator) for i in indices]
         return stack_and_augment(pairs, self.cfg, self.generator)
 
     def epoch_batches(self, steps: int):

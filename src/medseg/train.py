@@ -531,7 +531,7 @@ class _Loop:
 def out_of_memory(cfg: TrainConfig, shape: tuple[int, ...], device: torch.device) -> MedsegError:
     """Running out of accelerator memory, as what was being tried and what to lower."""
     what = f"{'x'.join(map(str, shape[2:]))} {'patches' if cfg.dims == 3 else 'slices'}"
-    size_flag = "--patch" if cfg.dims == 3 else "--size"
+    size_flag = "--patch" if cfg.dims == 3 or cfg.patch else "--size"
     return MedsegError(f"out of {device.type.upper()} memory training batches of {shape[0]} {what} at width "
                        f"{cfg.base_channels} ({cfg.model}, depth {cfg.depth}); lower --batch-size (now "
                        f"{cfg.batch_size}), then {size_flag} or --base-channels, or train with --device cpu")
