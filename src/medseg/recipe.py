@@ -120,8 +120,8 @@ def _volume_members(fp: dict, common: dict, mirrored: list[int], cores: int) -> 
         sides = [_side([fp["shape"]["max"][a]]) for a in in_plane]
         members[name] = {**common, "dims": 2, "axis": axis, "size": max(sides),
                          "flip_axes": [i for i, a in enumerate(in_plane) if a in mirrored]}
-        if len(set(sides)) > 1:  # each side padded only as far as it needs: no steps spent on padding (nnU-Net's
-            members[name]["patch"] = sides  # patches are not square either); 2D sets turned by 90 stay square
+        if len(set(sides)) > 1:  # each side padded only as far as it needs, no steps spent on padding (nnU-Net's
+            members[name]["patch"] = sides  # patches are not square either); 2D image sets, maybe turned, stay square
     return members, why
 
 
