@@ -14,7 +14,7 @@ from medseg.infer import (forward_probabilities, gaussian_weights, predict_proba
                           tta_rotates,
                           window_starts)
 from medseg.models import UNet
-from medseg.samplers import PatchSampler
+from medseg.samplers import PatchSampler, SliceSampler
 from medseg.train import train
 from conftest import tiny_config
 
@@ -187,8 +187,6 @@ def test_slices_train_on_a_sample_that_is_not_square(phantoms_3d, tmp_path):
     batches have that shape, and prediction pads each slice to it and crops back to the slice's own size."""
     cfg = tiny_config(phantoms_3d, tmp_path / "run", fit="pad", size=32, patch=[32, 16], epochs=1)
     cases = load_cases(find_cases(phantoms_3d).cases[:2], cfg)
-    from medseg.samplers import SliceSampler
-
     images, labels = SliceSampler(cases, cfg, torch.Generator().manual_seed(0)).batch([0, 1, 2])
     assert images.shape == (3, 1, 32, 16) and labels.shape == (3, 32, 16)
     trained = load_run(train(cfg))

@@ -48,9 +48,9 @@ def write_comparison(named: list[dict], cfg: TrainConfig, budget: float, out: Pa
 
     header = (f"# Architectures on {cfg.data}\n\nEach model trained for {budget:g} minutes on the same split "
               f"(seed {cfg.seed}, {cfg.val_fraction:.0%} validation) with the same settings (width "
-              f"{cfg.base_channels}, depth {cfg.depth}, {cfg.fit} {'x'.join(map(str, cfg.patch_size))}, batch "
-              f"{cfg.batch_size}, lr {cfg.lr}, {cfg.lr_schedule}), then evaluated on the same held-out cases. p: paired Wilcoxon signed-rank test "
-              f"of per-case Dice against {named[0]['run']}.\n\n")
+              f"{cfg.base_channels}, depth {cfg.depth}, {cfg.fit} {cfg.sample_words}, batch {cfg.batch_size}, lr "
+              f"{cfg.lr}, {cfg.lr_schedule}), then evaluated on the same held-out cases. p: paired Wilcoxon "
+              f"signed-rank test of per-case Dice against {named[0]['run']}.\n\n")
     write_text_atomic(out / "comparison.md", header + comparison_table(named)
                       + "\n![Dice against inference time](dice_vs_inference_time.png)\n")
     write_text_atomic(out / "comparison.json", json.dumps(

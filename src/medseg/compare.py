@@ -35,7 +35,7 @@ def describe_run(run: Path) -> dict:
         "run": str(run), "model": model.config.model, "cases": len(dice), "dice_mean": float(values.mean()),
         "dice_sd": float(values.std()), "dice_ci95": bootstrap_ci(values),
         "parameters": sum(p.numel() for p in model.model.parameters()),
-        "gflops": count_flops(model.model, shape) / 1e9, "sample": "x".join(map(str, model.config.patch_size)),
+        "gflops": count_flops(model.model, shape) / 1e9, "sample": model.config.sample_words,
         "train_minutes": trained.get("seconds", float("nan")) / 60,
         "inference_seconds": summary.get("inference_seconds_per_case", float("nan")), "per_case": dice,
     }

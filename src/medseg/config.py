@@ -199,6 +199,11 @@ class TrainConfig:
         """The spatial size of a training sample: the patch where one is set, else size in every dimension."""
         return tuple(self.patch) if self.patch else (self.size,) * self.dims
 
+    @property
+    def sample_words(self) -> str:
+        """The training sample's sides in words, e.g. '64x48' (for model cards and comparisons)."""
+        return "x".join(map(str, self.patch_size))
+
     def save(self, path: str | Path) -> None:
         from medseg.io import write_text_atomic
 

@@ -204,8 +204,7 @@ def model_card(models: list, manifest: dict, run: Path) -> str:
     for trained in models:
         cfg = trained.config
         lines.append(f"- {trained.run.name}: {cfg.model} width {cfg.base_channels}, depth {cfg.depth}, "
-                     f"{'axis ' + str(cfg.axis) + ' slices, ' if cfg.dims == 2 else ''}"
-                     f"sample {'x'.join(map(str, cfg.patch_size))}, "
+                     f"{'axis ' + str(cfg.axis) + ' slices, ' if cfg.dims == 2 else ''}sample {cfg.sample_words}, "
                      f"{cfg.optimizer} lr {cfg.lr:g} {cfg.lr_schedule}, {cfg.steps or '?'} steps, seed {cfg.seed}")
     lines += ["", "## Test metrics", ""]
     evaluation = manifest["evaluation"]
