@@ -79,6 +79,8 @@ def test_plan_for_shared_hippocampus():
     assert [e["axis"] for e in fp_plan["fingerprint"]["class_order"]] == [1, 2]
     assert fp_plan["configurations"]["3d"]["flip_axes"] == [0]
     assert fp_plan["configurations"]["2d"]["axis"] == 2 and fp_plan["configurations"]["2d"]["flip_axes"] == [0]
+    # axial slices, median 36 x 50 voxels: each side rounded up to a multiple of 8 (depth 3), not padded square
+    assert fp_plan["configurations"]["2d"]["patch"] == [40, 56] and fp_plan["configurations"]["2d"]["depth"] == 3
 
 
 def test_classes_in_a_fixed_order_forbid_mirroring_along_that_axis():
@@ -170,6 +172,21 @@ def test_a_size_of_the_users_replaces_the_planned_2d_sample():
     assert configs_from_plan(plan, "auto", None, {"size": 96})["sagittal"].patch_size == (96, 96)
     assert configs_from_plan(plan, "auto", None, {"rotate90": True})["sagittal"].patch_size == (64, 64)
     assert configs_from_plan(plan, "auto", None, {"patch": [32, 64]})["sagittal"].patch_size == (32, 64)
+
+
+def test_a_size_of_the_users_replaces_a_saved_2d_sample_too(tmp_path):
+    from medseg.cli import _config_from_args, build_parser
+
+    TrainConfig(data="x", dims=2, size=64, patch=[64, 48]).save(tmp_path / "config.json")
+
+    def rerun(*flags):
+        return _config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "config.json"),
+                                                            *flags])).patch_size
+
+    assert rerun() == (64, 48)
+    assert rerun("--size", "96") == (96, 96)
+    assert rerun("--patch", "32,64") == (32, 64)
+    assert rerun("--lr", "0.01") == (64, 48)  # a flag that says nothing of the sample keeps its sides
 
 
 def test_loss_rule_counts_label_0_where_it_is_not_the_majority():

@@ -61,13 +61,9 @@ def configs_from_plan(plan: dict, configuration: str | None, data: str | Path | 
         cfg = TrainConfig(**settings)
         if data:
             cfg.data = str(data)
-        for key, value in overrides.items():
-            setattr(cfg, key, value)
+        cfg.override(overrides)
         if cfg.regions and "border_weight" not in overrides:
             cfg.border_weight = 0.0  # the plan's weight map is for a cross-entropy over classes; regions train on BCE
-        if settings.get("dims") == 2 and {"size", "fit", "rotate90", "dims"} & overrides.keys() \
-                and "patch" not in overrides:
-            cfg.patch = None  # the plan's 2D sample sides follow from its size: a size (or turns) of the user's wins
         cfg.progress = progress
         members[name] = cfg
     return members

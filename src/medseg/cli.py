@@ -158,8 +158,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.out = args.out
     if not cfg.data:
         raise MedsegError("no dataset given; use 'medseg train DATA --out RUN' or --config RUN/config.json")
-    for key, value in _explicit_settings(args).items():
-        setattr(cfg, key, value)
+    cfg.override(_explicit_settings(args))
     cfg.progress = not args.quiet
     return cfg
 

@@ -189,6 +189,17 @@ class TrainConfig:
             self.regions = check_regions(self.regions)
         return self
 
+    def override(self, settings: dict) -> "TrainConfig":
+        """Set the user's explicit settings on top of a saved or planned configuration. A 2D sample's planned sides
+        follow from its size, so a size of the user's (or quarter turns, which need a square, another fit or other
+        dims) replaces them, unless the user gives the sides too."""
+        planned_sides = self.dims == 2 and self.patch
+        for key, value in settings.items():
+            setattr(self, key, value)
+        if planned_sides and {"size", "fit", "rotate90", "dims"} & settings.keys() and "patch" not in settings:
+            self.patch = None
+        return self
+
     @property
     def slices_per_input(self) -> int:
         """How many slices one network input stacks as channels: the slice and its neighbours (2.5D)."""

@@ -281,14 +281,15 @@ def _alternative_configurations(fp: dict, data: str, options: dict, budget_minut
     else:
         axis, in_plane = -1, shapes
     patch2d, depth2d = patch_and_depth(in_plane, 2)
-    side = max(patch2d)
     slice_axes = [a for a in range(fp["dims"]) if a != axis % fp["dims"]] if fp["dims"] == 3 else [0, 1]
-    configurations["2d"] = {**common, "dims": 2, "axis": axis, "fit": "pad", "size": side, "depth": depth2d,
-                            "batch_size": int(min(32, max(4, 2**20 // side**2))),
+    configurations["2d"] = {**common, "dims": 2, "axis": axis, "fit": "pad", "size": max(patch2d), "depth": depth2d,
+                            "batch_size": int(min(32, max(4, 2**20 // math.prod(patch2d)))),
                             "flip_axes": [i for i, a in enumerate(slice_axes) if a in mirrored]}
+    if len(set(patch2d)) > 1:  # as nnU-Net's 2d patches: each side as long as the median slice needs, no square pad
+        configurations["2d"]["patch"] = patch2d
     for name, settings in configurations.items():
         dims = settings["dims"]
-        patch = settings["patch"] if dims == 3 else [settings["size"]] * 2
+        patch = settings.get("patch") or [settings["size"]] * 2
         width, timings = (16, {})
         if calibrate:
             width, timings = calibrate_width(dims, patch, settings["depth"], fp["channels"], classes,
