@@ -125,12 +125,17 @@ def plan_line(plan: dict) -> str:
     """What the planner chose, in a table cell."""
     members = plan["configurations"]["auto"]["members"]
     parts = [f"{name}: {sample_words(m)} px, width {m['base_channels']}, {m['threads']} thread(s)"
-             f"{', rot90' if m.get('rotate90') else ''}, flips {m['flip_axes']}"
+             f"{', rot90' if m.get('rotate90') else ''}{_slices(m)}, flips {m['flip_axes']}"
              f"{', Dice counting label 0' if m.get('loss') == 'dice_ce_all' else ''}"
              f"{', weight map (U-Net)' if m.get('border_weight') else ''}"
              f"{', elastic' if m.get('elastic_p') else ''}{_affine(m)}"
              for name, m in members.items()]
     return ("ensemble of " if len(members) > 1 else "") + "; ".join(parts) + f"; {next(iter(members.values()))['normalization']}"
+
+
+def _slices(member: dict) -> str:
+    """How many slices a 2D member on volumes stacks as channels, where it stacks more than one."""
+    return f", {2 * member['context'] + 1} slices (2.5D)" if member.get("context") else ""
 
 
 def _affine(member: dict) -> str:

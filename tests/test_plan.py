@@ -146,6 +146,9 @@ def test_default_recipe_for_shared_hippocampus_is_the_measured_pair():
     assert (sagittal["affine_p"], sagittal["max_rotation"], sagittal["max_scale"]) == (0.5, 30.0, 0.3)
     assert "affine_p" not in coronal and "sagittal_augmentation" in plan["reasons"]
     assert TrainConfig(**sagittal).affine_p == 0.5 and TrainConfig(**coronal).affine_p == 0.3
+    # each slice with a neighbour on both sides (2.5D): 3 input channels for the single-channel MRI
+    assert sagittal["context"] == coronal["context"] == 1 and TrainConfig(**coronal).slices_per_input == 3
+    assert "context" in plan["reasons"]
 
 
 @pytest.mark.parametrize("name,binary,loss", [("isbi2012_em", False, "dice_ce_all"), ("drive", False, "dice_ce"),
