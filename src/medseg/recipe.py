@@ -142,7 +142,8 @@ def sample_words(settings: dict) -> str:
 
 
 def _context_words(context: int) -> str:
-    return f"each slice stacked with {'its neighbour' if context == 1 else f'{context} neighbours'} on either side (2.5D)"
+    neighbours = "its neighbour" if context == 1 else f"{context} neighbours"
+    return f"each slice stacked with {neighbours} on either side (2.5D)"
 
 
 def affine_words(affine: dict) -> str:
