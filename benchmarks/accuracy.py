@@ -30,6 +30,7 @@ import torch
 from docs_section import write_section
 from medseg.checkpoint import load_models
 from medseg.cli import main as medseg_main
+from medseg.config import TrainConfig
 from medseg.data import load_case
 from medseg.evaluate import evaluation_cases
 from medseg.metrics import maximal_f_score, threshold_counts
@@ -135,7 +136,7 @@ def plan_line(plan: dict) -> str:
 
 def _slices(member: dict) -> str:
     """How many slices a 2D member on volumes stacks as channels, where it stacks more than one."""
-    return f", {2 * member['context'] + 1} slices (2.5D)" if member.get("context") else ""
+    return f", {TrainConfig(**member).slices_per_input} slices (2.5D)" if member.get("context") else ""
 
 
 def _affine(member: dict) -> str:

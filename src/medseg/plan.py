@@ -289,7 +289,7 @@ def _alternative_configurations(fp: dict, data: str, options: dict, budget_minut
         configurations["2d"]["patch"] = patch2d
     for name, settings in configurations.items():
         dims = settings["dims"]
-        patch = settings.get("patch") or [settings["size"]] * 2
+        patch = list(TrainConfig(**settings).patch_size)
         width, timings = (16, {})
         if calibrate:
             width, timings = calibrate_width(dims, patch, settings["depth"], fp["channels"], classes,

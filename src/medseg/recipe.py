@@ -98,11 +98,12 @@ def default_configuration(fp: dict, data: str, options: dict, budget_minutes: fl
             settings.update(UNMIRRORED_AFFINE)
             reasons[f"{name}_augmentation"] = f"no axis may be mirrored: {affine_words(UNMIRRORED_AFFINE)} " \
                 f"(otherwise {affine_words(USUAL_AFFINE)}) make up for the views the mirrors would have added"
-        sample = settings.get("patch") or [settings["size"]] * 2
+        planned = TrainConfig(**settings)  # the sample's sides and inputs as training will read them
+        sample = list(planned.patch_size)
         settings["depth"] = _depth(min(sample))
         width, timings = 16, {}
         if calibrate:
-            inputs = fp["channels"] * (2 * settings.get("context", 0) + 1)  # a slice and its neighbours
+            inputs = fp["channels"] * planned.slices_per_input  # a slice and its neighbours
             width, timings = calibrate_width(2, sample, settings["depth"], inputs, class_count(fp), BATCH,
                                              budget_minutes, device, threads=threads, widths=WIDTHS, norm="batch",
                                              activation="relu")
