@@ -57,7 +57,8 @@ DATASETS = {
               "configuration": "2d", "seconds_per_iteration": None, "seconds_per_val_iteration": None},
     "isbi2012_em": {"path": SHARED / "isbi2012_em", "id": 520, "name": "Dataset520_ISBI2012", "ending": ".png",
                     "channels": {"0": "EM"}, "classes": ["background", "cell"], "binary": False,
-                    "configuration": "2d", "seconds_per_iteration": None, "seconds_per_val_iteration": None},
+                    "configuration": "2d", "seconds_per_iteration": None, "seconds_per_val_iteration": None,
+                    "probabilities": True},  # its bar reads the challenge's pixel error from them
 }
 TRAINER_TEMPLATE = '''import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -261,7 +262,7 @@ def main() -> None:
                            "-device", "cpu", env=env)
     predictions = out / "test_predictions"
     shutil.rmtree(predictions, ignore_errors=True)
-    probabilities = ["--save_probabilities"] if args.dataset == "isbi2012_em" else []
+    probabilities = ["--save_probabilities"] if dataset.get("probabilities") else []
     predict_seconds = nnunet(python, "nnUNetv2_predict", "-i", str(out / "raw" / dataset["name"] / "imagesTs"),
                              "-o", str(predictions), "-d", ident, "-c", configuration, "-f", "0",
                              "-tr", trainer, "-device", "cpu", *probabilities, env=env)
