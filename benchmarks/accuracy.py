@@ -181,12 +181,17 @@ def challenge_pixel_error(run: Path) -> tuple[float, float]:
     probability against the labels, counts pooled over the images, thresholds 0, 0.1, ..., 1 (Fiji's PixelError,
     which scored the challenge); and the threshold that gave it."""
     models = load_models(run)
-    counts = 0
+    pairs = []
     for item in evaluation_cases(models)[0]:  # the test cases, through the one predict-and-score path
         loaded = load_case(item.case, models[0].config, resample=False)
-        probs = score_case(item.models, loaded).probs
-        counts = counts + threshold_counts(probs[1], loaded.label > 0)
-    score, threshold = maximal_f_score(counts)
+        pairs.append((score_case(item.models, loaded).probs[1], loaded.label > 0))
+    return pooled_pixel_error(pairs)
+
+
+def pooled_pixel_error(pairs: list) -> tuple[float, float]:
+    """1 - the maximal F-score over (cell probability, cell truth) pairs, counts pooled over them; and the
+    threshold that gave it. Shared with benchmarks/nnunet.py, which scores the peer's saved probabilities."""
+    score, threshold = maximal_f_score(sum(threshold_counts(cell, truth) for cell, truth in pairs))
     return 1 - score, threshold
 
 

@@ -184,10 +184,10 @@ def score(predictions: Path, parts: dict, dataset: dict) -> dict:
     from medseg.data import read_roi
     from medseg.evaluate import summarise
     from medseg.io import read_image
-    from medseg.metrics import maximal_f_score, scored_metrics, threshold_counts
+    from medseg.metrics import scored_metrics
 
     names = dataset["classes"]
-    rows, counts = [], 0
+    rows, pairs = [], []
     for case in parts["test"]:
         mask = read_image(parts["files"][case][1])
         truth = _truth(mask, dataset)
@@ -198,12 +198,12 @@ def score(predictions: Path, parts: dict, dataset: dict) -> dict:
         rows += [{"case": case, "class": n, **m} for n, m in scores.items()]
         probabilities = predictions / f"{case}.npz"
         if probabilities.exists():  # (classes, 1, H, W) for a 2D image; class 1 is the cell (non-membrane)
-            cell = np.load(probabilities)["probabilities"][1].reshape(truth.shape)
-            counts = counts + threshold_counts(cell, truth > 0)
+            pairs.append((np.load(probabilities)["probabilities"][1].reshape(truth.shape), truth > 0))
     summary = summarise(rows, names[1:], f"test cases of {dataset['path'].name}", Path("nnunet"))
-    if not isinstance(counts, int):
-        f_score, threshold = maximal_f_score(counts)
-        summary["challenge_pixel_error"], summary["challenge_threshold"] = 1 - f_score, threshold
+    if pairs:
+        from accuracy import pooled_pixel_error  # the same pooling and thresholds as medseg's own row
+
+        summary["challenge_pixel_error"], summary["challenge_threshold"] = pooled_pixel_error(pairs)
     return summary
 
 
