@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medseg.models import UNet, create_model
+from medseg.models import UNet, create_model, place
 
 
 def test_default_geometry_is_the_seeds():
@@ -146,3 +146,28 @@ def test_flops_of_the_seed_unet():
     assert count_flops(UNet(), (1, 1, 128, 128)) / 1e9 == pytest.approx(24, rel=0.1)
     rows = describe_models(size=32, base_channels=4, depth=3)
     assert [r["name"] for r in rows] == ALL_MODELS and all(r["gflops"] > 0 and r["parameters"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet"])
+def test_2d_networks_on_a_cpu_run_channels_last_with_the_default_layouts_results(name):
+    kwargs = dict(in_channels=3, num_classes=3, base_channels=4, depth=3, spatial_dims=2)
+    torch.manual_seed(0)
+    placed = place(create_model(name, **kwargs), torch.device("cpu"))
+    reference = create_model(name, **kwargs)
+    reference.load_state_dict(placed.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in placed.parameters() if p.ndim == 4)
+    x = torch.randn(2, 3, 37, 51)  # sides that pad inside the network
+    out, expected = placed(x), reference(x)
+    assert torch.allclose(out, expected, atol=1e-4)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for a, b in zip(placed.parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_3d_networks_and_the_other_architectures_keep_the_default_layout():
+    cpu = torch.device("cpu")
+    volume = place(create_model("unet", in_channels=1, num_classes=2, base_channels=4, depth=2, spatial_dims=3), cpu)
+    residual = place(create_model("resenc_unet", in_channels=1, num_classes=2, base_channels=4, depth=3), cpu)
+    for model in (volume, residual):
+        assert all(p.is_contiguous() for p in model.parameters())

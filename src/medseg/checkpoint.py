@@ -17,7 +17,7 @@ import torch
 from medseg.config import TrainConfig
 from medseg.errors import MedsegError, write_error
 from medseg.infer import TrainedModel
-from medseg.models import create_model
+from medseg.models import create_model, place
 
 
 def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> None:
@@ -169,7 +169,7 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto", unfinis
     target = resolve_device(device)
     model = create_model(state["model_name"], **state["model_args"])
     model.load_state_dict(state["model"])
-    model.to(target).eval()
+    place(model, target).eval()
     postprocessing = path.parent / "postprocessing.json"
     classes = json.loads(postprocessing.read_text())["classes"] if postprocessing.exists() else []
     config = TrainConfig(**state["config"])

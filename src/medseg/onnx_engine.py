@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -53,7 +54,10 @@ def export_onnx(trained, path: Path) -> Path:
             __import__(package)
         except ImportError as exc:
             raise MedsegError(f"exporting to ONNX needs the {package} package: pip install 'medseg[deploy]'") from exc
-    model, cfg = trained.model.cpu().eval(), trained.config
+    # a copy in PyTorch's default layout: a channels-last network (`medseg.models.place`) fixes the batch size
+    # in the exported graph's guards
+    model = copy.deepcopy(trained.model).cpu().eval().to(memory_format=torch.contiguous_format)
+    cfg = trained.config
     multiple = 2 ** cfg.depth
     channels = model_input_channels(trained)
     spatial = (2 * multiple,) * cfg.dims

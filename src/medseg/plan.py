@@ -201,15 +201,15 @@ def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, clas
     widest that sees as many pixels as MIN_SAMPLES samples of REFERENCE_PIXELS (else the narrowest), and the
     timings."""
     from medseg.checkpoint import torch_threads
-    from medseg.models import UNet
+    from medseg.models import UNet, place
 
     timings, chosen = {}, widths[0]
     target = torch.device(device)
     with torch_threads(threads):
         for width in widths:
-            seconds = _time_width(UNet(channels, classes, width, depth, spatial_dims=dims, norm=norm,
-                                       activation=activation).to(target), batch, channels, classes, patch, target,
-                                  steps)
+            model = place(UNet(channels, classes, width, depth, spatial_dims=dims, norm=norm, activation=activation),
+                          target)  # in the layout training will use
+            seconds = _time_width(model, batch, channels, classes, patch, target, steps)
             samples = budget_minutes * 60 / seconds * batch
             timings[str(width)] = {"seconds_per_step": round(seconds, 4), "samples_in_budget": int(samples)}
             if samples * math.prod(patch) >= MIN_SAMPLES[dims] * REFERENCE_PIXELS[dims]:

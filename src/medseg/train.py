@@ -37,7 +37,7 @@ from medseg.losses import deep_supervision_loss, make_loss, region_targets
 from medseg.metrics import confusion, metrics_from_counts, nanmean
 from medseg.infer import TrainedModel
 from medseg.scoring import class_means, mean_dice, score_case
-from medseg.models import create_model
+from medseg.models import create_model, place
 from medseg.regions import region_masks
 from medseg.samplers import PatchSampler, SliceSampler
 from medseg.resume import check_same_split, random_states, read_resume_state, set_random_states
@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
     model = create_model(cfg.model, **model_args)
     init = initialise(model, cfg)  # a checkpoint that does not fit fails here, before the run folder is made
-    model.to(device)
+    place(model, device)
     sampler = (PatchSampler if cfg.dims == 3 else SliceSampler)(train_cases, cfg, generator)
     trained = TrainedModel(model, cfg, class_names, in_channels, Path(cfg.out), device)
     compile_step, compile_reason = compiling.decide(cfg, device, distributed.world_size())
