@@ -139,7 +139,8 @@ def main() -> None:
         json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     lines = [f"Machine: {machine}. Medians of {args.repeats} (the demo: of {args.demos} runs per layout), the two "
              "layouts alternating after a warm-up; width 16, depth 4 (the demo: its own 16-32-64 / 128).", "",
-             "| what | engine | threads | default layout (s) | channels-last (s) | speedup |", "|---|---|---|---|---|---|"]
+             "| what | engine | threads | default layout (s) | channels-last (s) | speedup |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['engine']} | {r['threads']} | {r['default_s']} | {r['channels_last_s']} | "
               f"{r['speedup']}x |" for r in rows]
     demo = rows[-1] if args.demos else None

@@ -2,9 +2,9 @@
 
 Measured here (benchmarks/compile_speed.py, benchmarks/channels_last.py, docs/benchmarks.md): a compiled 2D
 training step took 0.73-0.74 of the eager one in PyTorch's default layout, and takes 0.94-0.99 of it now that 2D
-networks run channels-last (`medseg.models.place`), so a budget sees a few per cent more steps; the one-off compile
-costs 30-60 s (a few seconds once inductor's disk cache holds the graphs). `--compile auto` (the default) therefore compiles time-budgeted CPU runs
-of at least MIN_BUDGET_MINUTES, where the compile is under a tenth of the budget and pays back within minutes,
+networks run channels-last (`medseg.models.place`), so a budget sees a few per cent more steps; the one-off
+compile costs 30-60 s (a few seconds once inductor's disk cache holds the graphs). `--compile auto` (the default)
+compiles time-budgeted CPU runs of at least MIN_BUDGET_MINUTES, where the compile is under a tenth of the budget,
 after a probe that the C++ toolchain inductor needs works here. It is not switched on by `auto` where it was
 never measured (GPUs, several processes) or where a short run would only pay for it; `--compile on` asks for it
 anywhere. The decision depends only on the settings, the device and the toolchain, so a re-run of config.json
@@ -54,7 +54,8 @@ def decide(cfg, device: torch.device, processes: int) -> tuple[bool, str]:
         if cfg.compile == "on":
             raise MedsegError(f"--compile on: torch.compile does not work here ({failure}); use --compile off")
         return False, f"off (auto: torch.compile does not work here: {failure})"
-    why = "--compile on" if cfg.compile == "on" else "auto: time-budgeted CPU run; 2D steps measured 0.94-0.99 of eager here"
+    why = ("--compile on" if cfg.compile == "on"
+           else "auto: time-budgeted CPU run; 2D steps measured 0.94-0.99 of eager here")
     return True, f"on ({why})"
 
 
