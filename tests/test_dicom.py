@@ -127,3 +127,13 @@ def test_itk_formats_round_trip_geometry(tmp_path, suffix):
     np.testing.assert_allclose(back.GetOrigin(), itk.GetOrigin())
     np.testing.assert_array_equal(np.transpose(sitk.GetArrayFromImage(back)), mask)
     assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_2d_itk_spacing_follows_the_array_axes(tmp_path, suffix):
+    # a 2D image is read as (C, rows, columns) like a PNG; ITK gives spacing as (x = columns, y = rows)
+    itk = sitk.GetImageFromArray(np.zeros((10, 20), np.float32))  # 10 rows, 20 columns
+    itk.SetSpacing((0.5, 2.0))  # columns 0.5 mm apart, rows 2 mm
+    sitk.WriteImage(itk, str(tmp_path / f"slice{suffix}"))
+    image = read_image(tmp_path / f"slice{suffix}")
+    assert image.array.shape == (1, 10, 20) and image.spacing == pytest.approx((2.0, 0.5))

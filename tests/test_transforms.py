@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+from scipy import ndimage
 
 from medseg.arrays import resize as resize_image
 from medseg.augment import augment, pad_or_crop, resize_label
@@ -123,3 +124,23 @@ def test_context_slices_stack_neighbours_as_channels():
     assert np.array_equal(stacked[1], np.concatenate([volume[0, 0:3], volume[1, 0:3]]))
     assert np.array_equal(stacked[0][[0, 1, 2]], volume[0, [0, 0, 1]])
     assert np.array_equal(stacked[1][[1, 4]], plain[1])
+
+
+def test_rotations_are_rigid_on_samples_that_are_not_square():
+    # a disc in a 64x40 sample, rotated by up to 40 degrees with no scaling: it must stay a disc (before, the angle
+    # was applied in coordinates normalised per axis, and a 64x48 sample got off-diagonal terms of 0.375 / 0.667)
+    rows, cols = np.mgrid[:64, :40]
+    disc = ((rows - 32) ** 2 + (cols - 20) ** 2 <= 12**2).astype(np.int64)
+    label = torch.from_numpy(disc)[None].repeat(16, 1, 1)
+    generator = torch.Generator().manual_seed(3)
+    _, warped = augment(label[:, None].float(), label, generator, affine_p=1, intensity_p=0, max_scale=0,
+                        max_rotation_deg=40, flip_axes=[])
+    for sample in warped.numpy():
+        components, _ = ndimage.label(sample)
+        sample = (components == components[32, 20]).astype(np.int64)  # not the mirror images reflected in
+        ys, xs = np.nonzero(sample)
+        cy, cx = ys.mean(), xs.mean()
+        edge = sample & ~ndimage.binary_erosion(sample)
+        radii = np.hypot(*(np.nonzero(edge) - np.array([[cy], [cx]])))
+        assert abs(sample.sum() - disc.sum()) < 0.05 * disc.sum()
+        assert radii.max() - radii.min() <= 2.0  # a disc within a pixel either way, not an ellipse

@@ -109,7 +109,10 @@ def _random_warp(image, label, rand, p, max_rotation_deg, max_scale, elastic_p):
     scale = 1 + (rand(b) * 2 - 1) * max_scale
     shift = (rand(b, 2) * 2 - 1) * 0.05
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    # affine_grid works in coordinates normalised per axis (x over w pixels, y over h): a rotation there shears a
+    # sample that is not square, so it is taken into pixel units and back (x' = cos x - sin y h/w, ...)
+    theta = torch.stack([torch.stack([cos, -sin * h / w, shift[:, 0]], 1),
+                         torch.stack([sin * w / h, cos, shift[:, 1]], 1)], 1)
     identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(b, 2, 3)
     theta = torch.where(chosen.view(b, 1, 1), theta, identity)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)

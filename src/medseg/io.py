@@ -210,7 +210,8 @@ def _read_itk(path: Path) -> Image:
         lps[:3, :3] = np.array(itk.GetDirection()).reshape(3, 3) * np.array(itk.GetSpacing())
         lps[:3, 3] = itk.GetOrigin()
         affine = LPS_TO_RAS @ lps
-    return Image(array, tuple(float(v) for v in itk.GetSpacing()), affine, path,
+    spacing = tuple(float(v) for v in itk.GetSpacing())  # ITK's order: x (columns) first
+    return Image(array, spacing if dims == 3 else spacing[::-1], affine, path,
                  {"format": "itk", "itk_geometry": geometry})
 
 
