@@ -95,10 +95,11 @@ def split(dataset: dict) -> dict:
     """medseg's default split (seed 0), as its accuracy run made it: the cases nnU-Net may train and validate on,
     and the test cases it only predicts."""
     sys.path.insert(0, str(ROOT / "src"))
-    from medseg.datasets import find_cases, split_cases
+    from medseg.datasets import find_cases, split_dataset
 
-    cases = find_cases(dataset["path"]).cases
-    parts = split_cases([c.case_id for c in cases])
+    found = find_cases(dataset["path"])
+    cases = found.cases
+    parts = split_dataset(found)  # in blocks for serial sections (ISBI), as medseg's run splits them
     return {**parts, "files": {c.case_id: (str(c.images[0]), str(c.mask)) for c in cases},
             "cases": {c.case_id: c for c in cases}}
 

@@ -1,6 +1,7 @@
 """The disk cache (`--cache disk`): the same batches and the same trained weights as cases held in memory, files
 reused across runs, and training memory that does not grow with the dataset."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
-from medseg.cache import cache_cases
+from conftest import save_png, tiny_config
+from medseg.cache import cache_cases, use_disk
+from medseg.config import TrainConfig
 from medseg.data import load_cases
 from medseg.datasets import find_cases
 from medseg.samplers import PatchSampler, SliceSampler
@@ -90,3 +92,41 @@ def test_training_memory_does_not_grow_with_the_dataset_from_the_disk_cache(tmp_
     grew = {mode: large[mode]["peak_mib"] - small[mode]["peak_mib"] for mode in ("memory", "disk")}
     # the control: held in memory, the same data adds its size (measured: +75 MiB, against +2 MiB from disk)
     assert grew["memory"] > 30 and grew["memory"] > 10 * max(grew["disk"], 1.0), grew
+
+
+def test_an_edited_mask_is_read_again_and_trained_on(phantoms_2d, tmp_path, cache_folder):
+    # the cache keys on images, mask and region of interest: a corrected mask is never trained on as the old one
+    data = tmp_path / "data"
+    shutil.copytree(phantoms_2d, data)
+    cfg = tiny_config(data, tmp_path / "run", fit="pad", size=32, augment=False, foreground_fraction=0)
+    cases = find_cases(data).cases
+    before = cache_cases(cases, cfg)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 2  # the corrected mask of case 0: one ring-class square
+    save_png(cases[0].mask, mask)
+    after = cache_cases(find_cases(data).cases, cfg)
+    assert after[0].folder != before[0].folder and after[1].folder == before[1].folder
+    _, label = SliceSampler(after, cfg, torch.Generator().manual_seed(0)).batch([0])
+    np.testing.assert_array_equal(label[0].numpy(), mask)
+
+
+def test_cache_auto_decides_from_the_decoded_size(tmp_path, monkeypatch):
+    # 12 volumes of 96^3 zeros: a few kB each compressed, 53 MiB once read as float32 images and uint8 labels
+    import nibabel as nib
+
+    from medseg import cache
+
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    for i in range(12):
+        for sub, dtype in (("imagesTr", np.int16), ("labelsTr", np.uint8)):
+            nib.save(nib.Nifti1Image(np.zeros((96, 96, 96), dtype), np.diag([2.0, 2.0, 2.0, 1.0])),
+                     tmp_path / sub / f"c{i}.nii.gz")
+    cases = find_cases(tmp_path).cases
+    on_disk = sum(p.stat().st_size for c in cases for p in c.images)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(cache, "MEMORY_SHARE", 20 * 2**20 / memory)  # a machine that may hold 20 MiB
+    assert on_disk < 20 * 2**20  # the files alone would fit
+    assert use_disk(TrainConfig(data=str(tmp_path)), cases)
+    # resampled to 4 mm the cases take an eighth: 6.6 MiB, held in memory
+    assert not use_disk(TrainConfig(data=str(tmp_path), target_spacing=[4.0, 4.0, 4.0]), cases)

@@ -67,3 +67,25 @@ def test_subgroups_flag_the_group_that_falls_behind(tmp_path):
     with pytest.raises(MedsegError, match="case"):
         (tmp_path / "bad.csv").write_text("site\nA\n")
         read_groups(tmp_path / "bad.csv")
+
+
+def test_holm_correction_by_hand_and_in_the_subgroup_report():
+    from medseg.groups import groups_markdown, subgroup_report
+    from medseg.stats import holm
+
+    # m = 4: sorted 0.01, 0.02, 0.03, nan, 0.5 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), nan, max(.., 0.5)
+    adjusted = holm([0.03, 0.5, 0.01, float("nan"), 0.02])
+    assert adjusted[:3] == pytest.approx([0.06, 0.5, 0.04]) and np.isnan(adjusted[3]) and adjusted[4] == 0.06
+    # ten sites, one a little behind: p below 0.05 on its own, not once the ten tests are corrected for
+    rng = np.random.default_rng(0)
+    rows, groups = [], {}
+    for i in range(100):
+        site = f"s{i % 10}"
+        dice = 0.8 + rng.normal(0, 0.05) - (0.015 if site == "s0" else 0)
+        rows.append({"case": f"c{i}", "class": "x", "dice": dice})
+        groups[f"c{i}"] = {"site": site}
+    report = subgroup_report(rows, groups, ("dice",))
+    s0 = report["attributes"]["site"]["s0"]
+    assert s0["p_behind"] < 0.05 and s0["p_holm"] >= 0.05 and not s0["behind"]
+    assert s0["p_holm"] == pytest.approx(min(1.0, 10 * s0["p_behind"])) and report["tests"] == 10
+    assert "Holm's correction for the 10 groups" in groups_markdown(report)

@@ -5,6 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg.console import flush_notes
 from medseg.datasets import find_cases, labels_to_classes, split_cases
 from medseg.errors import MedsegError
 from conftest import save_png, shared_dataset
@@ -99,6 +100,7 @@ def test_grey_level_masks_are_thresholded_at_half_range(capsys):
     mask[0, 2, 2:6], mask[0, 5, 2:6] = 200, 40  # soft edges
     read = labels_to_classes(mask, "xray_mask.png")
     assert read[2:5, 2:6].all() and not read[5].any() and read.sum() == 12
+    flush_notes()
     assert "half their range" in capsys.readouterr().err
     assert labels_to_classes(mask, "xray_mask.png", threshold=30).sum() == 16  # --mask-threshold
     soft = labels_to_classes(np.array([[[0.0, 0.2, 0.7, 1.0]]]), "soft.nii")  # a soft float mask: at 0.5
@@ -232,3 +234,37 @@ def test_shared_drive_reads_in_place():
     dataset = find_cases(shared_dataset("drive"))
     assert dataset.layout == "drive" and len(dataset.cases) == 20
     assert all(c.roi is not None and c.mask.name.endswith("_manual1.gif") for c in dataset.cases)
+
+
+def test_serial_sections_are_split_in_blocks(tmp_path):
+    from medseg.datasets import serial_sections, split_dataset
+
+    # a stack: each section the one before with a little drift and noise; a set of unrelated images beside it
+    rng = np.random.default_rng(0)
+    section = rng.normal(size=(64, 64))
+    for i in range(20):
+        section = 0.7 * section + 0.3 * rng.normal(size=(64, 64))
+        save_png(tmp_path / "stack" / "image" / f"{i}.png", 128 + 30 * section)
+        save_png(tmp_path / "stack" / "label" / f"{i}.png", (section > 0) * 255)
+        other = rng.normal(size=(64, 64))
+        save_png(tmp_path / "photos" / "image" / f"{i + 21}.png", 128 + 30 * other)
+        save_png(tmp_path / "photos" / "label" / f"{i + 21}.png", (other > 0) * 255)
+    stack = find_cases(tmp_path / "stack")
+    found = serial_sections(stack.cases)
+    assert found and found["neighbours"] > 0.5 > found["apart"]
+    assert serial_sections(find_cases(tmp_path / "photos").cases) is None  # numbered, not neighbours
+    for seed in range(5):
+        split = split_dataset(stack, seed=seed)
+        test, val = sorted(map(int, split["test"])), sorted(map(int, split["val"]))
+        assert split["blocks"] and len(test) == 4 and test == list(range(test[0], test[0] + 4))
+        assert len(val) == 3 and not set(val) & set(test)
+    assert len({tuple(split_dataset(stack, seed=s)["test"]) for s in range(5)}) > 1  # the seed moves the block
+    photos = split_dataset(find_cases(tmp_path / "photos"))
+    assert not photos["blocks"] and photos["test"] == split_cases([str(i) for i in range(21, 41)])["test"]
+
+
+def test_isbi_sections_are_recognised_as_one_stack():
+    from medseg.datasets import serial_sections
+
+    assert serial_sections(find_cases(shared_dataset("isbi2012_em")).cases)
+    assert serial_sections(find_cases(shared_dataset("drive")).cases) is None

@@ -74,7 +74,7 @@ def test_plan_for_shared_hippocampus():
     fp_plan = make_plan(shared_dataset("msd_hippocampus", "Task04_Hippocampus"), calibrate=False)
     assert fp_plan["configurations"]["3d"]["patch"] == [40, 56, 40]
     assert fp_plan["configurations"]["3d"]["normalization"] == "zscore"
-    assert fp_plan["fingerprint"]["cases"] == 200
+    assert fp_plan["fingerprint"]["cases"] == 160 and len(fp_plan["fingerprint"]["held_out"]["test"]) == 40
     # anterior lies in front of and below the posterior part in every case: mirror left-right only
     assert [e["axis"] for e in fp_plan["fingerprint"]["class_order"]] == [1, 2]
     assert fp_plan["configurations"]["3d"]["flip_axes"] == [0]
@@ -225,3 +225,50 @@ def test_width_rule_counts_pixels_seen(monkeypatch):
     # 30 minutes, batch 16: 28,800 samples; enough at 128x128 (4.7e8 pixels), not at 64x64 (1.2e8)
     assert plan.calibrate_width(2, [128, 128], 4, 1, 2, 16, 30, widths=(8, 16))[0] == 16
     assert plan.calibrate_width(2, [64, 64], 4, 1, 2, 16, 30, widths=(8, 16))[0] == 8
+
+
+def _write_case(folder, name, image, label, affine):
+    import nibabel as nib
+
+    for sub, array in (("imagesTr", image), ("labelsTr", label)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, affine), str(folder / sub / f"{name}.nii.gz"))
+
+
+def test_the_test_cases_choose_nothing_in_the_plan(tmp_path):
+    # split first, then fingerprint: editing a test case's intensities or labels leaves plan.json as it was
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        label = np.zeros((12, 14, 10), np.uint8)
+        label[3:8, 4:9, 2:7] = 1
+        image = (rng.normal(size=label.shape) * 40 + 40 * label).astype(np.int16)
+        _write_case(tmp_path, f"case_{i}", image, label, np.diag([0.8, 0.8, 3.0, 1.0]))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "organ", "2": "lesion"},
+                                                       "modality": {"0": "CT"}}))
+    before = make_plan(tmp_path, calibrate=False)
+    held = before["fingerprint"]["held_out"]
+    assert len(held["test"]) == 2 and held["seed"] == 0
+    assert sorted(before["fingerprint"]["cases_read"]) == sorted(f"case_{i}" for i in range(10)
+                                                               if f"case_{i}" not in held["test"])
+    for name in held["test"]:  # a brighter scan with a second class in it
+        label = np.zeros((12, 14, 10), np.uint8)
+        label[2:10, 2:12, 1:9], label[5:7, 5:7, 4:6] = 1, 2
+        _write_case(tmp_path, name, (rng.normal(size=label.shape) * 300 + 900).astype(np.int16), label,
+                    np.diag([0.5, 0.5, 1.0, 1.0]))
+    after = make_plan(tmp_path, calibrate=False)
+    assert json.dumps(after, sort_keys=True) == json.dumps(before, sort_keys=True)
+    other = make_plan(tmp_path, calibrate=False, seed=1)  # another split reads other cases
+    assert other["fingerprint"]["held_out"]["test"] != held["test"]
+
+
+def test_fingerprint_measures_volumes_in_the_voxel_order_training_uses(tmp_path):
+    # the same volume stored twice, once with axes 0 and 1 swapped (and the affine saying so)
+    label = np.zeros((10, 20, 6), np.uint8)
+    label[2:5, 3:15, 1:5] = 1
+    image = label.astype(np.float32)
+    _write_case(tmp_path, "a", image, label, np.diag([1.0, 2.0, 3.0, 1.0]))
+    swapped = np.array([[0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    _write_case(tmp_path, "b", image.transpose(1, 0, 2).copy(), label.transpose(1, 0, 2).copy(), swapped)
+    fp = fingerprint(find_cases(tmp_path))
+    assert fp["shape"]["min"] == fp["shape"]["max"] == [10, 20, 6]
+    assert fp["spacing"]["min"] == fp["spacing"]["max"] == [1.0, 2.0, 3.0]

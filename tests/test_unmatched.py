@@ -125,3 +125,13 @@ def test_evaluate_says_when_a_test_case_changed(relative_run, capsys):
     image.write_bytes(image.read_bytes() + b"\0")  # same pixels to a PNG reader, other bytes: changed all the same
     assert main(["evaluate", str(relative_run), "--quiet"]) == 2
     assert "changed since" in capsys.readouterr().err
+
+
+def test_evaluate_says_when_a_test_mask_was_edited(relative_run, capsys):
+    # the image untouched, only the mask corrected: the test case is no longer what the run held out
+    split = json.loads((relative_run / "split.json").read_text())
+    case = split["test"][0]
+    mask = next((relative_run.parent / "data" / "labelsTr").glob(f"{case}*"))
+    mask.write_bytes(mask.read_bytes() + b"\0")
+    assert main(["evaluate", str(relative_run), "--quiet"]) == 2
+    assert f"case {case} (image, mask or region of interest) changed since" in capsys.readouterr().err

@@ -25,8 +25,9 @@ def planned_members(data: str | Path, budget_minutes: float, overrides: dict, de
     from medseg.recipe import describe
 
     device = str(resolve_device(overrides.get("device", device)))
+    split = {k: overrides[k] for k in ("seed", "test_fraction") if overrides.get(k) is not None}
     plan = make_plan(data, budget_minutes, device, data_options={k: overrides.get(k) for k in READING_FIELDS},
-                     alternatives=False, cores=overrides.get("threads"))
+                     alternatives=False, cores=overrides.get("threads"), **split)
     print(describe(plan["configurations"]["auto"], plan["reasons"]), flush=True)
     changed, added = overridden(plan["configurations"]["auto"]["members"], overrides)
     if changed:
@@ -62,11 +63,26 @@ def configs_from_plan(plan: dict, configuration: str | None, data: str | Path | 
         if data:
             cfg.data = str(data)
         cfg.override(overrides)
+        _check_held_out(plan, cfg, where)
         if cfg.regions and "border_weight" not in overrides:
             cfg.border_weight = 0.0  # the plan's weight map is for a cross-entropy over classes; regions train on BCE
         cfg.progress = progress
         members[name] = cfg
     return members
+
+
+def _check_held_out(plan: dict, cfg: TrainConfig, where: str) -> None:
+    """Say so when a run's test cases are not the ones its plan left unread (another --seed or --test-fraction):
+    the planner then read some of the cases the run reports on."""
+    from medseg.console import notice
+
+    held = plan.get("fingerprint", {}).get("held_out")
+    if held and (held["seed"], held["test_fraction"]) != (cfg.seed, cfg.test_fraction):
+        notice(f"{where} was planned with the test cases of --seed {held['seed']} --test-fraction "
+               f"{held['test_fraction']} left unread; this run (--seed {cfg.seed} --test-fraction "
+               f"{cfg.test_fraction}) holds out others, some of which the planner read. Plan again with "
+               f"'medseg plan DATA --seed {cfg.seed} --test-fraction {cfg.test_fraction}' for test cases that "
+               "chose nothing")
 
 
 def plan_and_train(data: str | Path, out: str | Path, time_budget: float = 30.0, overwrite: bool = False,

@@ -22,30 +22,45 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.console import show_bars
-from medseg.data import LoadedCase, check_alike, foreground_points, load_case
+from medseg.console import notice, show_bars
+from medseg.data import LoadedCase, check_alike, class_points, load_case
+from medseg.headers import decoded_bytes
 from medseg.io import Image
 
-READING = ("normalization", "intensity_stats", "color", "npy_layout", "binary_masks", "mask_threshold", "orientation",
-           "target_spacing")
+READING = ("normalization", "intensity_stats", "color", "npy_layout", "binary_masks", "mask_threshold", "mask_levels",
+           "orientation", "target_spacing")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("MEDSEG_CACHE") or Path.home() / ".cache" / "medseg")
 
 
+MEMORY_SHARE = 0.1  # `--cache auto` holds cases in memory while they take at most this share of the machine's
+
+
 def use_disk(cfg, cases: list) -> bool:
-    """Whether to cache on disk: `--cache disk`, or `auto` with the images' files over a tenth of the memory."""
+    """Whether to cache on disk: `--cache disk`, or `auto` where the cases once read (`decoded_bytes`, from their
+    headers: float32 images and labels, at the target spacing, one copy, as the samplers hold them) would take
+    more than MEMORY_SHARE of this machine's memory. Said in one line when it is."""
     if cfg.cache != "auto":
         return cfg.cache == "disk"
-    size = sum(Path(p).stat().st_size for case in cases for p in case.images if Path(p).is_file())
+    size = sum(decoded_bytes(case.images, cfg.target_spacing) for case in cases)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return size > memory / 10
+    if size > MEMORY_SHARE * memory:
+        notice(f"--cache auto: the {len(cases)} training and validation cases take {size / 2**30:.1f} GiB once read, "
+               f"more than {MEMORY_SHARE:.0%} of this machine's {memory / 2**30:.0f} GiB: preprocessed once into "
+               f"{cache_root()} and read per batch")
+        return True
+    return False
 
 
 @dataclass
 class DiskCase:
-    """One preprocessed case in the cache: its shape, and its arrays read on demand."""
+    """One preprocessed case in the cache: its shape, and its arrays read on demand.
+
+    A volume that 2D networks slice is stored with the slicing axis first (meta "first_axis"), so that a slice is
+    one contiguous read rather than a stride through every page of the file; every method speaks the case's own
+    axis order."""
     case_id: str
     folder: Path
     meta: dict
@@ -59,8 +74,14 @@ class DiskCase:
         return self.meta["shape"][0]
 
     def _mapped(self) -> tuple[np.ndarray, np.ndarray]:
-        """Image and label as memory maps: what is copied out of them is read, and they close when dropped."""
-        return (np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy", mmap_mode="r"))
+        """Image and label as memory maps in the case's axis order (views of the stored order): what is copied out
+        of them is read, and they close when dropped."""
+        image, label = np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy",
+                                                                                  mmap_mode="r")
+        first = self.meta.get("first_axis")
+        if first is None:
+            return image, label
+        return np.moveaxis(image, 1, 1 + first), np.moveaxis(label, 0, first)
 
     def read(self, index: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
         """(image (C, ...), label (...)) of the region `index` (slices over the spatial axes), copied: only the
@@ -73,16 +94,19 @@ class DiskCase:
         image, label = self._mapped()
         return np.take(image, indices, 1 + axis), np.take(label, indices, axis)
 
-    def foreground(self) -> np.ndarray:
-        return np.load(self.folder / "foreground.npy", mmap_mode="r")
+    def class_points(self) -> dict[int, np.ndarray]:
+        """Each foreground class's points (`medseg.data.class_points`), read when asked for: one array of every
+        point, and a table of (class, first row, end row)."""
+        points = np.load(self.folder / "points.npy", mmap_mode="r")
+        return {int(k): points[start:end] for k, start, end in np.load(self.folder / "point_classes.npy")}
 
     def load(self) -> LoadedCase:
         """The whole case in memory (for validation, one case at a time)."""
         roi = self.folder / "roi.npy"
-        image = Image(np.load(self.folder / "image.npy"), tuple(self.meta["spacing"]) if self.meta["spacing"] else None,
+        array, label = (np.ascontiguousarray(a) for a in self.read())
+        image = Image(array, tuple(self.meta["spacing"]) if self.meta["spacing"] else None,
                       np.array(self.meta["affine"]) if self.meta["affine"] else None, Path(self.meta["path"]))
-        return LoadedCase(self.case_id, image, np.load(self.folder / "label.npy"),
-                          np.load(roi) if roi.exists() else None)
+        return LoadedCase(self.case_id, image, label, np.load(roi) if roi.exists() else None)
 
 
 def as_loaded(case) -> LoadedCase:
@@ -106,39 +130,58 @@ def path_of(case) -> str:
     return case.meta["path"] if isinstance(case, DiskCase) else str(case.image.path)
 
 
+FORMAT = 2  # of a cached case's files (2: points per class); a new format never reads an old one's folders
+
+
 def settings_key(cfg, resample: bool) -> str:
     settings = {name: getattr(cfg, name) for name in READING}
-    settings["resample"] = resample
+    settings.update(resample=resample, format=FORMAT, first_axis=_first_axis(cfg))
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cache_cases(cases: list, cfg, what: str = "cases", resample: bool = True) -> list[DiskCase]:
     """Each case preprocessed as `load_case(case, cfg, resample)` would, from the cache or written to it now."""
-    from medseg.datasets import case_hash
+    from medseg.datasets import content_hash
 
     root = cache_root() / settings_key(cfg, resample)
     root.mkdir(parents=True, exist_ok=True)
     cached = []
     for case in tqdm(cases, desc=f"caching {what}", disable=not show_bars(cfg.progress), leave=False):
-        folder = root / case_hash(case)
+        folder = root / content_hash(case)  # images, mask and region of interest: an edited mask is read anew
         if not (folder / "meta.json").exists():
-            _write(load_case(case, cfg, resample), folder)
+            _write(load_case(case, cfg, resample), folder, _first_axis(cfg))
         cached.append(DiskCase(case.case_id, folder, json.loads((folder / "meta.json").read_text())))
     check_alike([(path_of(c), ndim_of(c), c.channels) for c in cached])
     return cached
 
 
-def _write(loaded: LoadedCase, folder: Path) -> None:
-    """The case's arrays and facts, written to a temporary folder and renamed: a folder in the cache is complete."""
+def _first_axis(cfg) -> int | None:
+    """The spatial axis a 2D network slices volumes along, stored first; None for 3D networks."""
+    return cfg.axis % 3 if cfg.dims == 2 else None
+
+
+def _write(loaded: LoadedCase, folder: Path, first_axis: int | None) -> None:
+    """The case's arrays and facts, written to a temporary folder and renamed: a folder in the cache is complete.
+    A volume is stored with spatial axis `first_axis` first (see DiskCase)."""
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    first = first_axis if loaded.label.ndim == 3 else None
+    image, label = loaded.image.array, loaded.label  # uint8 labels, or uint16 past 255 classes
+    if first is not None:
+        image, label = np.moveaxis(image, 1 + first, 1), np.moveaxis(label, first, 0)
     try:
-        np.save(staging / "image.npy", np.ascontiguousarray(loaded.image.array, np.float32))
-        np.save(staging / "label.npy", np.ascontiguousarray(loaded.label, np.uint8))
+        np.save(staging / "image.npy", np.ascontiguousarray(image, np.float32))
+        np.save(staging / "label.npy", np.ascontiguousarray(label))
         if loaded.roi is not None:
             np.save(staging / "roi.npy", loaded.roi)
-        np.save(staging / "foreground.npy", foreground_points(loaded.label))
+        points = class_points(loaded.label)
+        ends = np.cumsum([len(v) for v in points.values()], dtype=np.int64)
+        np.save(staging / "points.npy", np.concatenate(list(points.values())) if points else
+                np.zeros((0, loaded.label.ndim), np.int32))
+        np.save(staging / "point_classes.npy", np.stack([np.array(list(points), np.int64), ends - [len(v) for v in
+                points.values()], ends], 1) if points else np.zeros((0, 3), np.int64))
         image = loaded.image
-        meta = {"shape": list(image.array.shape), "labels": sorted(int(v) for v in np.unique(loaded.label)),
+        meta = {"shape": list(loaded.image.array.shape), "first_axis": first,
+                "labels": sorted(int(v) for v in np.unique(loaded.label)),
                 "spacing": list(image.spacing) if image.spacing else None,
                 "affine": image.affine.tolist() if image.affine is not None else None, "path": str(image.path)}
         (staging / "meta.json").write_text(json.dumps(meta))

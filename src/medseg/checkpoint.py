@@ -171,10 +171,11 @@ def load_run(run: str | Path, which: str = "best", device: str = "auto", unfinis
     model.load_state_dict(state["model"])
     place(model, target).eval()
     postprocessing = path.parent / "postprocessing.json"
-    classes = json.loads(postprocessing.read_text())["classes"] if postprocessing.exists() else []
+    decision = json.loads(postprocessing.read_text()) if postprocessing.exists() else {}
     config = TrainConfig(**state["config"])
     in_channels = state["model_args"]["in_channels"] // config.slices_per_input  # the image's own channels
-    return TrainedModel(model, config, state["class_names"], in_channels, path.parent, target, classes)
+    return TrainedModel(model, config, state["class_names"], in_channels, path.parent, target,
+                        decision.get("classes", []), {int(k): v for k, v in decision.get("min_sizes", {}).items()})
 
 
 def load_models(run: str | Path, device: str = "auto") -> list[TrainedModel]:

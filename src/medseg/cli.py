@@ -24,6 +24,8 @@ DATA_OPTIONS = [
     ("--binary-masks", bool, "treat every non-zero mask value as foreground (instance masks)"),
     ("--mask-threshold", float, "foreground where the mask value is at least this (masks saved as grey levels; "
                                 "default: such masks are thresholded at half their range, said once)"),
+    ("--mask-levels", "levels", "the grey levels that code classes 0, 1, 2, ... in the masks, e.g. 0,85,170,255 "
+                                "(default: found in the masks when they hold k equally spaced levels, said once)"),
     ("--npy-layout", str, "how a 3D .npy is read: volume (X, Y, Z; the default), hwc or chw (a 2D image with "
                           "channels last or first)"),
     ("--allow-unmatched", bool, "use the matched cases even when more than 10%% of the files have no partner (an "
@@ -44,7 +46,8 @@ TRAIN_OPTIONS = DATA_OPTIONS + [
                            "(default: the first training volume's)"),
     ("--patch", "intlist", "training sample, e.g. 40,56,40 (3D) or 64,48 (2D, not with --rotate90); default: "
                            "size on every side"),
-    ("--foreground-fraction", float, "3D: share of patches centred on foreground (default 0.33)"),
+    ("--foreground-fraction", float, "share of each batch centred on a voxel of a class drawn uniformly among the "
+     "case's classes, 2D and 3D (default 0.33)"),
     ("--overlap", float, "3D: sliding-window overlap at inference (default 0.5)"),
     ("--mirror-tta", bool, "average predictions over mirrored inputs"),
     ("--model", str, "network: unet (default), attention_unet, resenc_unet, deeplabv3plus, segnet, fcn "
@@ -107,9 +110,21 @@ def _add_train_options(parser: argparse.ArgumentParser, options: list = TRAIN_OP
         dest = flag[2:].replace("-", "_")
         if kind is bool:
             parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        elif kind == "levels":
+            parser.add_argument(flag, dest=dest, type=_levels, default=None, help=text)
         else:
             parser.add_argument(flag, dest=dest, type=str if kind in ("list", "intlist") else kind, default=None,
                                 help=text)
+
+
+def _levels(value: str) -> list[int]:
+    try:
+        levels = [int(v) for v in value.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value}: give the grey levels as whole numbers, e.g. 0,85,170,255") from exc
+    if levels != sorted(set(levels)) or len(levels) < 2:
+        raise argparse.ArgumentTypeError(f"{value}: give two or more levels in increasing order, class 0's first")
+    return levels
 
 
 def _explicit_settings(args: argparse.Namespace) -> dict:
@@ -186,11 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="phantoms -> trained U-Net -> metrics and figures, in under 3 minutes")
     demo.add_argument("--out", default="medseg-demo", help="folder for the demo's data and run")
 
-    synth = sub.add_parser("synth", help="write a seeded phantom dataset in the MSD layout")
+    synth = sub.add_parser("synth", help="write a seeded phantom or CT-like dataset in the MSD layout")
     synth.add_argument("--out", required=True)
+    synth.add_argument("--kind", default="phantoms", choices=("phantoms", "ct"),
+                       help="phantoms (default), or ct: 512x512 CT-like volumes in HU from two sites' spacings, an "
+                            "organ with small hypodense lesions (some cases none) and look-alike structures")
     synth.add_argument("--dim", type=int, default=2, choices=(2, 3))
-    synth.add_argument("--cases", type=int, default=100)
-    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--cases", type=int, default=None, help="cases (default 100 phantoms, 50 CT)")
+    synth.add_argument("--size", type=int, default=None, help="pixels per side (default 64 phantoms, 512 CT)")
     synth.add_argument("--classes", type=int, default=2, help="structures per phantom family, 1 to 3")
     synth.add_argument("--seed", type=int, default=0)
 
@@ -231,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="auto", help="device to calibrate on (auto, cpu, cuda, mps)")
     plan.add_argument("--no-calibrate", action="store_true", help="skip timing; use width 16")
     plan.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    plan.add_argument("--seed", type=int, default=0, help="the split seed of the runs this plan is for: their test "
+                      "cases are held out and never read (default 0, as medseg train)")
+    plan.add_argument("--test-fraction", type=float, default=0.2, help="their share of test cases (default 0.2)")
     _add_train_options(plan, DATA_OPTIONS)
 
     models = sub.add_parser("models", help="list the networks with parameters and FLOPs at an input size")
@@ -265,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output folder (default: RUN/evaluation)")
     evaluate.add_argument("--figures", type=int, default=4, help="number of case panels to draw")
     evaluate.add_argument("--groups", help="CSV of case id -> attributes (site, scanner, sex, ...): metrics per group")
+    evaluate.add_argument("--lesion-metrics", action="store_true", help="lesion-wise detection (F1, Dice per "
+                          "lesion, detection by size) for every class, not only those the run marked lesion-like")
+    evaluate.add_argument("--cldice", action="store_true", help="clDice for every class, not only tubular ones")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 
@@ -477,10 +501,15 @@ def run_command(args: argparse.Namespace) -> None:
         summary = run_demo(args.out, progress=not args.quiet)
         print(f"Dice {summary['mean_dice']:.3f} on {summary['cases_role']}; {summary['seconds']:.0f} s in all")
         print(f"results: {Path(summary['run']).resolve()}")
+    elif args.command == "synth" and args.kind == "ct":
+        from medseg.synth_ct import write_ct_dataset
+
+        print(write_ct_dataset(args.out, args.cases or 50, args.size or 512, args.seed))
     elif args.command == "synth":
         from medseg.synth import write_synthetic_dataset
 
-        print(write_synthetic_dataset(args.out, args.cases, args.dim, args.size, args.classes, args.seed))
+        print(write_synthetic_dataset(args.out, args.cases or 100, args.dim, args.size or 64, args.classes,
+                                      args.seed))
     elif args.command == "train":
         _train_command(args)
     elif args.command == "plan":
@@ -489,7 +518,7 @@ def run_command(args: argparse.Namespace) -> None:
 
         device = str(resolve_device(args.device))
         result = make_plan(args.data, args.budget, device, calibrate=not args.no_calibrate,
-                           data_options=_data_options(args))
+                           data_options=_data_options(args), seed=args.seed, test_fraction=args.test_fraction)
         write_text_atomic(args.out, json.dumps(result, indent=2))
         print(f"configurations {', '.join(result['configurations'])} (default {result['default']}); plan: {args.out}")
     elif args.command == "models":
@@ -540,9 +569,12 @@ def run_command(args: argparse.Namespace) -> None:
             raise MedsegError("--images, --masks and the mask flags describe --data; the run's own cases are read as "
                               "it read them")
         summary = evaluate_run(args.run, args.data, args.out, args.figures, args.device, not args.quiet, args.groups,
-                               args.cases, _data_options(args))
+                               args.cases, _data_options(args), args.lesion_metrics, args.cldice)
         print(f"mean foreground Dice {summary['mean_dice']:.4f} on {summary['cases_role']}; "
               f"results: {Path(args.out) if args.out else Path(args.run) / 'evaluation'}")
+        for name, lesions in summary.get("lesions", {}).items():
+            print(f"{name}: lesion F1 {lesions['f1']:.4f} ({lesions['tp']} found, {lesions['fn']} missed, "
+                  f"{lesions['fp']} false alarms)")
     elif args.command == "serve":
         from medseg.serve import Limits, serve
 

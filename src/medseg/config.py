@@ -22,7 +22,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see medseg.precision
 COMPILE_CHOICES = ("auto", "on", "off")  # see medseg.compiling
 NPY_LAYOUTS = ("auto", "volume", "hwc", "chw")
 # The settings that say how a labelled dataset is read (every command that reads one takes them)
-READING_FIELDS = ("images", "masks", "binary_masks", "mask_threshold", "npy_layout", "allow_unmatched")
+READING_FIELDS = ("images", "masks", "binary_masks", "mask_threshold", "mask_levels", "npy_layout",
+                  "allow_unmatched")
 
 
 def _model_names() -> list[str]:
@@ -43,6 +44,9 @@ class TrainConfig:
     masks: str | None = None
     binary_masks: bool = False
     mask_threshold: float | None = None  # foreground where the mask value is at least this (grey-level masks)
+    # classes coded as equally spaced grey levels ([0, 85, 170, 255]: classes 0-3), found in the masks by the plan
+    # or the run (medseg.datasets.grey_levels); []: looked for, none; None: not looked for yet
+    mask_levels: list[int] | None = None
     npy_layout: str = "auto"  # how a 3D .npy is read: auto/volume (X, Y, Z), hwc or chw (a 2D image with channels)
     allow_unmatched: bool = False  # use the matched cases even when many files have no partner (always listed)
     color: str = "keep"  # keep RGB channels, or "gray"
@@ -61,7 +65,9 @@ class TrainConfig:
     # volumes are reoriented to it for the network and back, as a structure's side can carry its label
     orientation: str | None = None
     patch: list[int] | None = None  # training sample: 3D patch (voxels, default size^3) or 2D sides (size x size)
-    foreground_fraction: float = 0.33  # 3D: share of patches centred on a foreground voxel
+    # share of each batch's samples (2D slices and 3D patches) centred on a voxel of a class drawn uniformly among
+    # the classes in the case (nnU-Net's oversampling, drawing the class first); the rest are random
+    foreground_fraction: float = 0.33
     overlap: float = 0.5  # 3D: sliding-window overlap at inference
     mirror_tta: bool = False  # average predictions over mirrored inputs
     # network

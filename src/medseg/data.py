@@ -5,7 +5,7 @@ and evaluation work per case (per volume); `medseg.samplers` cuts training batch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -23,20 +23,49 @@ from medseg.transforms import (normalize, orientation_transform, reorient, reori
 class LoadedCase:
     case_id: str
     image: Image  # array normalised as configured, (C, *spatial)
-    label: np.ndarray  # (*spatial) uint8 class indices
+    label: np.ndarray  # (*spatial) class indices, uint8 (uint16 past 255 classes)
     roi: np.ndarray | None = None  # (*spatial) bool: where metrics count (None: everywhere)
+    points: dict | None = field(default=None, repr=False)  # class_points(label), made when first asked for
+
+    # the reading interface the samplers use, shared with `medseg.cache.DiskCase`
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.label.shape
+
+    def read(self, index: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(image (C, ...), label (...)) of the region `index` (slices over the spatial axes), as views."""
+        return self.image.array[(slice(None), *index)], self.label[index]
+
+    def take(self, axis: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image and label at `indices` along spatial `axis` (slices and their neighbours), copied."""
+        return np.take(self.image.array, indices, 1 + axis), np.take(self.label, indices, axis)
+
+    def class_points(self) -> dict[int, np.ndarray]:
+        if self.points is None:
+            self.points = class_points(self.label)
+        return self.points
 
 
-MAX_FOREGROUND_POINTS = 20_000  # per case: enough to centre patches on, small enough for BraTS-sized cases
+MAX_POINTS_PER_CLASS = 10_000  # per case and class: enough to centre samples on, small for 100+ classes
 
 
-def foreground_points(label: np.ndarray) -> np.ndarray:
-    """Voxel indices (N, ndim) int32 of a label's foreground, at most MAX_FOREGROUND_POINTS of them (a fixed
-    sample, the same in every run): where the patch sampler centres its foreground patches."""
-    points = np.argwhere(label > 0)
-    if len(points) > MAX_FOREGROUND_POINTS:
-        points = points[np.random.default_rng(0).choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
-    return points.astype(np.int32)
+def class_points(label: np.ndarray) -> dict[int, np.ndarray]:
+    """Voxel indices (N, ndim) int32 of each foreground class in `label`, at most MAX_POINTS_PER_CLASS per class
+    (a fixed sample, the same in every run): where the samplers centre the samples they give to a class. One sort
+    of the foreground voxels, so 100+ classes cost no more than one."""
+    flat = np.flatnonzero(label)
+    values = label.ravel()[flat]
+    order = np.argsort(values, kind="stable")
+    flat, values = flat[order], values[order]
+    classes, starts = np.unique(values, return_index=True)
+    rng = np.random.default_rng(0)
+    points = {}
+    for k, (start, end) in zip(classes.tolist(), zip(starts, [*starts[1:], len(flat)])):
+        chosen = flat[start:end]
+        if len(chosen) > MAX_POINTS_PER_CLASS:
+            chosen = np.sort(rng.choice(chosen, MAX_POINTS_PER_CLASS, replace=False))
+        points[int(k)] = np.stack(np.unravel_index(chosen, label.shape), 1).astype(np.int32)
+    return points
 
 
 def read_case_image(paths: list, color: str, npy_layout: str = "auto") -> Image:
@@ -65,7 +94,10 @@ def check_finite(image: Image) -> None:
 def read_label(case: Case, cfg: TrainConfig) -> tuple[Image, np.ndarray]:
     """The case's mask as read, and as class indices by the configured mask rule."""
     mask = read_image(case.mask, npy_layout=cfg.npy_layout)
-    return mask, labels_to_classes(mask.array, case.mask, cfg.binary_masks, cfg.mask_threshold)
+    named = len(cfg.class_names) - 1 if cfg.class_names else None
+    most = max(v for v in (case.largest_label, named) if v is not None) if case.largest_label or named else None
+    return mask, labels_to_classes(mask.array, case.mask, cfg.binary_masks, cfg.mask_threshold, cfg.mask_levels,
+                                   most)
 
 
 def check_same_grid(case: Case, image: Image, mask: Image) -> None:

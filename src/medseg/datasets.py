@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.console import notice
+from medseg.console import note, notice
 from medseg.errors import MedsegError
 from medseg.io import is_supported, stem_of
 
@@ -45,6 +45,7 @@ class Case:
     images: list[Path]
     mask: Path
     roi: Path | None = None
+    largest_label: int | None = None  # the largest class its dataset declares (dataset.json); None: undeclared
 
 
 @dataclass
@@ -181,6 +182,8 @@ def _from_msd(root: Path) -> Dataset:
     if missing:
         left_out["cases whose image or label file is missing"] = missing
         cases = [c for c in cases if c.case_id not in set(missing)]
+    for case in cases:
+        case.largest_label = max(declared) if declared else None
     return Dataset(cases, class_names, "msd", root, modalities, declared, left_out=left_out,
                    segment_codes=meta.get("segment_codes", {}))
 
@@ -305,14 +308,26 @@ def _from_manifest(csv_path: Path) -> Dataset:
 
 def case_hash(case: Case) -> str:
     """SHA-256 over the case's image files: recognises a case under another name (`evaluate --data` leaves out
-    cases a run trained on, matched by id or by this)."""
+    cases a run trained on, matched by id or by this), whatever its mask now says."""
+    return _files_hash(case.images)
+
+
+def content_hash(case: Case) -> str:
+    """SHA-256 over every file of the case: images, mask and region of interest. What a run read: the disk cache
+    keys on it, and evaluation refuses test cases whose content changed since the run split them off."""
+    return _files_hash([*case.images, case.mask, *([case.roi] if case.roi else [])])
+
+
+def _files_hash(paths: list) -> str:
     digest = hashlib.sha256()
-    for path in case.images:
+    block = bytearray(1 << 20)  # one buffer read into: a fresh 1 MiB object per read grew the heap by 23 MiB on
+    view = memoryview(block)  # 500 cases (benchmarks/memory_scaling.py)
+    for path in paths:
         files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
         for file in files:
             with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+                while count := handle.readinto(block):
+                    digest.update(view[:count])
     return digest.hexdigest()
 
 
@@ -321,14 +336,27 @@ def manifest_hash(hashes: dict[str, str]) -> str:
     return hashlib.sha256("\n".join(f"{k}:{hashes[k]}" for k in sorted(hashes)).encode()).hexdigest()
 
 
-def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False,
-                      threshold: float | None = None) -> np.ndarray:
-    """Turn a stored mask, channels-first `(C, *spatial)` as read, into class indices `(*spatial)` uint8.
+MAX_UNDECLARED_LABEL = 50  # above this, undeclared mask values are more likely instances than classes
+MAX_LABEL = 65535  # declared labels (dataset.json, --class-names): what uint16 masks hold
+MAX_GREY_LEVELS = 17  # masks coding classes as equally spaced grey levels: up to 16 classes
+
+
+def class_dtype(largest: int) -> type:
+    """The integer type of a label map whose largest class index is `largest`: uint8, or uint16 past 255."""
+    return np.uint8 if largest < 256 else np.uint16
+
+
+def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False, threshold: float | None = None,
+                      levels: list[int] | None = None, most: int | None = None) -> np.ndarray:
+    """Turn a stored mask, channels-first `(C, *spatial)` as read, into class indices `(*spatial)` (uint8, or
+    uint16 for labels past 255).
 
     Rules, in order: `binary` maps every non-zero value to 1 (instance masks); `threshold` maps values >= it to 1
-    (--mask-threshold); 0/255 masks become 0/1; masks stored as grey levels (8-bit masks whose non-zero pixels are
-    mostly 255 with anti-aliased edges in between, or float masks in [0, 1]) are thresholded at half their range,
-    said once; float masks holding whole numbers are accepted. Anything else is a MedsegError naming the file.
+    (--mask-threshold); `levels` (the dataset's grey levels, `grey_levels`) maps the k-th level to class k; 0/255
+    masks become 0/1; masks stored as anti-aliased grey levels (8-bit masks whose non-zero pixels are mostly 255
+    with edges in between, or float masks in [0, 1]) are thresholded at half their range, said once; float masks
+    holding whole numbers are accepted. Values up to `most` (the largest label the dataset declares, at most
+    65535) are classes; undeclared, up to MAX_UNDECLARED_LABEL. Anything else is a MedsegError naming the file.
     """
     if mask.shape[0] == 3:  # an RGB-saved mask is accepted when its channels are identical
         if not (np.array_equal(mask[0], mask[1]) and np.array_equal(mask[1], mask[2])):
@@ -342,26 +370,78 @@ def labels_to_classes(mask: np.ndarray, path: Path | str, binary: bool = False,
         return (mask != 0).astype(np.uint8)
     if threshold is not None:
         return (mask >= threshold).astype(np.uint8)
+    if levels:
+        return _from_levels(mask, path, levels)
     values = np.unique(mask)
     if values.min() < 0:
         raise MedsegError(f"{path}: mask holds negative values {values[values < 0][:5].tolist()}")
-    if set(values.tolist()) <= {0, 255}:
+    if set(values.tolist()) <= {0, 255} and (most is None or most < 255):
         return (mask == 255).astype(np.uint8)
-    grey = _grey_level_threshold(mask, values)
+    grey = _grey_level_threshold(mask, values) if most is None or most < 255 else None
     if grey is not None:
-        notice(f"masks stored as grey levels (e.g. {Path(path).name}, values {values.min():g}..{values.max():g}) "
-               f"are read as foreground where the value is at least {grey:g}, half their range; "
-               "set --mask-threshold to choose another level")
+        note("grey-threshold", f"masks stored as grey levels (values {values.min():g}..{values.max():g}) are read "
+             f"as foreground where the value is at least {grey:g}, half their range; set --mask-threshold to "
+             "choose another level", Path(path).name)
         return (mask >= grey).astype(np.uint8)
     if np.issubdtype(mask.dtype, np.floating) and not np.all(values == np.round(values)):
         raise MedsegError(f"{path}: mask holds non-integer values; masks must hold class indices 0, 1, 2, ... "
                           "(or pass --mask-threshold for a soft mask)")
-    if values.max() > 50:
-        raise MedsegError(
-            f"{path}: mask holds {len(values)} values up to {values.max():g}; expected class indices "
-            "(0, 1, 2, ...) or 0/255. For instance masks use --binary-masks, for grey levels --mask-threshold"
-        )
-    return mask.astype(np.uint8)
+    # declared: any value up to 65535 (`check_label_values` then names any the declaration lacks)
+    limit = MAX_UNDECLARED_LABEL if most is None else MAX_LABEL
+    if values.max() > limit:
+        raise MedsegError(f"{path}: mask holds {len(values)} values up to {values.max():g}; expected class indices "
+                          "(0, 1, 2, ...) or 0/255, and up to 50 unless declared: declare the classes in "
+                          "dataset.json ('labels', up to 65535) or with --class-names. For instance masks use "
+                          "--binary-masks, for soft or grey-level masks --mask-threshold")
+    return mask.astype(class_dtype(int(values.max())))
+
+
+def _from_levels(mask: np.ndarray, path: Path | str, levels: list[int]) -> np.ndarray:
+    """Grey-coded classes: the value nearest each level (within 1, for masks rounded either way) is its class."""
+    grid = np.asarray(levels, np.float64)
+    index = np.abs(mask[..., None].astype(np.float64) - grid).argmin(-1)
+    stray = np.abs(mask - grid[index]) > 1
+    if stray.any():
+        raise MedsegError(f"{path}: mask value {mask[stray].flat[0]:g} is none of the grey levels "
+                          f"{', '.join(map(str, levels))} the other masks use for their classes; fix the mask")
+    return index.astype(class_dtype(len(levels) - 1))
+
+
+def grey_levels(values: set) -> list[int] | None:
+    """The grey levels of masks that code k classes as k equally spaced levels from 0 to 255 (or 65535), e.g.
+    0, 85, 170, 255 for four, from the values found in all of a dataset's masks (one mask may lack a class); None
+    for class indices, 0/255 masks and anti-aliased edges (values off any such grid, or too few of its levels)."""
+    values = sorted(float(v) for v in values)
+    if len(values) < 3 or values[0] != 0 or values[-1] not in (255, 65535):
+        return None
+    top = values[-1]
+    for k in range(3, MAX_GREY_LEVELS + 1):
+        grid = [round(i * top / (k - 1)) for i in range(k)]
+        if all(min(abs(v - g) for g in grid) <= 1 for v in values):
+            return grid if 2 * len(values) >= k else None
+    return None
+
+
+def mask_values(cases: list[Case], npy_layout: str = "auto") -> set:
+    """Every value stored in the cases' mask files, as read (before any rule turns them into classes)."""
+    from medseg.io import read_image
+
+    found: set = set()
+    for case in cases:
+        found |= set(np.unique(read_image(case.mask, npy_layout=npy_layout).array).tolist())
+    return found
+
+
+def detect_grey_levels(cases: list[Case], declared: list[int] | None, cfg) -> list[int]:
+    """The grey levels of `cases`' masks where they code classes (`grey_levels`), said in one line; [] where they
+    do not, or where nothing needs checking (labels declared, --binary-masks, --mask-threshold)."""
+    if declared is not None or cfg.binary_masks or cfg.mask_threshold is not None or cfg.class_names:
+        return []
+    levels = grey_levels(mask_values(cases, cfg.npy_layout)) or []
+    if levels:
+        notice(f"the masks hold {len(levels)} equally spaced grey levels ({', '.join(map(str, levels))}): read as "
+               f"classes 0-{len(levels) - 1} ({len(cases)} mask files read)")
+    return levels
 
 
 def _grey_level_threshold(mask: np.ndarray, values: np.ndarray) -> float | None:
@@ -397,8 +477,54 @@ def check_label_values(present: dict[str, set[int]], declared: list[int] | None,
                           "gaps unless --class-names lists them (a stray value is a labelling error)")
 
 
+def split_dataset(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, folds: int = 0, fold: int = 0,
+                  train_fraction: float = 1.0, test_fraction: float = 0.2) -> dict:
+    """`split_cases` for a dataset's cases, in blocks where they are serial sections of one stack (said once)."""
+    serial = serial_sections(dataset.cases)
+    if serial:
+        notice(f"{dataset.root}: the images are consecutive sections of one stack (each correlates "
+               f"{serial['neighbours']:.2f} with the next, {serial['apart']:.2f} with sections five or more apart): "
+               "test and validation cases are contiguous blocks of the stack, never neighbours of training sections")
+    split = split_cases([c.case_id for c in dataset.cases], val_fraction, seed, folds, fold, train_fraction,
+                        test_fraction, blocks=bool(serial))
+    return {**split, "serial_sections": serial} if serial else split
+
+
+SERIAL_GAIN = 0.1  # neighbours correlate this much more than images apart: sections of one stack
+
+
+def serial_sections(cases: list[Case]) -> dict | None:
+    """Whether 2D cases are consecutive sections of one stack (ISBI 2012's EM sections): numbered ids, one shape,
+    and each image correlating with the next far more than with images five or more apart (ISBI: 0.33 against 0.02;
+    DRIVE's fundus photographs, numbered too: 0.95 against 0.95). Then a random split would test on neighbours of
+    training sections, so `split_cases` cuts blocks instead. Returns the measurement, or None."""
+    from medseg.headers import header_size
+    from medseg.io import read_image
+
+    if len(cases) < 8 or not all(c.case_id.isdigit() for c in cases) or len(header_size(cases[0].images[0])[0]) != 2:
+        return None
+    ordered = sorted(cases, key=lambda c: int(c.case_id))
+    images = [read_image(c.images[0]).array for c in ordered]
+    if len({i.shape for i in images}) > 1 or images[0].ndim != 3:
+        return None
+    small = [_block_mean(i.astype(np.float32).mean(0)) for i in images]
+    z = [(a - a.mean()) / (a.std() or 1.0) for a in small]
+    n = len(z)
+    near = float(np.median([(z[i] * z[i + 1]).mean() for i in range(n - 1)]))
+    apart = float(np.median([(z[i] * z[j]).mean() for i in range(n) for j in range(i + 5, n)]))
+    return {"neighbours": round(near, 3), "apart": round(apart, 3)} if near - apart > SERIAL_GAIN else None
+
+
+def _block_mean(image: np.ndarray, side: int = 128) -> np.ndarray:
+    """A 2D image averaged in blocks down to about side x side."""
+    fy, fx = max(1, image.shape[0] // side), max(1, image.shape[1] // side)
+    h, w = image.shape[0] // fy * fy, image.shape[1] // fx * fx
+    return image[:h, :w].reshape(h // fy, fy, w // fx, fx).mean((1, 3))
+
+
 def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
-                folds: int = 0, fold: int = 0, train_fraction: float = 1.0, test_fraction: float = 0.2) -> dict:
+                folds: int = 0, fold: int = 0, train_fraction: float = 1.0, test_fraction: float = 0.2,
+                blocks: bool = False) -> dict:
     """Split unique case ids (never slices) into train, validation and test, reproducibly.
 
     test: `test_fraction` of all cases (at least one when the fraction is positive), chosen by the seed alone, so
@@ -407,6 +533,9 @@ def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
     (checkpoint, early stopping, post-processing); folds=k is k-fold cross-validation, `fold` in [0, k) validating.
     train_fraction < 1 keeps that share of the training cases (at least one, chosen with the seed) and the same
     validation and test cases: learning curves and few-label fine-tuning are measured on one held-out set.
+    With `blocks` (serial sections, ids in stack order), test and validation cases are contiguous blocks of the
+    stack at a place the seed chooses, and folds are consecutive runs: no test section lies between two training
+    sections it nearly repeats.
     """
     unique = sorted(set(case_ids))
     if not 0 <= test_fraction < 1:
@@ -415,20 +544,28 @@ def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0,
     if len(unique) - n_test < 2:
         raise MedsegError(f"only {len(unique)} cases found; training needs at least 2 besides the {n_test} test "
                           f"case(s) (one to validate){'; pass --test-fraction 0 and keep a test set of your own' if n_test else ''}")
-    order = unique[:]
-    random.Random(seed).shuffle(order)
-    test, rest = order[:n_test], order[n_test:]
+    rng = random.Random(seed)
+    if blocks:  # the stack's order, a block cut out where the seed says
+        order = sorted(unique, key=int)
+        start = rng.randrange(len(order) - n_test + 1)
+        test, rest = order[start:start + n_test], order[:start] + order[start + n_test:]
+    else:
+        order = unique[:]
+        rng.shuffle(order)
+        test, rest = order[:n_test], order[n_test:]
     if folds:
         if not 2 <= folds <= len(rest) or not 0 <= fold < folds:
             raise MedsegError(f"--folds {folds} --fold {fold}: need 2 <= folds <= {len(rest)} and 0 <= fold < folds")
-        val = rest[fold::folds]
+        val = [str(v) for v in np.array_split(rest, folds)[fold]] if blocks else rest[fold::folds]
     else:
         n_val = min(len(rest) - 1, max(1, round(len(rest) * val_fraction)))
-        val = rest[:n_val]
+        begin = rng.randrange(len(rest) - n_val + 1) if blocks else 0
+        val = rest[begin:begin + n_val]
     val_set = set(val)
     train = [c for c in rest if c not in val_set]
     if not 0 < train_fraction <= 1:
         raise MedsegError(f"--train-fraction {train_fraction}: must lie in (0, 1]")
     kept = train[:max(1, round(len(train) * train_fraction))]
     return {"seed": seed, "folds": folds, "fold": fold, "val_fraction": val_fraction, "test_fraction": test_fraction,
-            "train_fraction": train_fraction, "train": sorted(kept), "val": sorted(val_set), "test": sorted(test)}
+            "train_fraction": train_fraction, "blocks": blocks, "train": sorted(kept), "val": sorted(val_set),
+            "test": sorted(test)}

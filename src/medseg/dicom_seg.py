@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.datasets import class_dtype
 from medseg.errors import MedsegError
 
 # SNOMED CT: the generic concept for a segmented structure where the data gives no code of its own; DICOM CID 7162
@@ -49,7 +50,7 @@ def write_dicom_seg(mask: np.ndarray, reference, class_names: list[str], path: P
         for keyword in TYPE_2_COPIED:
             if keyword not in source:
                 setattr(source, keyword, "")
-    frames = np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8)  # (X, Y, Z) -> (slice, row, col)
+    frames = np.ascontiguousarray(np.transpose(mask, (2, 1, 0)))  # (X, Y, Z) -> (slice, row, col)
     palette = colours or PALETTE
     descriptions = [
         hd.seg.SegmentDescription(
@@ -102,4 +103,5 @@ def read_dicom_seg(path: Path, reference) -> np.ndarray:
     numbers = seg.get_segment_numbers()
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=numbers,
                                                combine_segments=True, relabel=False)
-    return np.transpose(frames, (2, 1, 0)).astype(np.uint8)  # (slice, row, col) -> (X, Y, Z)
+    labels = np.transpose(frames, (2, 1, 0))  # (slice, row, col) -> (X, Y, Z)
+    return labels.astype(class_dtype(int(labels.max(initial=0))))

@@ -28,16 +28,17 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import READING_FIELDS
-from medseg.console import show_bars
+from medseg.console import flush_notes, show_bars
 from medseg.checkpoint import load_models
 from medseg.data import load_case
-from medseg.datasets import Case, case_hash, find_cases
+from medseg.datasets import Case, case_hash, content_hash, find_cases
 from medseg.errors import MedsegError
 from medseg.folders import check_replaceable, mark, replace_folder
 from medseg.infer import final_labels
+from medseg.lesions import ObjectTally
 from medseg.metrics import BOUNDARY_METRICS, METRICS, POLICY, scored_metrics
 from medseg.figures import most_informative_slice, plot_case
-from medseg.io import write_text_atomic
+from medseg.io import read_image, write_text_atomic
 from medseg.scoring import mean_dice, score_case
 from medseg.stats import bootstrap_ci
 
@@ -61,10 +62,15 @@ class Planned:
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
                  figures: int = 4, device: str = "auto", progress: bool = True, groups: str | Path | None = None,
-                 cases: str = "test", data_options: dict | None = None) -> dict:
+                 cases: str = "test", data_options: dict | None = None, lesion_metrics: bool = False,
+                 cldice: bool = False) -> dict:
     """Evaluate RUN (a run, an ensemble or a cross-validation folder) on its test cases, its validation cases
     (`cases="val"`), or every case of `data` (read with `data_options`, e.g. {"binary_masks": True}); with
-    `groups` (a CSV of case -> attributes), also every metric per subgroup (groups.json, groups.md)."""
+    `groups` (a CSV of case -> attributes), also every metric per subgroup (groups.json, groups.md).
+
+    Lesion-wise scores (lesions.csv, `summary["lesions"]`) for the classes the run marked lesion-like, every
+    class with `lesion_metrics`; clDice for tubular classes, every class with `cldice`; instance average
+    precision for runs on instance masks (--binary-masks). See `medseg.lesions`."""
     from medseg.groups import read_groups
 
     group_of = read_groups(groups) if groups else None  # a bad file fails before any work
@@ -78,8 +84,9 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, out: str | Pat
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result follows the user's umask
     try:
+        tally = _object_tally(models, lesion_metrics, cldice)
         summary = _evaluate_cases(models, planned, source, staging, figures, progress, group_of, data, Path(run),
-                                  data_options)
+                                  data_options, tally)
         mark(staging, "evaluation")
         replace_folder(out, "--out")
         os.replace(staging, out)  # a failed evaluation leaves no half-written folder behind
@@ -155,11 +162,14 @@ def _recorded_data(run: Path) -> Path | None:
 def check_unchanged(run: Path, split: dict, cases: list[Case]) -> None:
     """The cases evaluated must be the files the run split off: a case edited since (its content hash differs from
     split.json's) would give numbers for something the run never held out."""
-    hashes = split.get("hashes") or {}
-    changed = [case for case in cases if case.case_id in hashes and case_hash(case) != hashes[case.case_id]]
+    # images, mask and region of interest where the run recorded them all (runs before that: the images)
+    hashes, digest = (split["content_hashes"], content_hash) if split.get("content_hashes") else \
+        (split.get("hashes") or {}, case_hash)
+    changed = [case for case in cases if case.case_id in hashes and digest(case) != hashes[case.case_id]]
     if changed:
-        raise MedsegError(f"{changed[0].images[0]}: changed since {run} was trained ({len(changed)} of {len(cases)} "
-                          "cases differ from their hash in split.json); restore the data, or pass --data to evaluate "
+        raise MedsegError(f"{changed[0].images[0]}: case {changed[0].case_id} (image, mask or region of interest) "
+                          f"changed since {run} was trained ({len(changed)} of {len(cases)} cases differ from their "
+                          "hash in split.json); restore the data, or pass --data to evaluate "
                           "the files as they are now (cases the run trained on are then matched and left out)")
 
 
@@ -191,8 +201,18 @@ def _rank(role: str) -> int:
     return {"new": 0, "test": 1, "selection": 2, "trained": 3}[role]
 
 
+def _object_tally(models: list, every_lesion: bool, every_tube: bool) -> ObjectTally:
+    """What to score object by object: the classes the run marked (its dataset.json), or every class."""
+    first = models[0]
+    path = first.run / "dataset.json"
+    marked = json.loads(path.read_text()) if path.exists() else {}
+    units = first.config.regions or {name: [k] for k, name in enumerate(first.class_names) if k}
+    return ObjectTally(marked, units, every_lesion, every_tube, instances=bool(first.config.binary_masks))
+
+
 def _evaluate_cases(models: list, planned: list[Planned], source: str, out: Path, figures: int, progress: bool,
-                    group_of, data: str | Path | None, run: Path, data_options: dict | None) -> dict:
+                    group_of, data: str | Path | None, run: Path, data_options: dict | None,
+                    tally: ObjectTally) -> dict:
     trained = models[0]
     cfg, names = trained.config, trained.class_names
     read_cfg = replace(cfg, **{k: v for k, v in (data_options or {}).items() if k in READING_FIELDS and v is not None})
@@ -207,18 +227,25 @@ def _evaluate_cases(models: list, planned: list[Planned], source: str, out: Path
         if item.counted:
             seconds.append(scored.seconds)
         rows += [{**row, "role": item.role, "counted": "yes" if item.counted else "no"} for row in scored.rows()]
+        if tally.active:
+            instances = read_image(item.case.mask, npy_layout=read_cfg.npy_layout).array[0] if tally.instances \
+                else None
+            tally.add(item.case.case_id, scored.pred, loaded.label, loaded.roi, loaded.image.spacing, item.counted,
+                      instances)
         if item.counted:
             raw_rows += _without_postprocessing(item.models or models, scored)
         if item.counted and len(shown) < figures:
             dice = ", ".join(f"{name} {m['dice']:.3f}" for name, m in scored.scores.items())
             title = f"case {item.case.case_id}: Dice {dice}"
             shown.append(_draw(loaded, scored.pred, cfg.axis, out / f"case_{item.case.case_id}.png", title))
+    flush_notes()
     counted = [r for r in rows if r["counted"] == "yes"]
     if not counted:
         raise MedsegError(f"{data or cfg.data}: every case was trained or selected on by this run; nothing is left "
                           "to report")
     summary = summarise(counted, list(cfg.regions) if cfg.regions else names[1:], source, run)
     summary["mean_dice_without_postprocessing"] = mean_dice(raw_rows)
+    summary.update(tally.summary())
     summary["cases_role"] = _role_line(planned)
     summary["left_out"] = sorted({r["case"] for r in rows if r["counted"] == "no"})
     summary["distance_unit"] = "mm" if units == {"mm"} else "pixels" if units == {"pixels"} else "mm or pixels"
@@ -236,7 +263,7 @@ def _evaluate_cases(models: list, planned: list[Planned], source: str, out: Path
                                     for g, v in by.items() if v["behind"]]
     if any(p.case.roi is not None for p in planned):
         summary["region_of_interest"] = "metrics count only the pixels inside each case's region of interest"
-    _write_outputs(out, rows, summary)
+    _write_outputs(out, rows, summary, tally)
     return summary
 
 
@@ -310,7 +337,7 @@ def mean_dice_per_case(rows: list[dict]) -> dict[str, float]:
     return {case: float(np.mean(values)) for case, values in per_case.items()}
 
 
-def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
+def _write_outputs(out: Path, rows: list[dict], summary: dict, tally: ObjectTally) -> None:
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=["case", "class", "role", "counted", *COLUMNS], lineterminator="\n")
     writer.writeheader()
@@ -331,5 +358,12 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
                   "that class's means): " + ", ".join(f"{n} {k}" for n, k in undefined.items()) + "."]
     lines += ["", f"Without the post-processing chosen on validation: mean Dice "
                   f"{summary['mean_dice_without_postprocessing']:.4f}."]
+    lines += tally.markdown(summary)
+    if tally.rows:
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(tally.rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(tally.rows)
+        write_text_atomic(out / "lesions.csv", table.getvalue())
     lines += ["", f"Empty-case policy: {summary['policy']}.", "", "Per-case values: per_case.csv."]
     write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.stats import behind_the_rest, bootstrap_ci
+from medseg.stats import behind_the_rest, bootstrap_ci, holm
 
 ALPHA = 0.05
 
@@ -35,7 +35,8 @@ def read_groups(path: str | Path) -> dict[str, dict[str, str]]:
 def subgroup_report(rows: list[dict], groups: dict[str, dict[str, str]], metrics: tuple[str, ...]) -> dict:
     """attribute -> group -> {cases, metric -> {mean, ci95}, p_behind, behind}. `rows` are per case and class, as
     evaluation writes them; per-case values are means over classes. Cases absent from `groups` are reported as
-    missing; a group is flagged `behind` when its Dice is lower than the rest's at p < 0.05 (Mann-Whitney U)."""
+    missing; a group is flagged `behind` when its Dice is lower than the rest's at p < 0.05 (one-sided Mann-Whitney
+    U) after Holm's correction over every group tested (`p_holm`; `p_behind` is the uncorrected p-value)."""
     per_case = {}
     for row in rows:
         per_case.setdefault(row["case"], []).append(row)
@@ -58,23 +59,28 @@ def subgroup_report(rows: list[dict], groups: dict[str, dict[str, str]], metrics
                 values = [case_values[c][m] for c in members]
                 entry[m] = {"mean": float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan"),
                             "ci95": list(bootstrap_ci(values))}
-            p = behind_the_rest([case_values[c]["dice"] for c in members], [case_values[c]["dice"] for c in rest])
-            entry.update(p_behind=p, behind=bool(p < ALPHA))
+            entry["p_behind"] = behind_the_rest([case_values[c]["dice"] for c in members],
+                                                [case_values[c]["dice"] for c in rest])
             out[name] = entry
         report["attributes"][attribute] = out
+    tested = [g for by in report["attributes"].values() for g in by.values()]
+    for entry, p in zip(tested, holm([g["p_behind"] for g in tested])):
+        entry.update(p_holm=p, behind=bool(p < ALPHA))
+    report["tests"] = sum(not np.isnan(g["p_behind"]) for g in tested)
     return report
 
 
 def groups_markdown(report: dict) -> str:
     lines = ["# Subgroups", "", f"Flagged: Dice lower than the rest of the cases at p < {report['alpha']} "
-             "(one-sided Mann-Whitney U on per-case Dice).", ""]
+             f"(one-sided Mann-Whitney U on per-case Dice) after Holm's correction for the {report['tests']} groups "
+             "tested together.", ""]
     for attribute, by_group in report["attributes"].items():
-        lines += [f"## {attribute}", "", "| group | cases | Dice (95% CI) | p (behind the rest) | flagged |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## {attribute}", "", "| group | cases | Dice (95% CI) | p (behind the rest) | p, Holm | flagged |",
+                  "|---|---|---|---|---|---|"]
         for name, g in by_group.items():
             low, high = g["dice"]["ci95"]
             lines.append(f"| {name} | {g['cases']} | {g['dice']['mean']:.4f} ({low:.4f}-{high:.4f}) | "
-                         f"{g['p_behind']:.3g} | {'**behind**' if g['behind'] else ''} |")
+                         f"{g['p_behind']:.3g} | {g['p_holm']:.3g} | {'**behind**' if g['behind'] else ''} |")
         lines.append("")
     if report["missing_cases"]:
         lines.append(f"Cases not in the groups file: {', '.join(report['missing_cases'])}.")

@@ -15,9 +15,10 @@ import numpy as np
 
 from medseg import arrays
 from medseg.config import TrainConfig
+from medseg.datasets import class_dtype
 from medseg.errors import MedsegError
 from medseg.io import Image, orientation_of
-from medseg.postprocess import keep_largest_component
+from medseg.postprocess import apply_rules
 from medseg.regions import paint
 from medseg.transforms import normalize, reorient, reoriented_spacing, resampled_shape, resize_volume, to_slices
 
@@ -33,6 +34,7 @@ class TrainedModel:
     run: Path
     device: Any  # torch.device, or "cpu" for an ONNX network
     postprocess_classes: list[int] = field(default_factory=list)  # keep-largest-component, chosen on validation
+    min_sizes: dict[int, int] = field(default_factory=dict)  # class -> smallest component kept, chosen likewise
 
 
 def _onnx(trained: TrainedModel) -> bool:
@@ -219,10 +221,10 @@ def uncertainty(probs: np.ndarray, regions: bool = False) -> np.ndarray:
 
 
 def to_labels(probs: np.ndarray, trained: TrainedModel) -> np.ndarray:
-    """Probabilities -> label map (*spatial) uint8: argmax over classes, or regions above 0.5 painted largest
+    """Probabilities -> label map (*spatial) uint8 (uint16 past 255 classes): argmax over classes, or regions above 0.5 painted largest
     first (see `medseg.regions`)."""
     regions = trained.config.regions
-    return paint(probs > 0.5, regions) if regions else probs.argmax(0).astype(np.uint8)
+    return paint(probs > 0.5, regions) if regions else probs.argmax(0).astype(class_dtype(probs.shape[0] - 1))
 
 
 def predict_image(models: TrainedModel | list[TrainedModel], image: Image, with_probabilities: bool = False):
@@ -260,10 +262,13 @@ def ensemble_probabilities(models: list[TrainedModel], array: np.ndarray, spacin
 
 def final_labels(models: list[TrainedModel], probs: np.ndarray, postprocess: bool = True) -> np.ndarray:
     """Probabilities -> the label map a user gets: argmax (or regions), then, with `postprocess`, a class keeps
-    only its largest component where at least half of the models chose that on their validation cases."""
+    only its largest component, or loses its small components (the median of the chosen sizes), where at least
+    half of the models chose that on their validation cases."""
     labels = to_labels(probs, models[0])
     if not postprocess:
         return labels
-    votes = [k for k in range(1, len(models[0].class_names))
-             if 2 * sum(k in m.postprocess_classes for m in models) >= len(models)]
-    return keep_largest_component(labels, votes) if votes else labels
+    classes = range(1, len(models[0].class_names))
+    votes = [k for k in classes if 2 * sum(k in m.postprocess_classes for m in models) >= len(models)]
+    small = {k: int(np.median([m.min_sizes[k] for m in models if k in m.min_sizes])) for k in classes
+             if k not in votes and 2 * sum(k in m.min_sizes for m in models) >= len(models)}
+    return apply_rules(labels, votes, small)

@@ -90,7 +90,8 @@ def inference_settings(trained) -> dict:
     from dataclasses import asdict
 
     return {"config": asdict(trained.config), "class_names": trained.class_names, "in_channels": trained.in_channels,
-            "postprocess_classes": trained.postprocess_classes}
+            "postprocess_classes": trained.postprocess_classes,
+            "min_sizes": {str(k): v for k, v in trained.min_sizes.items()}}
 
 
 class OnnxNetwork:
@@ -133,7 +134,8 @@ def load_onnx_models(run: str | Path, threads: int | None = None) -> list | None
         config = TrainConfig(**settings["config"])
         network = OnnxNetwork(member / "network.onnx", 2 ** config.depth, threads)
         models.append(TrainedModel(network, config, settings["class_names"], settings["in_channels"], member, "cpu",
-                                   settings["postprocess_classes"]))
+                                   settings["postprocess_classes"],
+                                   {int(k): v for k, v in settings.get("min_sizes", {}).items()}))
     return models
 
 

@@ -150,7 +150,9 @@ def _anonymous_split(split: dict) -> dict:
     leaves out) the cases the networks trained or were selected on, and the package names no case."""
     hashes = split.get("hashes") or {}
     roles = {role: sorted(hashes[c] for c in split.get(role, []) if c in hashes) for role in ("train", "val", "test")}
-    return {**{k: v for k, v in split.items() if k not in ("train", "val", "test", "hashes")}, **roles,
+    # case ids stay at home, content hashes of images and masks too (the image hashes recognise trained cases)
+    return {**{k: v for k, v in split.items() if k not in ("train", "val", "test", "hashes", "content_hashes")},
+            **roles,
             "hashes": {h: h for ids in roles.values() for h in ids}}
 
 

@@ -29,9 +29,10 @@ import torch
 from scipy import ndimage
 
 from medseg.config import TrainConfig
+from medseg.console import flush_notes
 from medseg.data import check_same_grid, read_case_image, read_label
-from medseg.datasets import Dataset, find_cases
-from medseg.transforms import reorient
+from medseg.datasets import Case, Dataset, detect_grey_levels, find_cases, split_dataset
+from medseg.transforms import reorient, reoriented_spacing
 
 PATCH_VOXELS = {2: 256 * 256, 3: 96 * 96 * 96}  # caps that keep one CPU step around a second
 # Samples a budget should cover for the chosen width. 2D: on the hippocampus, width 32 seeing 18k slices in 15
@@ -45,46 +46,70 @@ WIDTHS = (8, 16, 32)
 
 
 def fingerprint(dataset: Dataset, samples_per_case: int = 5_000, seed: int = 0,
-                reading: TrainConfig | None = None) -> dict:
-    """Shapes, spacings, dtype, per-channel foreground intensity statistics and class frequencies; masks are read
-    by the rules of `reading` (binary masks, mask threshold, .npy layout)."""
+                reading: TrainConfig | None = None, cases: list[Case] | None = None) -> dict:
+    """Shapes, spacings, dtype, per-channel foreground intensity statistics and class frequencies of `cases`
+    (default: all of the dataset's); masks are read by the rules of `reading` (binary masks, mask threshold, grey
+    levels, .npy layout). Volumes are measured in the voxel order of the first case, as training reorients them."""
     reading = reading or TrainConfig()
+    cases = dataset.cases if cases is None else cases
     rng = np.random.default_rng(seed)
-    shapes, spacings, dtypes, counts, foreground, centroids, atlas = [], [], set(), {}, None, [], []
-    orientation = None
-    for case in dataset.cases:
+    facts, counts, foreground, orientation = [], {}, None, None
+    for case in cases:
         image = read_case_image(case.images, "keep", reading.npy_layout)
         mask, label = read_label(case, reading)
         check_same_grid(case, image, mask)
         orientation = orientation or image.orientation
-        centroids.append(_class_centroids(label if not image.orientation or image.orientation == orientation
-                                          else reorient(label, image.affine, orientation)))
-        if label.ndim == 2:
-            atlas.append(_small_mask(label > 0))
-        shapes.append(list(image.spatial_shape))
-        spacings.append(list(image.spacing))
-        dtypes.add(str(image.array.dtype))
+        facts.append(_case_facts(image, label, orientation))
         for value, n in zip(*np.unique(label, return_counts=True)):
             counts[int(value)] = counts.get(int(value), 0) + int(n)
         voxels = image.array[:, label > 0]
         if voxels.shape[1] > samples_per_case:
             voxels = voxels[:, rng.choice(voxels.shape[1], samples_per_case, replace=False)]
         foreground = voxels if foreground is None else np.concatenate([foreground, voxels], 1)
+    shapes, spacings = [f["shape"] for f in facts], [f["spacing"] for f in facts]
     total = sum(counts.values())
+    atlas = [f["atlas"] for f in facts if f["atlas"] is not None]
     return {
-        "cases": len(dataset.cases), "layout": dataset.layout, "dims": len(shapes[0]),
+        "cases": len(cases), "cases_read": [case.case_id for case in cases], "layout": dataset.layout,
+        "dims": len(shapes[0]),
         "channels": int(foreground.shape[0]) if foreground is not None else 1,
-        "modality": dataset.modalities, "dtypes": sorted(dtypes), "class_names": dataset.class_names,
+        "modality": dataset.modalities, "dtypes": sorted({f["dtype"] for f in facts}),
+        "dicom_modality": sorted({f["dicom_modality"] for f in facts if f["dicom_modality"]}),
+        "air_share": float(np.median([f["air_share"] for f in facts])),
+        "class_names": dataset.class_names,
         "shape": {"median": np.median(shapes, 0).tolist(), "min": np.min(shapes, 0).tolist(),
                   "max": np.max(shapes, 0).tolist()},
         "spacing": {"median": np.median(spacings, 0).tolist(), "min": np.min(spacings, 0).tolist(),
                     "max": np.max(spacings, 0).tolist(), "p10": np.percentile(spacings, 10, 0).tolist()},
         "class_frequency": {str(k): counts[k] / total for k in sorted(counts)},
-        "class_order": class_order(centroids),
+        "class_order": class_order([f["centroids"] for f in facts]),
         "orientation": orientation or "",
         "foreground_layout": foreground_layout(atlas) if atlas else None,
         "foreground_intensity": [_intensity_stats(channel) for channel in foreground] if foreground is not None
         and foreground.shape[1] else [],
+    }
+
+
+AIR_HU = (-1100, -900)  # integer voxels in this range are air in Hounsfield units: how CT shows without metadata
+
+
+def _case_facts(image, label: np.ndarray, orientation: str | None) -> dict:
+    """One case's shape, spacing and class centroids in the voxel order `orientation` (as training reorients
+    volumes), its dtype, DICOM modality, share of air-like voxels and, for 2D, its small foreground mask."""
+    turned = bool(image.orientation) and image.orientation != orientation
+    first = image.array[0]
+    integer = np.issubdtype(first.dtype, np.integer)
+    return {
+        # shape and spacing permute as the voxel axes do (reoriented_spacing reorders any per-axis values)
+        "shape": [round(n) for n in reoriented_spacing(image.spatial_shape, image.affine, orientation)]
+        if turned else list(image.spatial_shape),
+        "spacing": list(reoriented_spacing(image.spacing, image.affine, orientation)) if turned
+        else list(image.spacing),
+        "centroids": _class_centroids(reorient(label, image.affine, orientation) if turned else label),
+        "atlas": _small_mask(label > 0) if label.ndim == 2 else None,
+        "dtype": str(image.array.dtype),
+        "dicom_modality": image.meta.get("modality", "") if image.meta else "",
+        "air_share": float(((first >= AIR_HU[0]) & (first <= AIR_HU[1])).mean()) if integer else 0.0,
     }
 
 
@@ -169,10 +194,18 @@ def choose_target_spacing(fp: dict) -> tuple[list[float], str]:
     return target, "median spacing of the cases"
 
 
+CT_AIR_SHARE = 0.01  # a median share of air-like integer voxels above this reads as CT (air outside the body)
+
+
 def choose_normalization(fp: dict) -> tuple[str, str]:
-    modalities = " ".join(fp["modality"]).lower()
+    modalities = " ".join(fp["modality"] + fp.get("dicom_modality", [])).lower()
+    why = "Hounsfield units are comparable across scans, so dataset-wide foreground statistics"
     if "ct" in modalities.split():
-        return "ct", "CT: Hounsfield units are comparable across scans, so dataset-wide foreground statistics"
+        return "ct", f"CT (said by {'dataset.json' if 'ct' in ' '.join(fp['modality']).lower() else 'DICOM'}): {why}"
+    integer = all(np.issubdtype(np.dtype(t), np.integer) for t in fp["dtypes"])
+    if fp["dims"] == 3 and integer and fp.get("air_share", 0) >= CT_AIR_SHARE:
+        return "ct", (f"CT, recognised from the intensities: integers, {fp['air_share']:.0%} of the voxels (median "
+                      f"over cases) between {AIR_HU[0]} and {AIR_HU[1]}, air in Hounsfield units: {why}")
     if fp["dims"] == 2:
         return "zscore", ("2D images (8-bit photographs, microscopy): per-image z-score; measured against [0, 1] "
                           "scaling on DSB 2018 nuclei (foreground IoU 0.858 against 0.814, docs/benchmarks.md), "
@@ -233,9 +266,14 @@ def _time_width(model, batch: int, channels: int, classes: int, patch: list[int]
 
 
 def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu", calibrate: bool = True,
-              data_options: dict | None = None, alternatives: bool = True, cores: int | None = None) -> dict:
+              data_options: dict | None = None, alternatives: bool = True, cores: int | None = None,
+              seed: int = 0, test_fraction: float = 0.2) -> dict:
     """Fingerprint DATA and plan its configurations; the result is what `plan.json` holds. `data_options` are
     the reading flags (images, masks, binary_masks, mask_threshold, npy_layout), kept in every configuration.
+
+    The test cases a run with this `seed` and `test_fraction` holds out are split off first and never read: the
+    fingerprint, and every rule that reads it, sees the training and validation cases only (the fingerprint
+    lists them, and `held_out` says which were left unread and why).
 
     `auto` (the default, `medseg.recipe`) is what `medseg train DATA` trains: one network or an ensemble of
     slicing planes. With `alternatives`, nnU-Net-style `2d` and `3d` configurations and the seed's recipe
@@ -245,13 +283,21 @@ def make_plan(data: str | Path, budget_minutes: float = 15.0, device: str = "cpu
     options = {k: v for k, v in (data_options or {}).items() if v is not None}
     reading = TrainConfig(**options)
     dataset = find_cases(data, reading.images, reading.masks, reading.allow_unmatched)
-    fp = fingerprint(dataset, reading=reading)
+    split = split_dataset(dataset, seed=seed, test_fraction=test_fraction)
+    # training cases first: the first one's voxel order is the one a run trains in
+    read = [c for role in ("train", "val") for c in dataset.cases if c.case_id in set(split[role])]
+    if reading.mask_levels is None:  # classes coded as grey levels: found once here, read so by every run
+        reading.mask_levels = options["mask_levels"] = detect_grey_levels(read, dataset.declared_labels, reading)
+    fp = fingerprint(dataset, reading=reading, cases=read)
+    fp["held_out"] = {"test": split["test"], "seed": seed, "test_fraction": test_fraction,
+                      "why": "the test cases of this seed's split: split off before planning, never read"}
     auto, reasons = default_configuration(fp, str(data), options, budget_minutes, device, cores, calibrate)
     configurations = {"auto": auto}
     if alternatives:
         more, more_reasons = _alternative_configurations(fp, str(data), options, budget_minutes, device, calibrate)
         configurations.update(more)
         reasons["alternatives"] = more_reasons
+    flush_notes()
     return {"fingerprint": fp, "configurations": configurations, "reasons": reasons, "default": "auto",
             "device": device}
 

@@ -1,9 +1,14 @@
 """Training batches cut from loaded cases: augmented 2D slices or 3D patches, as tensors.
 
-`SliceSampler` serves slices of 2D images or volumes (resized once, or padded/cropped per batch);
-`PatchSampler` serves 3D patches, a share of them centred on foreground. Both take cases held in memory
-(`LoadedCase`) or cached on disk (`medseg.cache.DiskCase`); from disk, each batch reads only its slices or patch
-regions, and the batches are the same as from memory for the same seed.
+`SliceSampler` serves slices of 2D images or volumes (resized, or padded/cropped to the sample size);
+`PatchSampler` serves 3D patches. Both read cases held in memory (`LoadedCase`) or cached on disk
+(`medseg.cache.DiskCase`) through the same calls, so each batch holds only its slices or patch regions, whole
+volumes are never copied into slices, and the batches are the same from memory and from disk for the same seed.
+
+Class-aware sampling (as nnU-Net oversamples foreground, but drawing the class first): in every batch the last
+`round(batch * foreground_fraction)` samples are centred on a voxel of a class drawn uniformly among the classes
+present in the case, so a 5-voxel lesion inside a large organ is a sample centre as often as the organ is; the
+other samples are random. `seen` counts the samples holding each class, for the first epoch's log line.
 """
 from __future__ import annotations
 
@@ -12,10 +17,7 @@ import torch
 
 from medseg import arrays
 from medseg.augment import augment, pad_or_crop, resize_label
-from medseg.cache import DiskCase
 from medseg.config import TrainConfig
-from medseg.data import LoadedCase, foreground_points
-from medseg.transforms import to_slices
 
 
 def stack_and_augment(pairs: list, cfg: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,55 +29,116 @@ def stack_and_augment(pairs: list, cfg: TrainConfig, generator: torch.Generator)
                    max_scale=cfg.max_scale, rotate90=cfg.rotate90, flip_axes=cfg.flip_axes, elastic_p=cfg.elastic_p)
 
 
-class SliceSampler:
-    """Training slices of the cases, served as augmented batches of fixed size (B, C, size, size).
+class _Sampler:
+    """What both samplers share: the cases, the class-aware draw and the count of samples holding each class."""
 
-    fit="resize": slices are resized to size (once, here, for cases in memory; per batch from disk); fit="pad":
-    slices keep their resolution and each batch pads or randomly crops them to size.
+    def __init__(self, cases: list, cfg: TrainConfig, generator: torch.Generator):
+        self.cases, self.cfg, self.generator = cases, cfg, generator
+        self.centred = 0  # samples centred on a class voxel (kept by checkpoints for resuming)
+        self.seen: dict[int, int] = {}  # class -> samples holding it, counted while `counting`
+        self.samples_counted, self.counting = 0, True
+
+    def centred_count(self, batch: int) -> int:
+        """How many samples of a batch are centred on a class: those past round(batch x (1 - foreground_fraction)),
+        as nnU-Net counts them (batch 2 at 0.33: the second; batch 16: the last 5)."""
+        return batch - int(round(batch * (1 - self.cfg.foreground_fraction)))
+
+    def class_point(self, index: int) -> np.ndarray | None:
+        """A voxel (ndim,) of a class drawn uniformly among the foreground classes of case `index`, or None for a
+        case without foreground."""
+        points = self.cases[index].class_points()
+        if not points:
+            return None
+        classes = sorted(points)
+        chosen = points[classes[self._draw(len(classes))]]
+        self.centred += 1
+        return chosen[self._draw(len(chosen))]
+
+    def _draw(self, n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=self.generator))
+
+    def count(self, labels: torch.Tensor) -> None:
+        """Count the classes each sample of a batch (B, ...) holds."""
+        if not self.counting:
+            return
+        for label in labels:
+            for k in torch.unique(label).tolist():
+                self.seen[k] = self.seen.get(k, 0) + 1
+        self.samples_counted += len(labels)
+
+    def shares(self) -> dict[int, float]:
+        """class -> share of the counted samples holding it."""
+        return {k: n / max(self.samples_counted, 1) for k, n in sorted(self.seen.items())}
+
+    def shares_line(self, class_names: list[str]) -> str:
+        """The counted shares in words, e.g. 'organ 97%, lesion 36% of 1,200 samples held each class (5 of every 16
+        centred on a class drawn uniformly among those in the case)'; with many classes, the rarest and the median."""
+        shares = {k: v for k, v in self.shares().items() if k > 0}
+        names = dict(enumerate(class_names))
+        missing = [names.get(k, f"class {k}") for k in range(1, len(class_names)) if k not in shares]
+        if len(class_names) <= 9:
+            held = ", ".join(f"{names.get(k, f'class {k}')} {v:.0%}" for k, v in shares.items())
+        else:
+            rarest = min(shares, key=shares.get) if shares else None
+            held = (f"{len(shares)} classes, the rarest ({names.get(rarest, rarest)}) in {shares[rarest]:.0%}, the "
+                    f"median class in {float(np.median(list(shares.values()))):.0%}") if shares else "no class"
+        bs = self.cfg.batch_size
+        line = (f"samples holding each class: {held} of {self.samples_counted:,} samples ({self.centred_count(bs)} "
+                f"of every {bs} centred on a class drawn uniformly among those in the case)")
+        return line + (f"; never seen: {', '.join(missing[:5])}" if missing else "")
+
+
+class SliceSampler(_Sampler):
+    """Training slices of the cases, served as augmented batches of fixed size (B, C, *patch_size).
+
+    fit="resize": slices are resized to the sample size per batch; fit="pad": slices keep their resolution and
+    each sample pads or crops them to the sample size (around a class voxel, or at random). With --context, a slice
+    brings its neighbours on both sides as extra channels (2.5D), cut from the volume when drawn.
     """
 
     def __init__(self, cases: list, cfg: TrainConfig, generator: torch.Generator):
-        self.cfg, self.generator = cfg, generator
-        self.disk = [case for case in cases if isinstance(case, DiskCase)]
-        if self.disk:  # (case, slice) pairs, read when drawn
-            self.index = [(k, i) for k, case in enumerate(self.disk) for i in range(_slice_count(case, cfg.axis))]
-            return
-        images, labels = [], []
-        for case in cases:
-            images += to_slices(case.image.array, cfg.axis, cfg.context)
-            labels += [s[0] for s in to_slices(case.label[None], cfg.axis)]
-        self.images = [self._fitted(torch.from_numpy(i)[None])[0] for i in images]
-        self.labels = [self._fitted_label(torch.from_numpy(l.astype(np.int64))[None])[0] for l in labels]
-
-    def _fitted(self, image: torch.Tensor) -> torch.Tensor:
-        return arrays.resize(image, self.cfg.patch_size) if self.cfg.fit == "resize" else image
-
-    def _fitted_label(self, label: torch.Tensor) -> torch.Tensor:
-        return resize_label(label, self.cfg.patch_size) if self.cfg.fit == "resize" else label
+        super().__init__(cases, cfg, generator)
+        self.index = [(k, i) for k, case in enumerate(cases) for i in range(_slice_count(case, cfg.axis))]
 
     def __len__(self) -> int:
-        return len(self.index) if self.disk else len(self.images)
+        return len(self.index)
 
-    def _slice(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slice i as (1, C, H, W) and (1, H, W), fitted: from memory, or read from the cache."""
-        if not self.disk:
-            return self.images[i][None], self.labels[i][None]
-        k, position = self.index[i]
-        case, cfg = self.disk[k], self.cfg
+    def _slice(self, k: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slice `position` of case k as (C, H, W) and (H, W): with its --context neighbours from a volume."""
+        case, cfg = self.cases[k], self.cfg
         if len(case.spatial_shape) == 2:
-            image, label = case.read()
-        else:  # the slice and its --context neighbours, as `to_slices` stacks them
-            axis = cfg.axis % 3
-            around = np.arange(position - cfg.context, position + cfg.context + 1)
-            image, label = case.take(axis, np.clip(around, 0, case.spatial_shape[axis] - 1))
-            moved = np.moveaxis(image, 1 + axis, 1)  # (C, neighbours, H, W)
-            image, label = moved.reshape(-1, *moved.shape[2:]), np.moveaxis(label, axis, 0)[cfg.context]
-        return (self._fitted(torch.from_numpy(np.ascontiguousarray(image))[None]),
-                self._fitted_label(torch.from_numpy(label.astype(np.int64))[None]))
+            return case.read()
+        axis = cfg.axis % 3
+        around = np.arange(position - cfg.context, position + cfg.context + 1)
+        image, label = case.take(axis, np.clip(around, 0, case.spatial_shape[axis] - 1))
+        moved = np.moveaxis(image, 1 + axis, 1)  # (C, neighbours, H, W), as `medseg.transforms.to_slices` stacks
+        return moved.reshape(-1, *moved.shape[2:]), np.moveaxis(label, axis, 0)[cfg.context]
+
+    def sample(self, i: int, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice i (of `index`) fitted to the sample size, (1, C, *size) and (1, *size); `centred`: instead a slice
+        of the same case through a voxel of a class it holds, cropped around that voxel."""
+        k, position = self.index[i]
+        point = self.class_point(k) if centred else None
+        centre = None
+        if point is not None and len(point) == 3:
+            axis = self.cfg.axis % 3
+            position, centre = int(point[axis]), tuple(int(v) for a, v in enumerate(point) if a != axis)
+        elif point is not None:
+            centre = tuple(int(v) for v in point)
+        image, label = self._slice(k, position)
+        image = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None]
+        label = torch.from_numpy(label.astype(np.int64))[None]
+        size = self.cfg.patch_size
+        if self.cfg.fit == "resize":
+            return arrays.resize(image, size), resize_label(label, size)
+        return pad_or_crop(image, label, size, None if centre else self.generator, centre)
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [pad_or_crop(*self._slice(i), self.cfg.patch_size, self.generator) for i in indices]
-        return stack_and_augment(pairs, self.cfg, self.generator)
+        first_centred = len(indices) - self.centred_count(len(indices))
+        image, label = stack_and_augment([self.sample(i, n >= first_centred) for n, i in enumerate(indices)],
+                                         self.cfg, self.generator)
+        self.count(label)
+        return image, label
 
     def epoch_batches(self, steps: int):
         """`steps` batches of the configured size drawn without replacement, reshuffling whenever the slices run
@@ -90,46 +153,33 @@ class SliceSampler:
             del order[:bs]
 
 
-def _slice_count(case: DiskCase, axis: int) -> int:
+def _slice_count(case, axis: int) -> int:
     return 1 if len(case.spatial_shape) == 2 else case.spatial_shape[axis % 3]
 
 
-class PatchSampler:
-    """3D training patches (B, C, *patch) from whole volumes, a share of them centred on foreground.
-
-    Without oversampling, small structures (a hippocampus in a head, a tumour in a liver) would rarely be seen;
-    nnU-Net centres a third of its patches on a foreground voxel, and so does this sampler by default. Each patch
-    reads only its region of the volume (from memory, or from the disk cache).
-    """
-
-    def __init__(self, cases: list, cfg: TrainConfig, generator: torch.Generator):
-        self.cfg, self.generator, self.cases = cfg, generator, cases
-        # in memory: each case's foreground points; on disk they stay in the cache, read per patch
-        self.foreground = [None if isinstance(c, DiskCase) else foreground_points(c.label) for c in cases]
-        self.centred = 0  # how many patches were centred on foreground (reported by tests and logs)
+class PatchSampler(_Sampler):
+    """3D training patches (B, C, *patch) from whole volumes; each patch reads only its region of the volume."""
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def patch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def patch(self, index: int, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         case = self.cases[index]
-        points = case.foreground() if isinstance(case, DiskCase) else self.foreground[index]
-        centre = None
-        if len(points) and float(torch.rand(1, generator=self.generator)) < self.cfg.foreground_fraction:
-            centre = tuple(int(v) for v in points[int(torch.randint(0, len(points), (1,), generator=self.generator))])
-            self.centred += 1
-        shape = case.spatial_shape if isinstance(case, DiskCase) else case.label.shape
-        window, pads = patch_window(shape, self.cfg.patch_size, None if centre else self.generator, centre)
-        if isinstance(case, DiskCase):
-            image, label = case.read(window)
-        else:
-            image, label = case.image.array[(slice(None), *window)], case.label[window]
+        point = self.class_point(index) if centred else None
+        centre = None if point is None else tuple(int(v) for v in point)
+        window, pads = patch_window(case.spatial_shape, self.cfg.patch_size, None if centre else self.generator,
+                                    centre)
+        image, label = case.read(window)
         image = np.pad(image, [(0, 0)] + pads).astype(np.float32, copy=False)
         label = np.pad(label, pads).astype(np.int64)
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(label)[None]
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        return stack_and_augment([self.patch(i) for i in indices], self.cfg, self.generator)
+        first_centred = len(indices) - self.centred_count(len(indices))
+        image, label = stack_and_augment([self.patch(i, n >= first_centred) for n, i in enumerate(indices)],
+                                         self.cfg, self.generator)
+        self.count(label)
+        return image, label
 
     def epoch_batches(self, steps: int):
         """`steps` batches of cases drawn uniformly at random, one patch per case."""

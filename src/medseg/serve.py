@@ -161,7 +161,7 @@ class Segmenter:
             # the viewer reads NIfTI: a 2D image becomes one slice, columns along x and rows along y (top row up)
             affine = np.diag([1.0, -1.0, 1.0, 1.0])
             save_nifti(_display_plane(image.array), affine, out / "image.nii.gz")
-            save_nifti(labels.T[:, :, None].astype(np.uint8), affine, out / "mask.nii.gz")
+            save_nifti(labels.T[:, :, None], affine, out / "mask.nii.gz")
             entropy = entropy.T[:, :, None]
         save_nifti(entropy.astype(np.float32), affine, out / "uncertainty.nii.gz")
         if image.meta.get("format") == "dicom":

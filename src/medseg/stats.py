@@ -50,3 +50,16 @@ def behind_the_rest(group, rest) -> float:
     if group.size == 0 or rest.size == 0:
         return math.nan
     return float(mannwhitneyu(group, rest, alternative="less").pvalue)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values for testing several hypotheses at once: the i-th smallest of m is
+    multiplied by m - i + 1 and kept at least as large as the adjusted ones before it (capped at 1); NaN stays
+    NaN and is not counted among the tests."""
+    values = np.asarray(p_values, dtype=float)
+    order = [i for i in np.argsort(values) if not math.isnan(values[i])]
+    adjusted, running = values.copy(), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()

@@ -28,9 +28,10 @@ from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
 from medseg.budget import calibrate_steps, guard_reserve
 from medseg import compiling, distributed, precision
-from medseg.console import show_bars
+from medseg.console import flush_notes, show_bars
 from medseg.data import LoadedCase, first_orientation, load_cases, read_label
-from medseg.datasets import Dataset, case_hash, check_label_values, find_cases, manifest_hash, split_cases
+from medseg.datasets import (Dataset, case_hash, check_label_values, content_hash, detect_grey_levels, find_cases,
+                             manifest_hash, split_dataset)
 from medseg.errors import MedsegError
 from medseg.io import write_text_atomic
 from medseg.losses import deep_supervision_loss, make_loss, region_targets
@@ -62,11 +63,13 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
     grid, where `medseg.scoring` scores them exactly as `medseg evaluate` scores test cases. Test masks are read
     too, only to check their values: a stray label should stop a run, not its evaluation an hour later."""
     dataset = find_cases(cfg.data, cfg.images, cfg.masks, cfg.allow_unmatched)
-    split = split_cases([c.case_id for c in dataset.cases], cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold,
-                        cfg.train_fraction, cfg.test_fraction)
+    split = split_dataset(dataset, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold, cfg.train_fraction,
+                          cfg.test_fraction)
     chosen = {role: [c for c in dataset.cases if c.case_id in set(split[role])] for role in ("train", "val", "test")}
     if cfg.orientation is None:  # volumes in another voxel order are reoriented to the first one's
         cfg.orientation = first_orientation(chosen["train"], cfg.color)
+    if cfg.mask_levels is None:  # classes coded as grey levels (the plan looks for them too)
+        cfg.mask_levels = detect_grey_levels(chosen["train"] + chosen["val"], dataset.declared_labels, cfg)
     load = cache_cases if use_disk(cfg, chosen["train"] + chosen["val"]) else load_cases
     train_cases = load(chosen["train"], cfg, "training cases")
     val_cases = load(chosen["val"], cfg, "validation cases", resample=False)
@@ -83,10 +86,21 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, dict, list[LoadedCase], lis
     for case in chosen["test"]:
         present[str(case.mask)] = set(np.unique(read_label(case, cfg)[1]).tolist())
     check_label_values(present, dataset.declared_labels, cfg.class_names)
+    flush_notes()
     largest = max(max(values) for values in present.values())
     if largest == 0:
         raise MedsegError(f"{cfg.data}: every mask is empty; there is nothing to learn")
     return dataset, split, train_cases, val_cases, class_names_for(cfg, dataset, largest)
+
+
+def marked_classes(class_names: list[str], train_cases: list, val_cases: list) -> dict:
+    """The classes evaluation scores object by object, from the training and validation labels: lesion-like ones
+    (absent from some cases, or named like a lesion) lesion by lesion, tubular ones (2D, thin) by clDice."""
+    from medseg.lesions import lesion_like, tubular
+
+    flat = [as_loaded(c).label for c in train_cases[:5]] if ndim_of(train_cases[0]) == 2 else []
+    return {"lesion_classes": lesion_like(class_names, [labels_of(c) for c in train_cases + val_cases]),
+            "tubular_classes": tubular(class_names, flat)}
 
 
 def class_names_for(cfg: TrainConfig, dataset: Dataset, largest: int) -> list[str]:
@@ -165,14 +179,16 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     if not resume and distributed.is_main():
         run = create_run_dir(cfg.out, overwrite)
         cfg.save(run / "config.json")
-        split["hashes"] = {c.case_id: case_hash(c) for c in dataset.cases
-                           if c.case_id in set(split["train"]) | set(split["val"]) | set(split["test"])}
+        used = [c for c in dataset.cases if c.case_id in set(split["train"]) | set(split["val"]) | set(split["test"])]
+        split["hashes"] = {c.case_id: case_hash(c) for c in used}  # the images: a case under another name
+        split["content_hashes"] = {c.case_id: content_hash(c) for c in used}  # and mask and ROI: an edited case
         write_text_atomic(run / "split.json", json.dumps(split, indent=2))
         write_text_atomic(run / "dataset.json", json.dumps({
             "data": cfg.data, "manifest_hash": manifest_hash(split["hashes"]), "layout": dataset.layout,
             "class_names": class_names,
             "in_channels": in_channels, "train_cases": len(train_cases), "val_cases": len(val_cases),
-            "test_cases": len(split["test"]), "segment_codes": dataset.segment_codes}, indent=2))
+            "test_cases": len(split["test"]), "segment_codes": dataset.segment_codes,
+            **marked_classes(class_names, train_cases, val_cases)}, indent=2))
         if init:
             write_account(init, run)
     distributed.barrier()  # the run folder exists before any process writes to it
@@ -193,7 +209,10 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     if loop.stopped_at is not None:
         cfg.stop_at = loop.stopped_at
         cfg.save(run / "config.json")
-    summary["postprocessing"] = choose_postprocessing(run, val_cases, device)
+    decision = choose_postprocessing(run, val_cases, device,
+                                     [c for c in dataset.cases if c.case_id in set(split["train"])])
+    # what was chosen, in short (empty: the plain argmax): classes keeping their largest component, min sizes
+    summary["postprocessing"] = {k: decision[k] for k in ("classes", "min_sizes") if decision.get(k)}
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
                    device=str(device), precision=precision.name(loop.amp), compile=compile_reason,
                    seconds=round(time.monotonic() - started, 1))
@@ -243,26 +262,32 @@ def train_folds(cfg: TrainConfig, overwrite: bool = False) -> list[Path]:
     return runs
 
 
-def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.device) -> list[int]:
-    """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component;
-    the predictions come from `medseg.scoring`, as evaluation's do, one case at a time (a case cached on disk is
-    read only for its turn)."""
+def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.device,
+                          train_masks: list | None = None) -> dict:
+    """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component
+    and which lose components smaller than half the smallest one in `train_masks` (the training cases, read on
+    their own grid, where predictions are made); the predictions come from `medseg.scoring`, as evaluation's do,
+    one case at a time (a case cached on disk is read only for its turn)."""
     from medseg.checkpoint import load_run
-    from medseg.postprocess import choose_classes
+    from medseg.postprocess import choose_classes, smallest_components
 
     trained = load_run(run, device=str(device), unfinished=True)
     if trained.config.regions:
-        decision = {"rule": "keep largest connected component", "classes": [],
+        decision = {"rule": "keep largest connected component", "classes": [], "min_sizes": {},
                     "validation": "not tried: region-based runs keep their predictions as they are"}
     else:
+        classes = list(range(1, len(trained.class_names)))
+        labels = (read_label(case, trained.config)[1] for case in train_masks or [])
+        min_sizes = smallest_components(labels, classes)
+
         def predictions():
             for case in val_cases:
                 loaded = as_loaded(case)
                 yield score_case([trained], loaded, postprocess=False).pred, loaded.label, loaded.roi
 
-        decision = choose_classes(predictions(), trained.class_names)
+        decision = choose_classes(predictions(), trained.class_names, min_sizes)
     write_text_atomic(run / "postprocessing.json", json.dumps(decision, indent=2))
-    return decision["classes"]
+    return decision
 
 
 def redecide_postprocessing(run: str | Path, device: str = "auto") -> dict:
@@ -273,7 +298,8 @@ def redecide_postprocessing(run: str | Path, device: str = "auto") -> dict:
     split = json.loads((Path(run) / "split.json").read_text())
     chosen = [c for c in dataset.cases if c.case_id in set(split["val"])]
     val_cases = load_cases(chosen, cfg, "validation cases", resample=False)
-    choose_postprocessing(Path(run), val_cases, resolve_device(device))
+    training = [c for c in dataset.cases if c.case_id in set(split["train"])]
+    choose_postprocessing(Path(run), val_cases, resolve_device(device), training)
     return json.loads((Path(run) / "postprocessing.json").read_text())
 
 
@@ -410,6 +436,7 @@ class _Loop:
             set_encoder_frozen(model, epoch <= self.cfg.freeze_encoder_epochs)
         first = (epoch - 1) * self.steps
         steps = min(self.steps, self.last_step - first)
+        self.sampler.seen, self.sampler.samples_counted, self.sampler.counting = {}, 0, epoch == 1
         counts, pixels, correct, losses, lr = None, 0, 0, [], self.cfg.lr
         bars = show_bars(self.cfg.progress)
         bar = tqdm(self.sampler.epoch_batches(steps), total=steps, desc=f"epoch {epoch}", disable=not bars,
@@ -436,6 +463,8 @@ class _Loop:
             if distributed.any_rank(self.out_of_time()):
                 self.stopped_at = first + step + 1
                 break
+        if epoch == 1:  # what the class-aware sampling gave, once
+            say(f"sampling in epoch 1: {self.sampler.shares_line(self.trained.class_names)}")
         counts = distributed.sum_over_ranks(counts)
         pixels, correct = (int(n) for n in distributed.sum_over_ranks(np.array([pixels, correct])))  # plain ints:
         # checkpoints hold the history and load with weights_only, which refuses NumPy scalars
