@@ -110,7 +110,8 @@ def test_every_training_setting_has_a_flag():
     from medseg.config import TrainConfig
 
     flags = {flag[2:].replace("-", "_") for flag, _, _ in TRAIN_OPTIONS}
-    set_elsewhere = {"data", "out", "progress", "augment", "intensity_stats", "target_spacing", "calibration", "stop_at"}
+    set_elsewhere = {"data", "out", "progress", "augment", "intensity_stats", "target_spacing", "calibration", "stop_at",
+                     "planning_seconds"}
     assert {f.name for f in fields(TrainConfig)} - set_elsewhere - flags == set()
 
 

@@ -251,3 +251,27 @@ def test_a_long_epoch_says_it_is_alive_without_bars(phantoms_2d, tmp_path, capsy
     inside = [line for line in lines if line.startswith("epoch 1: step")]
     assert [line.split(",")[0] for line in inside] == ["epoch 1: step 1/4", "epoch 1: step 2/4", "epoch 1: step 3/4"]
     assert any(line.startswith("epoch 1/1: loss") for line in lines)
+
+
+def test_a_dear_full_validation_runs_once_at_the_end(phantoms_3d, tmp_path, monkeypatch, capsys):
+    """Where a full validation pass would take too much of the budget, epochs are scored on fixed validation
+    samples and the chosen checkpoint is validated in full once at the end; the summary says where the time went."""
+    from medseg import budget
+    from medseg.evaluate import evaluate_run
+
+    monkeypatch.setattr(budget, "FULL_VALIDATION_SHARE", 0.0)  # any full pass counts as too dear here
+    run = train(tiny_config(phantoms_3d, tmp_path / "run", fit="pad", epochs=1000, steps_per_epoch=None,
+                            time_budget=0.3))
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert config["calibration"]["validation"] == "sampled"
+    assert "fixed validation samples" in capsys.readouterr().out
+    full = evaluate_run(run, out=tmp_path / "ev", cases="val", figures=0, progress=False)
+    assert summary["full_validation_dice"] == pytest.approx(full["mean_dice_without_postprocessing"], abs=1e-6)
+    account = summary["budget"]
+    assert {"loading", "calibration", "training", "validation", "final_validation_and_postprocessing"} <= set(account)
+    assert 0 < account["training_share"] < 1 and account["total"] <= 0.3 * 60 * 1.15
+    monkeypatch.undo()
+    small = train(tiny_config(phantoms_3d, tmp_path / "small", fit="pad", epochs=1000, steps_per_epoch=None,
+                              time_budget=0.2))
+    assert json.loads((small / "config.json").read_text())["calibration"]["validation"] == "full"

@@ -201,3 +201,36 @@ def test_slices_train_on_a_sample_that_is_not_square(phantoms_3d, tmp_path):
 def test_a_2d_sample_that_cannot_be_trained_is_refused(settings, tmp_path, message):
     with pytest.raises(MedsegError, match=message):
         tiny_config(tmp_path, tmp_path / "run", fit="pad", **settings).validate()
+
+
+def test_a_case_at_two_spacings_gets_masks_that_agree(tmp_path):
+    """Prediction runs at the network's target spacing and masks come back on each input's own grid: the same
+    object stored at 1 mm and at 2 mm (along x) is seen by the network at 1 mm both times, and the two masks agree
+    once the fine one is brought onto the coarse grid."""
+    import torch
+
+    from medseg.infer import TrainedModel, predict_image
+    from medseg.io import Image
+
+    seen = []
+
+    class Threshold(torch.nn.Module):  # a 'network' whose answer is the object: intensity above 0.5
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return torch.cat([torch.zeros_like(x[:, :1]), 10 * (x[:, :1] - 0.5)], 1)
+
+    cfg = TrainConfig(data="x", dims=2, axis=2, fit="pad", size=16, normalization="unit", target_spacing=[1.0, 1.0, 1.0])
+    trained = TrainedModel(Threshold(), cfg, ["background", "ball"], 1, tmp_path, torch.device("cpu"))
+    grid = np.stack(np.meshgrid(np.arange(40) + 0.5, np.arange(24) + 0.5, np.arange(8) + 0.5, indexing="ij"))
+    ball = (((grid - np.array([20, 12, 4])[:, None, None, None]) / np.array([9, 7, 3])[:, None, None, None]) ** 2
+            ).sum(0) <= 1
+    fine = Image(ball[None].astype(np.float32) * 255, (1.0, 1.0, 1.0), np.eye(4))
+    coarse_array = ball.reshape(20, 2, 24, 8).mean(1)  # the same object sampled at 2 mm along x
+    coarse = Image(coarse_array[None].astype(np.float32) * 255, (2.0, 1.0, 1.0), np.diag([2.0, 1.0, 1.0, 1.0]))
+    fine_mask = predict_image(trained, fine)
+    seen.clear()
+    coarse_mask = predict_image(trained, coarse)
+    assert coarse_mask.shape == (20, 24, 8) and set(seen) == {(40, 24)}  # predicted at 1 mm, written at 2 mm
+    down = fine_mask.reshape(20, 2, 24, 8).max(1)
+    agree = 2 * (down & coarse_mask).sum() / (down.sum() + coarse_mask.sum())
+    assert agree > 0.9

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def planned_members(data: str | Path, budget_minutes: float, overrides: dict, de
     from medseg.plan import make_plan
     from medseg.recipe import describe
 
+    started = time.monotonic()
     device = str(resolve_device(overrides.get("device", device)))
     split = {k: overrides[k] for k in ("seed", "test_fraction") if overrides.get(k) is not None}
     plan = make_plan(data, budget_minutes, device, data_options={k: overrides.get(k) for k in READING_FIELDS},
@@ -34,7 +36,10 @@ def planned_members(data: str | Path, budget_minutes: float, overrides: dict, de
         print(f"Your flags override the plan: {changed}.", flush=True)
     if added:
         print(f"Your flags add to the plan: {added}.", flush=True)
-    return configs_from_plan(plan, None, data, overrides, progress), plan
+    members = configs_from_plan(plan, None, data, overrides, progress)
+    for cfg in members.values():  # the plan's time counts in the budget
+        cfg.planning_seconds = round(time.monotonic() - started, 1)
+    return members, plan
 
 
 # what the data is and where the run goes: the user's to say, not a change to the recipe

@@ -31,20 +31,32 @@ SIDE_BY_SIDE = None
 CHECKPOINT_SECONDS = 1.0  # per epoch: two checkpoints, the history, a line of output
 GUARD_SLACK_SECONDS = 2.0  # the clock guard's margin beyond the last validation and the post-processing pass
 VALIDATION_SHARE = 0.05  # of the budget, at most, when medseg chooses the epoch length
+# a full validation (every case on its own grid, with TTA) that would take more than this share of the budget is
+# run once, at the end; the epochs are scored on fixed validation samples instead (medseg.validation). Measured on
+# the CT-like set: one full pass of 8 volumes took 336 s of a 20-minute budget before
+FULL_VALIDATION_SHARE = 0.02
 
 
 def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
     """The number of optimiser steps that fit `budget_seconds` (this calibration, validation after every epoch and
-    the post-processing pass included), at most the configured epochs, and how it was found. Where the epoch length
-    is not set, epochs are lengthened so that validation takes at most VALIDATION_SHARE of the budget."""
+    the final full validation with the post-processing choice included), at most the configured epochs, and how it
+    was found. Where the epoch length is not set, epochs are lengthened so that validation takes at most
+    VALIDATION_SHARE of the budget. A full validation estimated (from its smallest case) at more than
+    FULL_VALIDATION_SHARE of the budget switches the epochs to sampled validation (`loop.use_sampled_validation`)."""
     started = time.perf_counter()
     _together()
     seconds_per_step = _time_steps(loop, min(MEASURE_SECONDS, MEASURE_SHARE * budget_seconds))
     _together()
-    seconds_per_validation = _time_validation(loop)  # with several processes, rank 0's (the others wait)
-    # what is left once the post-processing pass and the guard's slack are set aside: the plan ends where the
+    final = _estimate_full_validation(loop)
+    if final > FULL_VALIDATION_SHARE * budget_seconds and not distributed.active():
+        loop.use_sampled_validation()
+    else:  # small enough to run every epoch: timed in full (with several processes, rank 0's)
+        final = None
+    seconds_per_validation = _time_validation(loop)
+    final = final or seconds_per_validation  # the end's full pass: the post-processing choice (and, sampled, the
+    # run's validation Dice). What is left once it and the guard's slack are set aside: the plan ends where the
     # clock guard (guard_reserve) would let it, so only a slower machine, not the plan, trips the guard
-    available = budget_seconds - (time.perf_counter() - started) - seconds_per_validation - GUARD_SLACK_SECONDS
+    available = budget_seconds - (time.perf_counter() - started) - final - GUARD_SLACK_SECONDS
     if loop.cfg.steps_per_epoch is None:
         most_validations = max(1, int(VALIDATION_SHARE * budget_seconds / max(seconds_per_validation, 1e-3)))
         rough_steps = available / seconds_per_step
@@ -53,7 +65,9 @@ def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
     steps = int(SAFETY * available / (seconds_per_step + per_epoch / loop.steps))  # the clock guards the rest
     steps = max(1, min(steps, loop.cfg.epochs * loop.steps))
     found = steps, {"budget_seconds": round(budget_seconds, 1), "seconds_per_step": round(seconds_per_step, 4),
-                    "seconds_per_validation": round(seconds_per_validation, 2), "steps_per_epoch": loop.steps,
+                    "seconds_per_validation": round(seconds_per_validation, 2),
+                    "seconds_per_final_validation": round(final, 2),
+                    "validation": "sampled" if loop.sampled else "full", "steps_per_epoch": loop.steps,
                     "calibration_seconds": round(time.perf_counter() - started, 1), "epochs": math.ceil(steps / loop.steps),
                     "capped_by_epochs": steps == loop.cfg.epochs * loop.steps}
     loop.steps, found = distributed.from_main((loop.steps, found))  # with several processes: rank 0's plan
@@ -72,10 +86,11 @@ def _together() -> None:
         SIDE_BY_SIDE = None
 
 
-def guard_reserve(seconds_per_validation: float) -> float:
+def guard_reserve(calibration: dict) -> float:
     """Seconds a budgeted run keeps in hand when the clock guard stops it: the validation of the epoch it stops
-    in, the post-processing pass and a slack."""
-    return 2 * seconds_per_validation + GUARD_SLACK_SECONDS
+    in, the final full validation with the post-processing choice, and a slack."""
+    validation = calibration["seconds_per_validation"]
+    return validation + calibration.get("seconds_per_final_validation", validation) + GUARD_SLACK_SECONDS
 
 
 def _time_steps(loop, measure_seconds: float) -> float:
@@ -110,9 +125,41 @@ def _time_steps(loop, measure_seconds: float) -> float:
             sampler.centred = saved[2]
 
 
-def _time_validation(loop) -> float:
-    """Seconds of one validation pass (every validation case, on its own grid) with a copy of the model."""
+def _time_validation(loop, cases: list | None = None) -> float:
+    """Seconds of one validation pass as the epochs will run it (or of a full one over `cases`), with a copy of
+    the model."""
     shadow = dataclasses.replace(loop.trained, model=copy.deepcopy(loop.trained.model))
     started = time.perf_counter()
-    loop.validate(shadow)
+    loop.validate(shadow, cases)
     return time.perf_counter() - started
+
+
+def _estimate_full_validation(loop) -> float:
+    """Seconds of a full validation pass, from its smallest case timed and scaled by the voxels of all of them."""
+    sizes = [math.prod(case.spatial_shape) for case in loop.val_cases]
+    smallest = min(range(len(sizes)), key=sizes.__getitem__)
+    return _time_validation(loop, [loop.val_cases[smallest]]) * sum(sizes) / sizes[smallest]
+
+
+def budget_account(cfg, loading: float, loop, final: float, total: float) -> dict:
+    """Where a run's time went, in seconds: planning (before training), reading and caching the cases, the step
+    calibration, the optimiser steps (sampling and augmentation included), validation during training, and the
+    final full validation with the post-processing choice; and the steps' share of the whole."""
+    calibration = (cfg.calibration or {}).get("calibration_seconds", 0.0)
+    spent = {"planning": cfg.planning_seconds or 0.0, "loading": loading, "calibration": calibration,
+             "training": loop.spent["training"], "validation": loop.spent["validation"],
+             "final_validation_and_postprocessing": final}
+    spent["other"] = max(0.0, total - sum(spent.values()))
+    account = {name: round(seconds, 1) for name, seconds in spent.items()}
+    account.update(total=round(total, 1), training_share=round(spent["training"] / max(total, 1e-9), 3))
+    return account
+
+
+def budget_line(account: dict) -> str:
+    """The account in one line, in minutes (seconds for runs under five minutes)."""
+    minutes = account["total"] >= 300
+    unit, scale = ("min", 60) if minutes else ("s", 1)
+    parts = ", ".join(f"{name.replace('_', ' ')} {seconds / scale:.1f}" for name, seconds in account.items()
+                      if name not in ("total", "training_share") and seconds / scale >= 0.05)
+    return (f"time: {account['total'] / scale:.1f} {unit} in all ({parts} {unit}); optimiser steps took "
+            f"{account['training_share']:.0%}")

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from medseg.console import notice, show_bars
+from medseg.console import notice, progress, show_bars
 from medseg.data import LoadedCase, check_alike, class_points, load_case
 from medseg.headers import decoded_bytes
 from medseg.io import Image
@@ -146,7 +145,7 @@ def cache_cases(cases: list, cfg, what: str = "cases", resample: bool = True) ->
     root = cache_root() / settings_key(cfg, resample)
     root.mkdir(parents=True, exist_ok=True)
     cached = []
-    for case in tqdm(cases, desc=f"caching {what}", disable=not show_bars(cfg.progress), leave=False):
+    for case in progress(cases, f"caching {what}", show_bars(cfg.progress)):
         folder = root / content_hash(case)  # images, mask and region of interest: an edited mask is read anew
         if not (folder / "meta.json").exists():
             _write(load_case(case, cfg, resample), folder, _first_axis(cfg))

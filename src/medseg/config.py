@@ -94,6 +94,7 @@ class TrainConfig:
     # or, with --time-budget, what a calibration at the start finds fits the budget (then written here)
     steps: int | None = None
     calibration: dict | None = None  # how --time-budget became `steps` (seconds per step and per validation)
+    planning_seconds: float | None = None  # the plan's time before training (`medseg train DATA`): in the budget
     # where a time-budgeted run stopped because the clock ran out before `steps` (the schedule still spans `steps`):
     # written to config.json, so that a re-run stops at the same step and repeats the same weights
     stop_at: int | None = None

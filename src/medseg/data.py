@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
-from medseg.console import show_bars
+from medseg.console import progress, show_bars
 from medseg.config import TrainConfig
 from medseg.datasets import Case, labels_to_classes
 from medseg.errors import MedsegError
@@ -119,16 +118,25 @@ def load_case(case: Case, cfg: TrainConfig | None = None, resample: bool = True)
     check_same_grid(case, image, mask)
     roi = read_roi(case, image.spatial_shape)
     image.array = normalize(image.array, cfg.normalization, cfg.intensity_stats)
-    if resample and cfg.orientation and image.affine is not None and orientation_of(image.affine) != cfg.orientation:
+    loaded = LoadedCase(case.case_id, image, label, roi)
+    return to_network_grid(loaded, cfg) if resample else loaded
+
+
+def to_network_grid(loaded: LoadedCase, cfg: TrainConfig) -> LoadedCase:
+    """A case read on its own grid, reoriented to the network's voxel order and resampled to its target spacing
+    (image trilinear, labels and region of interest nearest), as training sees cases."""
+    image, label, roi = loaded.image, loaded.label, loaded.roi
+    if cfg.orientation and image.affine is not None and orientation_of(image.affine) != cfg.orientation:
         label = reorient(label, image.affine, cfg.orientation)
         roi = None if roi is None else reorient(roi, image.affine, cfg.orientation)
         image = to_orientation(image, cfg.orientation)
-    if resample and cfg.target_spacing and image.ndim == 3:
+    if cfg.target_spacing and image.ndim == 3:
         shape = resampled_shape(image.spatial_shape, image.spacing, cfg.target_spacing)
-        image.array, label = resize_volume(image.array, shape), resize_volume(label, shape, label=True)
-        image.spacing = tuple(float(t) for t in cfg.target_spacing)
+        image = Image(resize_volume(image.array, shape), tuple(float(t) for t in cfg.target_spacing), image.affine,
+                      image.path, image.meta)
+        label = resize_volume(label, shape, label=True)
         roi = None if roi is None else resize_volume(roi.astype(np.uint8), shape, label=True).astype(bool)
-    return LoadedCase(case.case_id, image, label, roi)
+    return LoadedCase(loaded.case_id, image, label, roi)
 
 
 def to_orientation(image: Image, codes: str) -> Image:
@@ -159,8 +167,7 @@ def read_roi(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def load_cases(cases: list[Case], cfg: TrainConfig, what: str = "cases", resample: bool = True) -> list[LoadedCase]:
-    loaded = [load_case(c, cfg, resample)
-              for c in tqdm(cases, desc=f"reading {what}", disable=not show_bars(cfg.progress), leave=False)]
+    loaded = [load_case(c, cfg, resample) for c in progress(cases, f"reading {what}", show_bars(cfg.progress))]
     check_alike([(c.image.path, c.image.ndim, c.image.array.shape[0]) for c in loaded])
     return loaded
 

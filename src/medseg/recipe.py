@@ -45,7 +45,7 @@ import os
 import numpy as np
 
 from medseg.config import TrainConfig
-from medseg.plan import calibrate_width, choose_normalization, class_count, mirror_axes
+from medseg.plan import calibrate_width, choose_normalization, choose_target_spacing, class_count, mirror_axes
 
 MAX_SIDE = 128
 WIDTHS = (8, 16)  # 16 is every measured recipe's width; 8 only where the budget holds too few samples for 16
@@ -126,15 +126,38 @@ def _volume_members(fp: dict, common: dict, mirrored: list[int], cores: int) -> 
         why = (f"isotropic volumes: {' and '.join(chosen)} 2D networks"
                f"{', averaged, trained side by side' if len(chosen) > 1 else ''} (on MSD Hippocampus sagittal was "
                "the best single plane and sagittal + coronal averaged beat it: docs/benchmarks.md)")
+    target, why_spacing = target_spacing(fp)
+    # the largest extent in voxels at the spacing the network works at
+    largest = [e / t for e, t in zip(fp["extent_mm"]["max"], target)] if target else fp["shape"]["max"]
     members = {}
     for name, axis in chosen.items():
         in_plane = [a for a in range(3) if a != axis]
-        sides = [_side([fp["shape"]["max"][a]]) for a in in_plane]
+        sides = [_side([largest[a]]) for a in in_plane]
         members[name] = {**common, "dims": 2, "axis": axis, "size": max(sides), "context": CONTEXT,
-                         "flip_axes": [i for i, a in enumerate(in_plane) if a in mirrored]}
+                         "flip_axes": [i for i, a in enumerate(in_plane) if a in mirrored], "target_spacing": target}
         if len(set(sides)) > 1:  # each side padded only as far as it needs, no steps spent on padding (nnU-Net's
             members[name]["patch"] = sides  # patches are not square either); 2D image sets, maybe turned, stay square
-    return members, why
+    return members, f"{why}; {why_spacing}"
+
+
+SPACING_SPREAD = 1.05  # spacings further apart than this across cases are resampled to one
+
+
+def target_spacing(fp: dict) -> tuple[list[float] | None, str]:
+    """The spacing volumes are resampled to for the network where cases come at different spacings (from
+    several scanners), by nnU-Net's rule (`medseg.plan.choose_target_spacing`: the median; the coarse axis at its
+    10th percentile beyond 3x anisotropy); None where every case shares one spacing, which is kept."""
+    low, high = fp["spacing"]["min"], fp["spacing"]["max"]
+    if all(h <= SPACING_SPREAD * l for l, h in zip(low, high)):
+        return None, f"one spacing in every case ({_mm(fp['spacing']['median'])} mm): kept"
+    target, how = choose_target_spacing(fp)
+    target = [round(float(t), 4) for t in target]
+    return target, (f"spacings differ across cases ({_mm(low)} to {_mm(high)} mm): resampled to {_mm(target)} mm "
+                    f"for the network ({how}); masks are written on each input's own grid")
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{v:.3g}" for v in values)
 
 
 def sample_words(settings: dict) -> str:
@@ -237,6 +260,11 @@ def describe(configuration: dict, reasons: dict) -> str:
     stronger = [name for name, m in members.items() if m.get("affine_p")]
     extras += f"; wider rotations and scalings for {', '.join(stronger)} (never mirrored)" if stronger else ""
     loss = _loss_words(first)
-    return (f"Plan: {layout}; {first['normalization']} intensities; width {widths} (timed here); mirrored {flips} "
+    if first.get("target_spacing"):
+        layout += f", resampled to {_mm(first['target_spacing'])} mm (cases come at several spacings)"
+    norm = first["normalization"]
+    if norm == "ct" and "recognised" in reasons.get("normalization", ""):
+        norm = "CT (recognised from the intensities: no file said CT)"
+    return (f"Plan: {layout}; {norm} intensities; width {widths} (timed here); mirrored {flips} "
             f"({reasons['mirroring']}){extras}; Adam 1e-3 poly, {loss}, batch {first['batch_size']}, "
             f"{first['time_budget']:g} min. Every reason: plan.json in the run folder.")

@@ -26,7 +26,7 @@ from medseg.cache import as_loaded, cache_cases, channels_of, labels_of, ndim_of
 from medseg.checkpoint import resolve_device, save_checkpoint, torch_threads
 from medseg.folders import mark, replace_folder
 from medseg.config import TrainConfig
-from medseg.budget import calibrate_steps, guard_reserve
+from medseg.budget import budget_account, budget_line, calibrate_steps, guard_reserve
 from medseg import compiling, distributed, precision
 from medseg.console import flush_notes, show_bars
 from medseg.data import LoadedCase, first_orientation, load_cases, read_label
@@ -139,13 +139,16 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     # a tracking package asked for but missing fails here, before any work; with several processes, rank 0 tracks
     tracker = Tracker(cfg if distributed.is_main() else replace(cfg, tensorboard=None, mlflow=None))
     resumed = read_resume_state(resume) if resume else None
-    started = time.monotonic() - (resumed["resume"]["elapsed"] if resumed else 0.0)
+    # the budget's clock: planning (done before this process, once) and a resumed run's time count
+    started = time.monotonic() - (resumed["resume"]["elapsed"] if resumed else (cfg.planning_seconds or 0.0))
     generator = seed_everything(cfg.seed if cfg.init_seed is None else cfg.init_seed)
     device = distributed.start(resolve_device(cfg.device))
     if cfg.batch_size % distributed.world_size():
         raise MedsegError(f"--batch-size {cfg.batch_size} does not split over {distributed.world_size()} processes; "
                           "choose a multiple of their number (the batch size is the global batch)")
+    loading = time.monotonic()
     dataset, split, train_cases, val_cases, class_names = prepare_data(cfg)
+    loading = time.monotonic() - loading
     in_channels = channels_of(train_cases[0])
     loss_fn = make_loss(cfg.loss, len(class_names), cfg.regions, cfg.border_weight)
     model_args = cfg.model_args(in_channels, len(cfg.regions) if cfg.regions else len(class_names))
@@ -209,10 +212,15 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     if loop.stopped_at is not None:
         cfg.stop_at = loop.stopped_at
         cfg.save(run / "config.json")
+    final = time.monotonic()
     decision = choose_postprocessing(run, val_cases, device,
                                      [c for c in dataset.cases if c.case_id in set(split["train"])])
     # what was chosen, in short (empty: the plain argmax): classes keeping their largest component, min sizes
     summary["postprocessing"] = {k: decision[k] for k in ("classes", "min_sizes") if decision.get(k)}
+    if loop.sampled is not None:  # the epochs' figure was a pseudo-Dice; this is the full one, as evaluate's
+        summary["full_validation_dice"] = decision.get("validation_dice")
+    summary["budget"] = budget_account(cfg, loading, loop, time.monotonic() - final, time.monotonic() - started)
+    say(budget_line(summary["budget"]))
     summary.update(parameters=sum(p.numel() for p in model.parameters()), train_samples=len(sampler),
                    device=str(device), precision=precision.name(loop.amp), compile=compile_reason,
                    seconds=round(time.monotonic() - started, 1))
@@ -286,6 +294,8 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
                 yield score_case([trained], loaded, postprocess=False).pred, loaded.label, loaded.roi
 
         decision = choose_classes(predictions(), trained.class_names, min_sizes)
+        # the plain predictions' mean over classes of each class's mean Dice: `scoring.mean_dice`, as evaluate's
+        decision["validation_dice"] = nanmean([v["dice_none"] for v in decision["validation"].values()])
     write_text_atomic(run / "postprocessing.json", json.dumps(decision, indent=2))
     return decision
 
@@ -320,6 +330,17 @@ class _Loop:
         self.stopped_at: int | None = None  # the step where the clock ran out, if it did
         self.best, self.best_epoch, self.stale = -1.0, 0, 0
         self.finished: str | None = None  # why the loop ended before its last epoch, once it has
+        self.sampled = None  # medseg.validation.SampledValidation where a full validation is too dear per epoch
+        self.spent = {"training": 0.0, "validation": 0.0}  # seconds of this process, for the budget's account
+
+    def use_sampled_validation(self) -> None:
+        """Score epochs on fixed validation samples (drawn now) rather than every validation case in full."""
+        from medseg.validation import SampledValidation
+
+        self.sampled = SampledValidation(self.val_cases, self.cfg)
+        say(f"validation: a full pass over the {len(self.val_cases)} validation cases costs too much of the budget "
+            f"to repeat every epoch; epochs are scored on {len(self.sampled)} fixed validation samples "
+            "(pseudo-Dice), the chosen checkpoint in full once at the end")
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as a training step calls it: in DistributedDataParallel when several processes train, and
@@ -343,7 +364,7 @@ class _Loop:
         more validation and the post-processing pass. Never on a re-run, which stops where the run stopped."""
         if not self.cfg.time_budget or self.cfg.stop_at is not None or not self.cfg.calibration:
             return False
-        reserve = guard_reserve(self.cfg.calibration["seconds_per_validation"])
+        reserve = guard_reserve(self.cfg.calibration)
         return self.elapsed() > self.cfg.time_budget * 60 - reserve
 
     @property
@@ -370,7 +391,10 @@ class _Loop:
                 break
             epoch_start = time.monotonic()
             row = {"epoch": epoch, **self.train_epoch(epoch)}
+            validated = time.monotonic()
+            self.spent["training"] += validated - epoch_start
             row.update(self.validate())
+            self.spent["validation"] += time.monotonic() - validated
             row.update(seconds=round(time.monotonic() - epoch_start, 2), elapsed=round(self.elapsed(), 1))
             self.history.append(row)
             improved = row["val_dice"] > self.best or self.best_epoch == 0
@@ -517,16 +541,19 @@ class _Loop:
         return confusion(pred, target, len(self.trained.class_names))[1:], int((pred == target).sum())
 
     @torch.no_grad()
-    def validate(self, trained: TrainedModel | None = None) -> dict:
-        """Loss and metrics of the validation cases on their own grids, through `medseg.scoring` (as `medseg
-        evaluate` scores); val_dice is `scoring.mean_dice`, the figure evaluation reports. With several processes,
-        rank 0 validates and the others receive its scores."""
+    def validate(self, trained: TrainedModel | None = None, cases: list | None = None) -> dict:
+        """Loss and metrics of the validation cases (or of `cases`) on their own grids, through `medseg.scoring`
+        (as `medseg evaluate` scores); val_dice is `scoring.mean_dice`, the figure evaluation reports. Where the
+        run scores epochs on samples (`use_sampled_validation`), those instead. With several processes, rank 0
+        validates and the others receive its scores."""
         if not distributed.is_main():
             return distributed.from_main(None)
         trained = trained or self.trained
+        if self.sampled is not None and cases is None:
+            return self.sampled.score(self, trained)
         trained.model.eval()
         losses, rows, accuracy = [], [], []
-        for case in map(as_loaded, self.val_cases):  # from the disk cache, one case at a time
+        for case in map(as_loaded, cases or self.val_cases):  # from the disk cache, one case at a time
             scored = score_case([trained], case, postprocess=False)
             target = torch.from_numpy(case.label.astype(np.int64))[None]
             p = torch.from_numpy(scored.probs).clamp(1e-7, 1 - 1e-7)[None]
