@@ -226,14 +226,14 @@ def test_clock_guard_stops_a_late_run_and_a_rerun_stops_at_the_same_step(phantom
     re-run from its config.json stops at that step with the same weights."""
     from medseg import budget
 
-    monkeypatch.setattr(budget, "SAFETY", 30.0)  # plan far more steps than the budget holds
+    monkeypatch.setattr(budget, "SAFETY_ALONE", 30.0)  # plan far more steps than the budget holds
     run = train(tiny_config(phantoms_2d, tmp_path / "run", epochs=100_000, steps_per_epoch=20, time_budget=0.1,
                             patience=0, lr_schedule="poly"))
     summary = json.loads((run / "train_summary.json").read_text())
     cfg = TrainConfig.load(run / "config.json")
     assert cfg.stop_at and cfg.stop_at < cfg.steps and summary["stopped"].startswith("time budget")
     assert summary["steps"] == cfg.stop_at and summary["seconds"] < 0.1 * 60 + 5
-    monkeypatch.setattr(budget, "SAFETY", 0.95)
+    monkeypatch.setattr(budget, "SAFETY_ALONE", 0.99)
     assert main(["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     first, again = _weights(run), _weights(tmp_path / "again")
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -259,18 +259,24 @@ def test_a_dear_full_validation_runs_once_at_the_end(phantoms_3d, tmp_path, monk
     from medseg import budget
     from medseg.evaluate import evaluate_run
 
-    monkeypatch.setattr(budget, "FULL_VALIDATION_SHARE", 0.0)  # any full pass counts as too dear here
+    monkeypatch.setattr(budget, "FULL_VALIDATION_SHARE", 0.0)  # any full pass counts as too dear here,
+    monkeypatch.setattr(budget, "SAMPLED_GAIN", 0.0)  # and the samples as cheaper,
+    monkeypatch.setattr(budget, "FINAL_VALIDATION_SHARE", 0.0)  # and even the final pass with mirroring
     run = train(tiny_config(phantoms_3d, tmp_path / "run", fit="pad", epochs=1000, steps_per_epoch=None,
-                            time_budget=0.3))
+                            time_budget=0.3, mirror_tta=True))
     config = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "train_summary.json").read_text())
     assert config["calibration"]["validation"] == "sampled"
+    assert not config["mirror_tta"] and config["calibration"]["tta"].startswith("off: 4 mirrored views")
     assert "fixed validation samples" in capsys.readouterr().out
     full = evaluate_run(run, out=tmp_path / "ev", cases="val", figures=0, progress=False)
     assert summary["full_validation_dice"] == pytest.approx(full["mean_dice_without_postprocessing"], abs=1e-6)
     account = summary["budget"]
     assert {"loading", "calibration", "training", "validation", "final_validation_and_postprocessing"} <= set(account)
     assert 0 < account["training_share"] < 1 and account["total"] <= 0.3 * 60 * 1.15
+    again = train(TrainConfig(**{**config, "out": str(tmp_path / "again")}))  # a re-run validates as the run did
+    history = [json.loads((r / "history.json").read_text()) for r in (run, again)]
+    assert [row["val_dice"] for row in history[0]] == [row["val_dice"] for row in history[1]]
     monkeypatch.undo()
     small = train(tiny_config(phantoms_3d, tmp_path / "small", fit="pad", epochs=1000, steps_per_epoch=None,
                               time_budget=0.2))

@@ -15,6 +15,7 @@ import time
 import torch
 
 from medseg import distributed
+from medseg.validation import SAMPLES
 
 WARMUP_STEPS = 2  # the first steps pay for allocation and kernel selection
 MEASURE_STEPS = 40
@@ -24,6 +25,7 @@ MEASURE_SHARE = 0.1  # of the budget, at most, spent timing steps: a short budge
 # hippocampus): the schedule is planned for 95% of the estimate, and the training loop's clock guard stops a run
 # that still runs late (recording where, so that a re-run repeats it).
 SAFETY = 0.95
+SAFETY_ALONE = 0.99  # one network alone ran its steps as fast as calibrated (CT-like set: 0.517 s planned 0.529)
 # Set by `medseg.autotrain` in each member of an ensemble trained side by side: the members wait for each other
 # before timing, so each measures its steps while the others run too (measured alone, a member's steps looked
 # 25-40% faster than they were once both ran).
@@ -35,6 +37,11 @@ VALIDATION_SHARE = 0.05  # of the budget, at most, when medseg chooses the epoch
 # run once, at the end; the epochs are scored on fixed validation samples instead (medseg.validation). Measured on
 # the CT-like set: one full pass of 8 volumes took 336 s of a 20-minute budget before
 FULL_VALIDATION_SHARE = 0.02
+# and where that one final pass, with test-time mirroring, would still take more than this share, the run predicts
+# without it (evaluation and prediction too, as config.json then says): on the CT-like set at 1.6 mm the final pass
+# took 179 s of 1,200 with four mirrored views, 15% of the budget that training needed
+FINAL_VALIDATION_SHARE = 0.08
+SAMPLED_GAIN = 4.0  # and only where the samples' pass is at most a quarter of a full one (not for 19 small images)
 
 
 def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
@@ -47,9 +54,16 @@ def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
     _together()
     seconds_per_step = _time_steps(loop, min(MEASURE_SECONDS, MEASURE_SHARE * budget_seconds))
     _together()
-    final = _estimate_full_validation(loop)
-    if final > FULL_VALIDATION_SHARE * budget_seconds and not distributed.active():
-        loop.use_sampled_validation()
+    final, tta = _estimate_full_validation(loop), None
+    # the samples' pass: a forward pass is about a third of a training step, batch by batch
+    sampled = seconds_per_step * SAMPLES / loop.cfg.batch_size / 3
+    if final > max(FULL_VALIDATION_SHARE * budget_seconds, SAMPLED_GAIN * sampled) and not distributed.active():
+        views = tta_views(loop.cfg)
+        if views > 1 and final > FINAL_VALIDATION_SHARE * budget_seconds:
+            loop.cfg.mirror_tta, final = False, final / views
+            tta = (f"off: {views} mirrored views would make the final validation {final * views:.0f} s, more than "
+                   f"{FINAL_VALIDATION_SHARE:.0%} of the budget")
+        loop.use_sampled_validation(tta)
     else:  # small enough to run every epoch: timed in full (with several processes, rank 0's)
         final = None
     seconds_per_validation = _time_validation(loop)
@@ -62,12 +76,14 @@ def calibrate_steps(loop, budget_seconds: float) -> tuple[int, dict]:
         rough_steps = available / seconds_per_step
         loop.steps = max(loop.steps, math.ceil(rough_steps / most_validations))
     per_epoch = seconds_per_validation + CHECKPOINT_SECONDS
-    steps = int(SAFETY * available / (seconds_per_step + per_epoch / loop.steps))  # the clock guards the rest
+    safety = SAFETY if SIDE_BY_SIDE is not None else SAFETY_ALONE
+    steps = int(safety * available / (seconds_per_step + per_epoch / loop.steps))  # the clock guards the rest
     steps = max(1, min(steps, loop.cfg.epochs * loop.steps))
     found = steps, {"budget_seconds": round(budget_seconds, 1), "seconds_per_step": round(seconds_per_step, 4),
                     "seconds_per_validation": round(seconds_per_validation, 2),
                     "seconds_per_final_validation": round(final, 2),
                     "validation": "sampled" if loop.sampled else "full", "steps_per_epoch": loop.steps,
+                    "tta": tta or ("as configured" if loop.cfg.mirror_tta else "off"),
                     "calibration_seconds": round(time.perf_counter() - started, 1), "epochs": math.ceil(steps / loop.steps),
                     "capped_by_epochs": steps == loop.cfg.epochs * loop.steps}
     loop.steps, found = distributed.from_main((loop.steps, found))  # with several processes: rank 0's plan
@@ -84,6 +100,14 @@ def _together() -> None:
         SIDE_BY_SIDE.wait()
     except Exception:  # BrokenBarrierError through the manager's proxy
         SIDE_BY_SIDE = None
+
+
+def tta_views(cfg) -> int:
+    """How many views test-time augmentation averages for `cfg`: each combination of mirrored axes, times two for
+    quarter turns."""
+    from medseg.infer import tta_axes, tta_rotates
+
+    return 2 ** len(tta_axes(cfg)) * (2 if tta_rotates(cfg) else 1)
 
 
 def guard_reserve(calibration: dict) -> float:
@@ -134,11 +158,40 @@ def _time_validation(loop, cases: list | None = None) -> float:
     return time.perf_counter() - started
 
 
+SLAB_SLICES = 8  # a 2D network's full validation is estimated from this many slices of its smallest case
+
+
 def _estimate_full_validation(loop) -> float:
-    """Seconds of a full validation pass, from its smallest case timed and scaled by the voxels of all of them."""
+    """Seconds of a full validation pass, from a part of its smallest case (a slab of SLAB_SLICES slices for 2D
+    networks on volumes, a box of twice the patch for 3D ones, a whole 2D image) timed and scaled by the voxels of
+    all the cases: a CT case predicted whole would itself cost a minute of the budget."""
+    from medseg.cache import as_loaded
+
     sizes = [math.prod(case.spatial_shape) for case in loop.val_cases]
-    smallest = min(range(len(sizes)), key=sizes.__getitem__)
-    return _time_validation(loop, [loop.val_cases[smallest]]) * sum(sizes) / sizes[smallest]
+    part = _part(as_loaded(loop.val_cases[min(range(len(sizes)), key=sizes.__getitem__)]), loop.cfg)
+    _time_validation(loop, [part])  # the first pass pays for allocations and kernel choices: not scaled up (a
+    # first pass scaled 60x estimated 1,242 s for a CT validation that takes about 300)
+    return _time_validation(loop, [part]) * sum(sizes) / math.prod(part.spatial_shape)
+
+
+def _part(case, cfg):
+    """The leading part of a loaded case that `_estimate_full_validation` times (the case itself for 2D images)."""
+    from medseg.data import LoadedCase
+    from medseg.io import Image
+
+    shape = case.spatial_shape
+    if len(shape) == 2:
+        return case
+    if cfg.dims == 2:
+        window = [slice(None)] * 3
+        window[cfg.axis % 3] = slice(0, SLAB_SLICES)
+    else:
+        window = [slice(0, 2 * p) for p in cfg.patch_size]
+    window = tuple(window)
+    image = case.image
+    return LoadedCase(case.case_id, Image(image.array[(slice(None), *window)], image.spacing, image.affine, image.path,
+                                          image.meta), case.label[window],
+                      None if case.roi is None else case.roi[window])
 
 
 def budget_account(cfg, loading: float, loop, final: float, total: float) -> dict:

@@ -90,6 +90,10 @@ class DiskCase:
 
     def take(self, axis: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image and label at `indices` along spatial `axis` (slices and their neighbours), copied."""
+        if axis == self.meta.get("first_axis"):  # contiguous reads of the stored order (np.take on the moved
+            image = np.load(self.folder / "image.npy", mmap_mode="r")  # view read 30x slower: 31 ms a slice)
+            label = np.load(self.folder / "label.npy", mmap_mode="r")
+            return np.moveaxis(image[:, indices], 1, 1 + axis), np.moveaxis(label[indices], 0, axis)
         image, label = self._mapped()
         return np.take(image, indices, 1 + axis), np.take(label, indices, axis)
 

@@ -408,8 +408,13 @@ def _train_command(args: argparse.Namespace) -> None:
     for run in runs:
         for member in sorted(run.glob("*/train_summary.json")) or [run / "train_summary.json"]:
             summary = json.loads(member.read_text())
-            print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
-                  f"({summary['stopped']}); run: {member.parent}")
+            if "full_validation_dice" in summary:  # epochs were scored on samples: their average chose
+                print(f"validation Dice {summary['full_validation_dice']:.4f} (every validation case, at the end) "
+                      f"with the checkpoint of epoch {summary['best_epoch']}, chosen on validation samples "
+                      f"({summary['stopped']}); run: {member.parent}")
+            else:
+                print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+                      f"({summary['stopped']}); run: {member.parent}")
         if (run / "ensemble.json").exists():
             print(f"ensemble: {run}")
         print(f"validation Dice chose the checkpoint (optimistic); 'medseg evaluate {run}' scores the test cases")
@@ -504,7 +509,8 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "synth" and args.kind == "ct":
         from medseg.synth_ct import write_ct_dataset
 
-        print(write_ct_dataset(args.out, args.cases or 50, args.size or 512, args.seed))
+        workers = min(8, os.cpu_count() or 1)  # each case is drawn from its own seed: the same files either way
+        print(write_ct_dataset(args.out, args.cases or 50, args.size or 512, args.seed, workers))
     elif args.command == "synth":
         from medseg.synth import write_synthetic_dataset
 

@@ -76,10 +76,14 @@ def choose_classes(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | No
         plain = scored_metrics(pred, truth, class_names, roi=roi)
         for k, by_rule in scores.items():
             by_rule["none"].append(plain[class_names[k]]["dice"])
-            by_rule["largest"].append(_dice(keep_largest_component(pred, [k]), truth, roi, class_names, k))
+            # one labelling of the class's components serves both rules (a CT volume: 0.3 s each)
+            parts, count = ndimage.label(pred == k)
+            sizes = np.bincount(parts.ravel())[1:]
+            kept = [1 + int(sizes.argmax())] if count else []
+            by_rule["largest"].append(_dice(np.isin(parts, kept), truth == k, roi))
             if k in min_sizes:
-                by_rule["small"].append(_dice(remove_small_components(pred, {k: min_sizes[k]}), truth, roi,
-                                              class_names, k))
+                by_rule["small"].append(_dice(np.isin(parts, np.flatnonzero(sizes >= min_sizes[k]) + 1), truth == k,
+                                              roi))
     report, largest, small = {}, [], {}
     for k, by_rule in scores.items():
         means = {rule: nanmean(values) for rule, values in by_rule.items() if values}
@@ -96,5 +100,9 @@ def choose_classes(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | No
             "classes": largest, "min_sizes": small, "validation": report}
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray, roi, class_names: list[str], k: int) -> float:
-    return scored_metrics(pred, truth, class_names, roi=roi)[class_names[k]]["dice"]
+def _dice(pred: np.ndarray, truth: np.ndarray, roi) -> float:
+    """Dice of two boolean masks inside `roi` (None: everywhere); NaN where both are empty, as `scored_metrics`."""
+    if roi is not None:
+        pred, truth = pred[roi], truth[roi]
+    total = int(pred.sum()) + int(truth.sum())
+    return 2 * int((pred & truth).sum()) / total if total else float("nan")

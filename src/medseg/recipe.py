@@ -109,6 +109,9 @@ def default_configuration(fp: dict, data: str, options: dict, budget_minutes: fl
                                              activation="relu")
         settings["base_channels"] = width
         reasons[f"{name}_width"] = {"chosen": width, "timings": timings, "threads": threads}
+        if timings and settings.get("target_spacing"):
+            pixels_per_second = BATCH * math.prod(sample) / timings[str(width)]["seconds_per_step"]
+            reasons[f"{name}_resolution"] = coarser_in_plane(fp, settings, pixels_per_second, budget_minutes)
     return {"members": members}, reasons
 
 
@@ -141,6 +144,41 @@ def _volume_members(fp: dict, common: dict, mirrored: list[int], cores: int) -> 
 
 
 SPACING_SPREAD = 1.05  # spacings further apart than this across cases are resampled to one
+# In-plane resolution for the budget: the finest of these coarsenings of the target spacing at which the budget's
+# optimiser steps show the network at least COVERAGE times the training slices' pixels. On the CT-like set (20
+# minutes, width 16 at 0.61 Mpx/s here) that is 1.6 mm for 0.8 mm scans (coverage 3.1; 0.77 at 0.8 mm). Measured
+# there on the 8 validation cases, the same 1,550 steps at 128 crops: 1.6 mm organ 0.979 / lesion 0.919, 0.8 mm
+# 0.970 / 0.869 with four times the prediction cost (docs/benchmarks.md, CT). Small sets (hippocampus, 2D images)
+# are covered many times over and keep their resolution, and so does CT on a GPU (coverage 11).
+COARSENINGS = (1.0, 1.5, 2.0, 3.0, 4.0)
+COVERAGE = 2.5
+TRAINING_SHARE = 0.8  # of the budget, spent in optimiser steps
+
+
+def coarser_in_plane(fp: dict, settings: dict, pixels_per_second: float, budget_minutes: float) -> str:
+    """Coarsen a 2D member's in-plane target spacing (and its sample sides) as COVERAGE asks; returns why."""
+    axis = settings["axis"] % 3
+    target = settings["target_spacing"]
+    extent = fp["extent_mm"]["median"]
+    seen = pixels_per_second * budget_minutes * 60 * TRAINING_SHARE
+    for factor in COARSENINGS:
+        spacing = [t * factor if a != axis else t for a, t in enumerate(target)]
+        pixels = fp["cases"] * math.prod(e / s for e, s in zip(extent, spacing))
+        if seen >= COVERAGE * pixels or factor == COARSENINGS[-1]:
+            break
+    if factor > 1:
+        settings["target_spacing"] = [round(s, 4) for s in spacing]
+        in_plane = [a for a in range(3) if a != axis]
+        sides = [_side([fp["extent_mm"]["max"][a] / spacing[a]]) for a in in_plane]
+        settings["size"] = max(sides)
+        settings.pop("patch", None)
+        if len(set(sides)) > 1:
+            settings["patch"] = sides
+    return (f"in-plane {_mm([spacing[a] for a in range(3) if a != axis])} mm: the budget shows the network "
+            f"{seen / 1e6:.0f} Mpx, {seen / pixels:.1f} times the training slices' {pixels / 1e6:.0f} Mpx there "
+            f"(at least {COVERAGE:g} asked; finer spacings fall short)" if factor > 1 else
+            f"in-plane at the target spacing: the budget shows the network {seen / pixels:.1f} times the training "
+            f"slices' pixels")
 
 
 def target_spacing(fp: dict) -> tuple[list[float] | None, str]:
@@ -261,7 +299,10 @@ def describe(configuration: dict, reasons: dict) -> str:
     extras += f"; wider rotations and scalings for {', '.join(stronger)} (never mirrored)" if stronger else ""
     loss = _loss_words(first)
     if first.get("target_spacing"):
-        layout += f", resampled to {_mm(first['target_spacing'])} mm (cases come at several spacings)"
+        coarser = any(not reasons.get(f"{name}_resolution", "in-plane at").startswith("in-plane at")
+                      for name in members)
+        layout += (f", resampled to {_mm(first['target_spacing'])} mm (cases come at several spacings"
+                   f"{'; in-plane coarser than the median, for what the budget can train' if coarser else ''})")
     norm = first["normalization"]
     if norm == "ct" and "recognised" in reasons.get("normalization", ""):
         norm = "CT (recognised from the intensities: no file said CT)"

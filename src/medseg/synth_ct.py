@@ -112,28 +112,26 @@ def _scanner(hu: np.ndarray, rng: np.random.Generator, setting: dict, spacing: t
     return hu + noise + setting["offset"]
 
 
-def write_ct_dataset(out: str | Path, cases: int = 50, size: int = 512, seed: int = 0) -> Path:
-    """Write `cases` CT-like cases (half from each site, alternating) in the MSD layout, with sites.csv."""
+def write_ct_dataset(out: str | Path, cases: int = 50, size: int = 512, seed: int = 0, workers: int = 1) -> Path:
+    """Write `cases` CT-like cases (half from each site, alternating) in the MSD layout, with sites.csv. Case i
+    is drawn from its own seed (seed, i), so any number of `workers` writes the same files."""
     if cases < 4:
         raise MedsegError(f"--cases {cases}: a CT-like set needs at least 4 cases")
     if not 32 <= size <= 1024:
         raise MedsegError(f"--size {size}: CT-like slices are 32 to 1024 pixels wide")
-    import nibabel as nib
-
     out = Path(out)
     for sub in ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    training, sites = [], []
-    for i in range(cases):
-        site = "AB"[i % 2]
-        hu, label, spacing = make_ct_case(rng, site, size)
-        affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS voxel axes, as CT from DICOM
-        name = f"ct_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(hu, affine), str(out / "imagesTr" / name))
-        nib.save(nib.Nifti1Image(label, affine), str(out / "labelsTr" / name))
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        sites.append({"case": name[:-7], "site": site})
+    jobs = [(out, i, size, seed) for i in range(cases)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            names = pool.map(_write_case, jobs)
+    else:
+        names = [_write_case(job) for job in jobs]
+    training = [{"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"} for name in names]
+    sites = [{"case": name[:-7], "site": "AB"[i % 2]} for i, name in enumerate(names)]
     meta = {"name": "medseg CT-like", "description": "synthetic, seeded: two sites, an organ with small hypodense "
             "lesions, distractors", "tensorImageSize": "3D", "labels": dict(enumerate(CLASS_NAMES)),
             "numTraining": cases, "numTest": 0, "seed": seed, "training": training, "test": []}
@@ -144,3 +142,15 @@ def write_ct_dataset(out: str | Path, cases: int = 50, size: int = 512, seed: in
         writer.writeheader()
         writer.writerows(sites)
     return out
+
+
+def _write_case(job: tuple) -> str:
+    import nibabel as nib
+
+    out, i, size, seed = job
+    hu, label, spacing = make_ct_case(np.random.default_rng([seed, i]), "AB"[i % 2], size)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS voxel axes, as CT from DICOM
+    name = f"ct_{i:03d}.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), str(out / "imagesTr" / name))
+    nib.save(nib.Nifti1Image(label, affine), str(out / "labelsTr" / name))
+    return name

@@ -167,6 +167,8 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
         say(f"time budget {cfg.time_budget:g} min -> {cfg.steps} optimiser steps "
                  f"({cfg.calibration['seconds_per_step']:.3f} s per step, "
                  f"{cfg.calibration['seconds_per_validation']:.1f} s per validation, measured here)")
+    elif (cfg.calibration or {}).get("validation") == "sampled":  # resumed or re-run: as the run was calibrated
+        loop.use_sampled_validation()
     if resume:
         run = Path(resume)
         check_same_split(run, split)
@@ -235,6 +237,7 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
     return run
 
 
+EMA = 0.9  # weight of the running average of sampled validation scores on its previous value
 LINE_PREFIX = ""  # an ensemble member's name, so that members training side by side can be told apart
 PROGRESS_EVERY = 300.0  # seconds between progress lines inside an epoch when bars are off (--quiet, a log file)
 
@@ -333,14 +336,16 @@ class _Loop:
         self.sampled = None  # medseg.validation.SampledValidation where a full validation is too dear per epoch
         self.spent = {"training": 0.0, "validation": 0.0}  # seconds of this process, for the budget's account
 
-    def use_sampled_validation(self) -> None:
-        """Score epochs on fixed validation samples (drawn now) rather than every validation case in full."""
+    def use_sampled_validation(self, tta: str | None = None) -> None:
+        """Score epochs on fixed validation samples (drawn now) rather than every validation case in full; `tta`:
+        why test-time mirroring was switched off, if it was."""
         from medseg.validation import SampledValidation
 
         self.sampled = SampledValidation(self.val_cases, self.cfg)
         say(f"validation: a full pass over the {len(self.val_cases)} validation cases costs too much of the budget "
             f"to repeat every epoch; epochs are scored on {len(self.sampled)} fixed validation samples "
-            "(pseudo-Dice), the chosen checkpoint in full once at the end")
+            "(pseudo-Dice, its running average choosing the checkpoint), the chosen checkpoint in full once at the "
+            f"end{f'; test-time mirroring {tta}' if tta else ''}")
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as a training step calls it: in DistributedDataParallel when several processes train, and
@@ -397,9 +402,12 @@ class _Loop:
             self.spent["validation"] += time.monotonic() - validated
             row.update(seconds=round(time.monotonic() - epoch_start, 2), elapsed=round(self.elapsed(), 1))
             self.history.append(row)
-            improved = row["val_dice"] > self.best or self.best_epoch == 0
+            if self.sampled is not None:  # a pseudo-Dice of a few samples is noisy: its running average chooses
+                previous = self.history[-2]["val_dice_ema"] if len(self.history) > 1 else row["val_dice"]
+                row["val_dice_ema"] = EMA * previous + (1 - EMA) * row["val_dice"]  # (nnU-Net's, 0.9)
+            improved = row.get("val_dice_ema", row["val_dice"]) > self.best or self.best_epoch == 0
             if improved:
-                self.best, self.best_epoch, self.stale = row["val_dice"], epoch, 0
+                self.best, self.best_epoch, self.stale = row.get("val_dice_ema", row["val_dice"]), epoch, 0
             else:
                 self.stale += 1
             if self.stopped_at is not None:
@@ -578,7 +586,7 @@ class _Loop:
         run = self.trained.run
         write_text_atomic(run / "history.json", json.dumps(self.history, indent=2))
         lines = io.StringIO()
-        writer = csv.DictWriter(lines, fieldnames=HISTORY_COLUMNS)
+        writer = csv.DictWriter(lines, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")  # val_dice_ema: json
         writer.writeheader()
         writer.writerows(self.history)
         write_text_atomic(run / "history.csv", lines.getvalue())

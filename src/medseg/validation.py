@@ -20,7 +20,7 @@ from medseg.cache import as_loaded
 from medseg.data import to_network_grid
 from medseg.metrics import metrics_from_counts, nanmean
 
-SAMPLES = 96  # validation samples scored every epoch, spread over the validation cases
+SAMPLES = 192  # validation samples scored every epoch, spread over the validation cases
 SEED = 1234  # the samples are the same in every run of the same data and settings
 
 
