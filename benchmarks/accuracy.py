@@ -46,8 +46,8 @@ DOCS = ROOT / "docs" / "benchmarks"
 DATASETS = {
     "isbi2012_em": {
         "data": SHARED / "isbi2012_em", "minutes": 30, "flags": "--class-names background,cell",
-        "reference": "none comparable: the challenge's figures (U-Net's pixel error 0.0611) are on its separate, "
-                     "unlabelled test stack; these test sections are a block of the training stack",
+        "reference": "none comparable: the challenge scored its own separate, unlabelled test stack; these test "
+                     "sections are a contiguous block of the training stack",
     },
     "drive": {
         "data": SHARED / "drive", "minutes": 30, "flags": "",
