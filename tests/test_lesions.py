@@ -72,6 +72,40 @@ def test_instance_average_precision_by_hand():
     assert instance_ap(np.zeros_like(truth), truth)["ap"] == 0.0
 
 
+def test_instance_matching_agrees_with_monai_panoptic_quality():
+    """MONAI's panoptic quality pairs instances at IoU above a threshold as the DSB score does: its TP, FP and FN
+    give the same precision TP / (TP + FP + FN) at every threshold, on random touching and overlapping discs."""
+    torch = pytest.importorskip("torch")
+    monai_pq = pytest.importorskip("monai.metrics.panoptic_quality")
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:96, :96]
+
+    def discs(count: int) -> np.ndarray:
+        labels = np.zeros((96, 96), np.int64)
+        for k in range(1, count + 1):
+            cy, cx, r = rng.integers(8, 88), rng.integers(8, 88), rng.integers(3, 9)
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+        return labels
+
+    compared = 0
+    for _ in range(12):
+        truth = discs(int(rng.integers(3, 12)))
+        pred = truth.copy()
+        pred[rng.random(pred.shape) < 0.15] = 0  # holes lower the IoU of some pairs below some thresholds
+        pred = np.roll(pred, int(rng.integers(-2, 3)), axis=1)
+        pred[discs(2) > 0] = 50  # a false alarm or two
+        if not (np.unique(truth) > 0).any():
+            continue
+        ours = instance_ap(pred, truth)["at"]
+        for t in (0.5, 0.65, 0.8, 0.95):
+            tp, fp, fn, _ = monai_pq.compute_panoptic_quality(
+                torch.as_tensor(pred), torch.as_tensor(truth), match_iou_threshold=t,
+                output_confusion_matrix=True).tolist()
+            assert ours[t] == pytest.approx(tp / (tp + fp + fn)), (t, tp, fp, fn)
+            compared += 1
+    assert compared >= 40
+
+
 def test_cldice_by_hand_and_its_robustness_to_thickness():
     truth = np.zeros((21, 21), bool)
     truth[10, 2:19] = True  # a one-pixel vessel
