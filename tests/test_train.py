@@ -160,6 +160,32 @@ def test_resize_mode_trains_at_size_and_predicts_at_native(trained_2d):
     np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
 
 
+def test_large_slices_are_predicted_in_bounded_batches(trained_3d):
+    """A volume of 512x512 slices goes through the network at most BATCH_PIXELS pixels at a time (32 whole CT
+    slices at once set a 2.5D run's peak memory at 4 GB), and the result equals slice-by-slice prediction."""
+    from medseg import infer
+
+    trained = load_run(trained_3d)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return self.network(x)
+
+    trained.model = Recording(trained.model)
+    image = np.random.default_rng(1).random((1, 512, 512, 10)).astype(np.float32)
+    probs = infer.predict_probabilities(trained, image)
+    assert probs.shape[1:] == (512, 512, 10)
+    assert seen and max(s[0] * s[-1] * s[-2] for s in seen) <= infer.BATCH_PIXELS
+    one = infer.predict_probabilities(trained, image[..., 3:4])
+    np.testing.assert_allclose(probs[..., 3], one[..., 0], atol=1e-5)
+
+
 def test_pad_mode_predicts_small_slices_as_trained(trained_3d):
     """Slices smaller than the training size are zero-padded like training batches, then cropped back."""
     from medseg.infer import predict_probabilities
