@@ -72,11 +72,14 @@ class DiskCase:
     def channels(self) -> int:
         return self.meta["shape"][0]
 
+    def _stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """Image and label as memory maps in the stored order (a 2D network's slicing axis first)."""
+        return np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy", mmap_mode="r")
+
     def _mapped(self) -> tuple[np.ndarray, np.ndarray]:
         """Image and label as memory maps in the case's axis order (views of the stored order): what is copied out
         of them is read, and they close when dropped."""
-        image, label = np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy",
-                                                                                  mmap_mode="r")
+        image, label = self._stored()
         first = self.meta.get("first_axis")
         if first is None:
             return image, label
@@ -91,8 +94,7 @@ class DiskCase:
     def take(self, axis: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image and label at `indices` along spatial `axis` (slices and their neighbours), copied."""
         if axis == self.meta.get("first_axis"):  # contiguous reads of the stored order (np.take on the moved
-            image = np.load(self.folder / "image.npy", mmap_mode="r")  # view read 30x slower: 31 ms a slice)
-            label = np.load(self.folder / "label.npy", mmap_mode="r")
+            image, label = self._stored()  # view read 30x slower: 31 ms a slice)
             return np.moveaxis(image[:, indices], 1, 1 + axis), np.moveaxis(label[indices], 0, axis)
         image, label = self._mapped()
         return np.take(image, indices, 1 + axis), np.take(label, indices, axis)

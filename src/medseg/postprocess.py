@@ -22,10 +22,8 @@ def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray
     """For each class in `classes`, keep its largest connected component (face connectivity); the rest -> 0."""
     out = labels.copy()
     for k in classes:
-        components, count = ndimage.label(labels == k)
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            out[(components > 0) & (components != 1 + int(sizes.argmax()))] = 0
+        parts, sizes = _components(labels == k)
+        out[(parts > 0) & ~np.isin(parts, _largest(sizes))] = 0
     return out
 
 
@@ -34,11 +32,23 @@ def remove_small_components(labels: np.ndarray, min_sizes: dict[int, int]) -> np
     voxels (-> 0)."""
     out = labels.copy()
     for k, size in min_sizes.items():
-        components, count = ndimage.label(labels == k)
-        if count:
-            small = np.flatnonzero(np.bincount(components.ravel())[1:] < size) + 1
-            out[np.isin(components, small)] = 0
+        parts, sizes = _components(labels == k)
+        out[(parts > 0) & ~np.isin(parts, _at_least(sizes, size))] = 0
     return out
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The connected components of a boolean mask (face connectivity) and their sizes (component i: sizes[i - 1])."""
+    parts, _ = ndimage.label(mask)
+    return parts, np.bincount(parts.ravel())[1:]
+
+
+def _largest(sizes: np.ndarray) -> list[int]:
+    return [1 + int(sizes.argmax())] if len(sizes) else []
+
+
+def _at_least(sizes: np.ndarray, size: int) -> np.ndarray:
+    return np.flatnonzero(sizes >= size) + 1
 
 
 def smallest_components(labels: Iterable[np.ndarray], classes: list[int]) -> dict[int, int]:
@@ -77,13 +87,10 @@ def choose_classes(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | No
         for k, by_rule in scores.items():
             by_rule["none"].append(plain[class_names[k]]["dice"])
             # one labelling of the class's components serves both rules (a CT volume: 0.3 s each)
-            parts, count = ndimage.label(pred == k)
-            sizes = np.bincount(parts.ravel())[1:]
-            kept = [1 + int(sizes.argmax())] if count else []
-            by_rule["largest"].append(_dice(np.isin(parts, kept), truth == k, roi))
+            parts, sizes = _components(pred == k)
+            by_rule["largest"].append(_dice(np.isin(parts, _largest(sizes)), truth == k, roi))
             if k in min_sizes:
-                by_rule["small"].append(_dice(np.isin(parts, np.flatnonzero(sizes >= min_sizes[k]) + 1), truth == k,
-                                              roi))
+                by_rule["small"].append(_dice(np.isin(parts, _at_least(sizes, min_sizes[k])), truth == k, roi))
     report, largest, small = {}, [], {}
     for k, by_rule in scores.items():
         means = {rule: nanmean(values) for rule, values in by_rule.items() if values}
