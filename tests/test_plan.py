@@ -10,7 +10,7 @@ from medseg.datasets import find_cases
 from medseg.plan import (choose_normalization, class_order, config_from_plan, fingerprint, make_plan,
                          mirror_axes, patch_and_depth)
 from medseg.transforms import normalize
-from conftest import shared_dataset
+from conftest import save_png, shared_dataset
 
 
 def test_fingerprint_of_phantoms(phantoms_3d):
@@ -225,6 +225,69 @@ def test_width_rule_counts_pixels_seen(monkeypatch):
     # 30 minutes, batch 16: 28,800 samples; enough at 128x128 (4.7e8 pixels), not at 64x64 (1.2e8)
     assert plan.calibrate_width(2, [128, 128], 4, 1, 2, 16, 30, widths=(8, 16))[0] == 16
     assert plan.calibrate_width(2, [64, 64], 4, 1, 2, 16, 30, widths=(8, 16))[0] == 8
+
+
+def test_sample_grows_to_whole_slices_only_where_the_budget_holds_enough_steps():
+    """CT at 1.6 mm (median slice 409 mm: 256 px): a CPU's 0.5 s steps keep 128 crops and time nothing more; a
+    device 100x faster trains whole slices; one where whole slices step too slowly takes the largest crop that
+    still holds LARGE_SAMPLE_STEPS."""
+    from medseg.plan import time_augmentation
+    from medseg.recipe import LARGE_SAMPLE_STEPS, larger_sample
+
+    assert 0 < time_augmentation(16, 3, [32, 32], 1) < time_augmentation(16, 3, [256, 256], 1)  # 64x the pixels
+
+    fp = {"dims": 3, "extent_mm": {"median": [409.6, 409.6, 150.0]}, "spacing": {"median": [0.8, 0.8, 2.5]}}
+
+    def member():
+        return {"axis": 2, "size": 128, "target_spacing": [1.6, 1.6, 2.5]}
+
+    def never_timed(sides):
+        raise AssertionError(f"timed {sides} although no larger sample could reach the bar")
+
+    cpu = member()
+    assert "256" in larger_sample(fp, cpu, 0.5, never_timed, 20) and cpu["size"] == 128 and "patch" not in cpu
+    fast = member()  # steps cost in proportion to pixels
+    why = larger_sample(fp, fast, 0.005, lambda sides: 0.005 * sides[0] * sides[1] / 128**2, 20)
+    assert fast["size"] == 256 and why.startswith("whole slices of 256")
+    # whole slices at 0.06 s (16k steps in 20 minutes) fall short; 192 crops at 0.03 s (32k) do not
+    middling = member()
+    larger_sample(fp, middling, 0.005, lambda sides: {256: 0.06, 192: 0.03}[sides[0]], 20)
+    assert middling["size"] == 192 and 0.8 * 20 * 60 / 0.03 >= LARGE_SAMPLE_STEPS
+    image_set = {"dims": 2, "shape": {"median": [584, 565]}}  # DRIVE: a non-square median image, seen whole
+    fundus = {"size": 128}
+    larger_sample(image_set, fundus, 0.001, lambda sides: 0.001 * sides[0] * sides[1] / 128**2, 60)
+    assert fundus["size"] == 592 and fundus["patch"] == [592, 576]
+    turned = {"size": 128, "rotate90": True}  # quarter turns: a square sample holding the whole image
+    larger_sample(image_set, turned, 0.001, lambda sides: 0.001 * sides[0] * sides[1] / 128**2, 60)
+    assert turned["size"] == 592 and "patch" not in turned
+
+
+def test_a_fast_device_plans_whole_images_and_says_so(tmp_path, monkeypatch):
+    """The plan itself: timings of a device 100x this CPU's give 200x300 images whole; this CPU's keep 128."""
+    import medseg.recipe as recipe
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        mask = np.zeros((200, 300), np.uint8)
+        mask[50:120, 60 + 20 * i:160 + 20 * i] = 255
+        save_png(tmp_path / "d" / "masks" / f"c{i}.png", mask)
+        save_png(tmp_path / "d" / "images" / f"c{i}.png", mask // 2 + rng.integers(0, 60, mask.shape))
+
+    def planned(seconds_at_128):
+        def timed(dims, patch, *args, widths=(16,), **kwargs):
+            seconds = seconds_at_128 * patch[0] * patch[1] / 128**2
+            return widths[-1], {str(w): {"seconds_per_step": seconds, "samples_in_budget": 0} for w in widths}
+        monkeypatch.setattr(recipe, "calibrate_width", timed)
+        monkeypatch.setattr(recipe, "time_augmentation", lambda *args, **kwargs: 0.0)
+        plan = make_plan(tmp_path / "d", budget_minutes=20, alternatives=False)
+        return plan["configurations"]["auto"]["members"]["2d"], recipe.describe(plan["configurations"]["auto"],
+                                                                                 plan["reasons"])
+
+    member, paragraph = planned(0.005)
+    assert member["size"] == 304 and member.get("patch") in (None, [208, 304])
+    assert "as the budget holds enough steps" in paragraph
+    member, paragraph = planned(0.5)
+    assert member["size"] == 128 and "as the budget holds" not in paragraph
 
 
 def _write_case(folder, name, image, label, affine):

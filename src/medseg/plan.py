@@ -257,6 +257,23 @@ def calibrate_width(dims: int, patch: list[int], depth: int, channels: int, clas
     return chosen, timings
 
 
+def time_augmentation(batch: int, channels: int, patch: list[int], threads: int | None = None, repeats: int = 2,
+                      **settings) -> float:
+    """Seconds to augment one batch on the CPU (`medseg.augment.augment` with `settings`), which a step on any
+    device waits for: on a GPU it, not the network, bounds large samples (16 x 512 x 512: about 0.25 s here)."""
+    from medseg.augment import augment
+    from medseg.checkpoint import torch_threads
+
+    generator = torch.Generator().manual_seed(0)
+    image, label = torch.rand(batch, channels, *patch), torch.zeros(batch, *patch, dtype=torch.long)
+    with torch_threads(threads):
+        augment(image, label, generator, **settings)  # the first call allocates
+        started = time.perf_counter()
+        for _ in range(repeats):
+            augment(image, label, generator, **settings)
+    return (time.perf_counter() - started) / repeats
+
+
 def _time_width(model, batch: int, channels: int, classes: int, patch: list[int], target, steps: int) -> float:
     """Seconds per training step of `model` on random data, the first (allocating) step not counted."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)

@@ -12,7 +12,9 @@ docs/benchmarks.md (the reason written beside each choice names it):
 - Native resolution: slices padded (or randomly cropped) to the largest in-plane extent rounded up to 16, at most
   128 (thin vessels and membranes do not survive resizing; DRIVE: 128 crops at batch 16 beat 256 crops at batch 8,
   twice the optimiser steps for the same pixels; hippocampus coronal slices padded to 48 rather than 64 halved a
-  step and scored higher).
+  step and scored higher). Larger samples, up to the median slice (nnU-Net's rule), only where timing shows the
+  budget holding LARGE_SAMPLE_STEPS steps at their size: never on this CPU (CT-like whole slices: 228 steps, no
+  lesion found), maybe on a GPU.
 - Per-case z-score for everything but CT (DSB 2018: 0.858 against 0.814 with [0, 1] scaling).
 - Adam 1e-3 with a poly decay over the steps the budget holds, Dice + cross-entropy, batch 16, no early stopping,
   mirroring TTA along the trained axes: the recipe of every bar met so far. Networks trained with quarter turns
@@ -45,7 +47,8 @@ import os
 import numpy as np
 
 from medseg.config import TrainConfig
-from medseg.plan import calibrate_width, choose_normalization, choose_target_spacing, class_count, mirror_axes
+from medseg.plan import (calibrate_width, choose_normalization, choose_target_spacing, class_count, mirror_axes,
+                         time_augmentation)
 
 MAX_SIDE = 128
 WIDTHS = (8, 16)  # 16 is every measured recipe's width; 8 only where the budget holds too few samples for 16
@@ -112,6 +115,18 @@ def default_configuration(fp: dict, data: str, options: dict, budget_minutes: fl
         if timings and settings.get("target_spacing"):
             pixels_per_second = BATCH * math.prod(sample) / timings[str(width)]["seconds_per_step"]
             reasons[f"{name}_resolution"] = coarser_in_plane(fp, settings, pixels_per_second, budget_minutes)
+        if timings:
+            def seconds_per_step(sides: list[int]) -> float:  # the network's step and the CPU's augmentation
+                timed = calibrate_width(2, sides, _depth(min(sides)), inputs, class_count(fp), BATCH, budget_minutes,
+                                        device, threads=threads, widths=(width,), norm="batch", activation="relu")
+                augmenting = time_augmentation(BATCH, inputs, sides, threads, affine_p=planned.affine_p,
+                                               max_rotation_deg=planned.max_rotation, max_scale=planned.max_scale,
+                                               rotate90=planned.rotate90, flip_axes=planned.flip_axes,
+                                               elastic_p=planned.elastic_p)
+                return timed[1][str(width)]["seconds_per_step"] + augmenting
+            reasons[f"{name}_sample"] = larger_sample(fp, settings, timings[str(width)]["seconds_per_step"],
+                                                      seconds_per_step, budget_minutes)
+            settings["depth"] = _depth(min(settings.get("patch") or [settings["size"]]))
     return {"members": members}, reasons
 
 
@@ -179,6 +194,58 @@ def coarser_in_plane(fp: dict, settings: dict, pixels_per_second: float, budget_
             f"(at least {COVERAGE:g} asked; finer spacings fall short)" if factor > 1 else
             f"in-plane at the target spacing: the budget shows the network {seen / pixels:.1f} times the training "
             f"slices' pixels")
+
+
+# Samples larger than MAX_SIDE (whole slices or large crops) only where the budget still holds LARGE_SAMPLE_STEPS
+# optimiser steps of batch 16 at that size. Everywhere measured on this CPU the smaller crop won at the same
+# budget: CT-like whole slices (256 at 1.6 mm) 228 steps, no lesion found, against 1,558 steps of 128 crops, lesion
+# 0.919; ISBI 256 crops at batch 4 and DRIVE 256 at batch 8 lost to 128 at batch 16 (docs/benchmarks.md). nnU-Net
+# trains its 2D whole-slice patches for 250,000 steps; a tenth of that is asked here, which no CPU budget holds and
+# a GPU's may. Candidate sides: the median slice (nnU-Net's patch rule), then the usual sizes below it.
+LARGE_SAMPLE_STEPS = 25_000
+LARGE_SIDES = (1024, 768, 512, 384, 256, 192)
+
+
+def larger_sample(fp: dict, settings: dict, seconds_at_base: float, seconds_per_step, budget_minutes: float) -> str:
+    """Grow a 2D member's sample towards its median slice where the budget allows (LARGE_SAMPLE_STEPS); returns
+    why. `seconds_per_step(sides)` times a training step at other sides; it is called only for sides whose
+    steps could reach the bar (a larger sample never steps faster than the base one), so a CPU times nothing."""
+    seconds = budget_minutes * 60 * TRAINING_SHARE
+    base = settings.get("patch") or [settings["size"]] * 2
+    whole = median_slice(fp, settings)
+    candidates = sorted({max(whole)} | {s for s in LARGE_SIDES if s < max(whole)}, reverse=True)
+    for side in candidates:
+        sides = [min(side, w) for w in whole]
+        if settings.get("rotate90"):  # quarter turns need a square sample
+            sides = [max(sides)] * 2
+        if max(sides) <= max(base) or seconds / seconds_at_base < LARGE_SAMPLE_STEPS:
+            continue
+        steps = seconds / seconds_per_step(sides)
+        if steps >= LARGE_SAMPLE_STEPS:
+            settings["size"] = max(sides)
+            settings.pop("patch", None)
+            if len(set(sides)) > 1:
+                settings["patch"] = sides
+            whole_slices = all(s >= w for s, w in zip(sides, whole))
+            return (f"{'whole slices' if whole_slices else 'large crops'} of {sample_words(settings)}: the "
+                    f"budget holds {steps:,.0f} steps there (at least {LARGE_SAMPLE_STEPS:,} asked)")
+    steps, words = seconds / seconds_at_base, "x".join(map(str, whole))
+    if max(whole) <= max(base):
+        return f"{sample_words(settings)} samples hold the median slice ({words}); {steps:,.0f} steps in the budget"
+    return (f"{sample_words(settings)} crops: the budget holds {steps:,.0f} steps of them; larger ones (the median "
+            f"slice is {words}) need {LARGE_SAMPLE_STEPS:,} steps at their size")
+
+
+def median_slice(fp: dict, settings: dict) -> list[int]:
+    """A 2D member's median slice in pixels at the spacing it trains at, each side rounded up to 2**DEPTH."""
+    if fp["dims"] == 2:
+        extents = fp["shape"]["median"][-2:]
+    else:
+        axis = settings["axis"] % 3
+        spacing = settings.get("target_spacing") or fp["spacing"]["median"]
+        extents = [fp["extent_mm"]["median"][a] / spacing[a] for a in range(3) if a != axis]
+    multiple = 2**DEPTH
+    return [int(math.ceil(e / multiple) * multiple) for e in extents]
 
 
 def target_spacing(fp: dict) -> tuple[list[float] | None, str]:
@@ -291,6 +358,8 @@ def describe(configuration: dict, reasons: dict) -> str:
     else:
         name, m = next(iter(members.items()))
         layout = f"one 2D network ({name}, padded or cropped to {sample_words(m)})"
+    larger = [reasons[f"{name}_sample"].split(":")[0] for name, m in members.items() if m["size"] > MAX_SIDE]
+    layout += f" ({', '.join(larger)}, as the budget holds enough steps)" if larger else ""
     widths = ", ".join(str(m["base_channels"]) for m in members.values())
     flips = "; ".join(f"{name} along {m['flip_axes'] or 'no axis'}" for name, m in members.items())
     extras = "; 90-degree rotations" if first.get("rotate90") else ""
