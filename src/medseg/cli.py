@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
 
     train = sub.add_parser("train", help="train a U-Net on DATA (a folder or CSV manifest)")
+    _voxel_limit(train)
     train.add_argument("data", nargs="?", help="dataset folder or CSV manifest")
     train.add_argument("--out", help="run folder to create")
     train.add_argument("--config", help="re-run from a saved RUN/config.json (flags override it)")
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(bench)
 
     plan = sub.add_parser("plan", help="fingerprint a dataset and write a readable training plan (JSON)")
+    _voxel_limit(plan)
     plan.add_argument("data", help="dataset folder or CSV manifest")
     plan.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")
     plan.add_argument("--budget", type=float, default=15.0, help="training minutes the plan is sized for")
@@ -276,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--url", help="base URL of a mirror holding TASK.tar")
 
     evaluate = sub.add_parser("evaluate", help="metrics per case and class, summary and figures")
+    _voxel_limit(evaluate)
     evaluate.add_argument("run")
     evaluate.add_argument("--data", help="labelled dataset to evaluate on; cases the run trained or selected on are "
                                          "marked and left out of the means (default: the run's test cases)")
@@ -299,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 
     predict = sub.add_parser("predict", help="write masks for new images or volumes")
+    _voxel_limit(predict)
     predict.add_argument("run")
     predict.add_argument("inputs", nargs="+", help="files or folders")
     predict.add_argument("--out", required=True)
@@ -326,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "once per input shape with a cold cache here, then 0.5-0.7 of the eager time)")
 
     serve = sub.add_parser("serve", help="a web page (and REST API) that segments uploads and shows the masks")
+    _voxel_limit(serve)
     serve.add_argument("run", help="a run, ensemble or model package")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -339,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a finished job's results are deleted after this (default 60)")
 
     pacs = sub.add_parser("pacs", help="pull a series from a DICOMweb server, segment it, store the DICOM SEG back")
+    _voxel_limit(pacs)
     pacs.add_argument("run", help="a run, ensemble or model package")
     pacs.add_argument("--url", required=True, help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
     pacs.add_argument("--study", required=True, help="StudyInstanceUID")
@@ -495,7 +501,16 @@ def _has_torch() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def _voxel_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-voxels", type=int, default=None,
+                        help="refuse images whose header declares more voxels x channels than this, before reading "
+                             "them (default 2^31: a 1024x1024x2000 CT passes; env MEDSEG_MAX_VOXELS)")
+
+
 def run_command(args: argparse.Namespace) -> None:
+    from medseg.limits import set_max_voxels
+
+    set_max_voxels(getattr(args, "max_voxels", None))
     if getattr(args, "threads", None) and args.command != "train" and _has_torch():
         import torch
 

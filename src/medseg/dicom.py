@@ -6,16 +6,24 @@ the series in any viewer. Slices are ordered along the slice normal, not by file
 """
 from __future__ import annotations
 
+import math
 import warnings
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medseg import limits
 from medseg.errors import MedsegError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: pydicom inflates the whole file at once
+# one file is one slice (multi-frame is refused): 8192 x 8192 RGB is 201 MB, so more than this inflated is a bomb
+MAX_INFLATED_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -23,6 +31,7 @@ class Series:
     uid: str
     description: str
     files: list[Path]
+    largest_slice: tuple[int, int, int] = (0, 0, 1)  # (columns, rows, samples per pixel) of its largest file
 
     def label(self) -> str:
         return f"{self.uid} ('{self.description}', {len(self.files)} files)"
@@ -49,17 +58,47 @@ def list_series(folder: str | Path) -> list[Series]:
 
     groups: dict[str, list[Path]] = defaultdict(list)
     descriptions: dict[str, str] = {}
+    largest: dict[str, tuple[int, int, int]] = {}
     for path in dicom_files(Path(folder)):
         try:
             with warnings.catch_warnings():  # a damaged file is reported below, in one line of ours
                 warnings.simplefilter("ignore")
+                check_inflated_size(path)
                 header = pydicom.dcmread(path, stop_before_pixels=True)
+        except MedsegError:
+            raise
         except Exception as exc:
             raise MedsegError(f"{path}: not a readable DICOM file ({type(exc).__name__}); remove it") from exc
         uid = str(header.get("SeriesInstanceUID", "unknown"))
         groups[uid].append(path)
         descriptions[uid] = str(header.get("SeriesDescription", ""))
-    return [Series(uid, descriptions[uid], files) for uid, files in sorted(groups.items())]
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        size = (int(header.get("Columns", 0) or 0), int(header.get("Rows", 0) or 0) * frames,
+                int(header.get("SamplesPerPixel", 1) or 1))
+        if size[0] * size[1] * size[2] > math.prod(largest.get(uid, (0, 0, 1))):
+            largest[uid] = size
+    return [Series(uid, descriptions[uid], files, largest.get(uid, (0, 0, 1))) for uid, files in sorted(groups.items())]
+
+
+def check_inflated_size(path: Path) -> None:
+    """A deflated DICOM file is inflated here in pieces, counted and discarded, before pydicom inflates it whole:
+    one that would inflate beyond MAX_INFLATED_BYTES is refused without the memory it asks for."""
+    from pydicom.filereader import read_file_meta_info
+
+    meta = read_file_meta_info(path)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    start = 132 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, the group length element
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while chunk := handle.read(2**16):
+            while chunk:
+                inflated += len(inflater.decompress(chunk, 2**20))
+                chunk = inflater.unconsumed_tail
+                if inflated > MAX_INFLATED_BYTES:
+                    raise MedsegError(f"{path.name}: a deflated DICOM file inflating beyond "
+                                      f"{MAX_INFLATED_BYTES // 2**20} MB; one slice is never this large (refused)")
 
 
 def choose_series(folder: Path, series: str | None) -> Series:
@@ -87,6 +126,8 @@ def read_dicom_series(folder: str | Path, series: str | None = None):
 
     folder = Path(folder)
     chosen = choose_series(folder, series)
+    columns, rows, samples = chosen.largest_slice
+    limits.check_voxels(folder, (columns, rows, len(chosen.files)), samples, what="holds a series of")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slices = [pydicom.dcmread(p) for p in chosen.files]

@@ -13,6 +13,7 @@ palette is grey and to RGB otherwise. `color="gray"` converts to luminance (ITU-
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg import limits
 from medseg.errors import MedsegError, write_error
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -156,6 +158,9 @@ def _read_nifti(path: Path) -> Image:
     nii = nib.load(str(path))
     if 0 in nii.shape:
         raise MedsegError(f"{path}: empty image (shape {nii.shape}); nothing to segment")
+    limits.check_voxels(path, nii.shape)  # nibabel would allocate the declared size before reading a voxel
+    declared = math.prod(nii.shape) * nii.get_data_dtype().itemsize
+    limits.check_holds(path, declared + int(nii.dataobj.offset), compressed=suffix_of(path) == ".nii.gz")
     data = np.asanyarray(nii.dataobj)
     if data.ndim == 2:
         data = data[..., None]
@@ -191,7 +196,11 @@ def _read_itk(path: Path) -> Image:
     import SimpleITK as sitk
 
     with native_stderr_silenced():  # ITK's MetaIO prints its own lines; the failure is reported as one of ours
-        itk = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header alone, checked before ITK allocates the image
+        limits.check_voxels(path, reader.GetSize(), reader.GetNumberOfComponents())
+        itk = reader.Execute()
     data = sitk.GetArrayFromImage(itk)
     dims, channels = itk.GetDimension(), itk.GetNumberOfComponentsPerPixel()
     if channels > 1:
@@ -219,6 +228,10 @@ def _read_npy(path: Path, layout: str = "auto") -> Image:
     """(H, W) is a grey 2D image. A 3D array is a volume (X, Y, Z) unless `layout` says it is a 2D image with
     channels last ("hwc") or first ("chw"): a shape alone cannot tell a 3-slice volume from an RGB image, so the
     rule never guesses, and every value is kept either way (no channel is dropped)."""
+    header = np.load(path, mmap_mode="r", allow_pickle=False)  # shape and type, nothing read yet
+    limits.check_voxels(path, header.shape)
+    limits.check_holds(path, header.nbytes + header.offset, compressed=False)
+    del header
     data = np.load(path, allow_pickle=False)
     if data.ndim == 2:
         array = data[None]
@@ -238,7 +251,11 @@ def _read_npy(path: Path, layout: str = "auto") -> Image:
 def _read_raster(path: Path) -> Image:
     from PIL import Image as PILImage
 
-    with PILImage.open(path) as pil:
+    PILImage.MAX_IMAGE_PIXELS = None  # one limit for every format: medseg's, checked below before decoding
+    with PILImage.open(path) as pil:  # the header only: pixels are decoded by np.asarray below
+        limits.check_voxels(path, (pil.height, pil.width), len(pil.getbands()))
+        if pil.format == "PNG":  # deflated rows: at most DEFLATE_RATIO times the file
+            limits.check_holds(path, pil.height * pil.width // 8, compressed=True)  # one bit a pixel at least
         frames = getattr(pil, "n_frames", 1)
         if frames > 1 and suffix_of(path) in (".tif", ".tiff"):
             raise MedsegError(f"{path}: multi-page TIFF ({frames} pages); save the stack as NIfTI or one file per page")

@@ -55,8 +55,14 @@ def normalize(array: np.ndarray, scheme: str = "percentile", stats: list[dict] |
 
 
 def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: list[float]) -> tuple[int, ...]:
-    """The grid size that covers the same extent at the target spacing (at least one voxel per axis)."""
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+    """The grid size that covers the same extent at the target spacing (at least one voxel per axis), refused
+    before it is made where it exceeds the voxel limit (a header claiming 150 mm voxels: `medseg.limits`)."""
+    from medseg import limits
+
+    resampled = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+    limits.check_voxels(f"a {' x '.join(map(str, shape))} image at {' x '.join(f'{v:g}' for v in spacing)} mm",
+                        resampled, what=f"resampled to {' x '.join(f'{v:g}' for v in target)} mm makes")
+    return resampled
 
 
 def resize_volume(array: np.ndarray, shape: tuple[int, ...], label: bool = False) -> np.ndarray:
