@@ -148,14 +148,14 @@ def test_a_finished_job_keeps_only_its_results_which_expire(trained_2d, png):
     assert not segmenter.folder.exists()  # everything goes with the server
 
 
-def test_zip_slip_and_zip_bombs_fail_their_job_and_write_nothing_outside(trained_2d, tmp_path):
+def test_zip_slip_and_zip_bombs_are_refused_at_upload_and_write_nothing_outside(trained_2d, tmp_path):
     base, server = start_server(trained_2d)
     try:
         slip = tmp_path / "slip.zip"
         with zipfile.ZipFile(slip, "w") as z:
             z.writestr("../../../escaped.dcm", b"x")
-        job = finished(base, upload(base, "slip.zip", slip.read_bytes())[2]["id"])
-        assert job["status"] == "failed" and "outside the archive" in job["error"]
+        status, _, answer = upload(base, "slip.zip", slip.read_bytes())
+        assert status == 422 and "outside the archive" in answer["detail"]
         bomb = tmp_path / "bomb.zip"
         with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("zeros.dcm", b"\0" * 20_000_000)  # 20 MB that packs into 20 kB
@@ -163,11 +163,34 @@ def test_zip_slip_and_zip_bombs_fail_their_job_and_write_nothing_outside(trained
 
         limit, io.ZIP_MAX_BYTES = io.ZIP_MAX_BYTES, 10_000_000  # the default (8 GiB) is too much to write here
         try:
-            job = finished(base, upload(base, "bomb.zip", bomb.read_bytes())[2]["id"])
+            status, _, answer = upload(base, "bomb.zip", bomb.read_bytes())
         finally:
             io.ZIP_MAX_BYTES = limit
-        assert job["status"] == "failed" and "GiB unpacked" in job["error"]
+        assert status == 413 and "GiB unpacked" in answer["detail"]
         assert not list(tmp_path.parent.glob("escaped.dcm"))
+    finally:
+        server.should_exit = True
+
+
+def test_bombs_are_refused_at_upload_in_under_a_second(trained_2d, tmp_path):
+    """Each bomb of tests/test_limits.py sent to the service: 413 before it is queued, nothing left of it on disk."""
+    from test_limits import dicom_file, nifti_bomb, png_bomb
+
+    base, server = start_server(trained_2d)
+    try:
+        (tmp_path / "deflated").mkdir()
+        archive = tmp_path / "deflated.zip"
+        with zipfile.ZipFile(archive, "w") as z:  # stored: the zip's own size limit sees 0.3 MB
+            z.write(dicom_file(tmp_path / "deflated" / "s.dcm", 512, 512, deflated_zeros=300 * 2**20), "s/s.dcm")
+        bombs = {"a.nii.gz": nifti_bomb(tmp_path / "a.nii.gz", (2000, 2000, 2000)),
+                 "b.nii.gz": nifti_bomb(tmp_path / "b.nii.gz", (800, 800, 800), np.float64),
+                 "c.png": png_bomb(tmp_path / "c.png", 100_000, 100_000), "deflated.zip": archive}
+        for name, path in bombs.items():
+            started = time.perf_counter()
+            status, _, answer = upload(base, name, path.read_bytes())
+            assert status == 413 and time.perf_counter() - started < 1.0, (name, status, answer)
+            assert str(tmp_path) not in answer["detail"] and "\n" not in answer["detail"]
+        assert not [p for p in server.config.app.state.segmenter.folder.rglob("*")]  # nothing of them stayed
     finally:
         server.should_exit = True
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg import limits
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, TooLarge
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -97,7 +97,7 @@ def check_inflated_size(path: Path) -> None:
                 inflated += len(inflater.decompress(chunk, 2**20))
                 chunk = inflater.unconsumed_tail
                 if inflated > MAX_INFLATED_BYTES:
-                    raise MedsegError(f"{path.name}: a deflated DICOM file inflating beyond "
+                    raise TooLarge(f"{path.name}: a deflated DICOM file inflating beyond "
                                       f"{MAX_INFLATED_BYTES // 2**20} MB; one slice is never this large (refused)")
 
 
@@ -118,6 +118,14 @@ def choose_series(folder: Path, series: str | None) -> Series:
     return matches[0]
 
 
+def checked_series(folder: Path, series: str | None = None) -> Series:
+    """The chosen series, its size from the headers checked against the voxel limit before any pixel is read."""
+    chosen = choose_series(Path(folder), series)
+    columns, rows, samples = chosen.largest_slice
+    limits.check_voxels(folder, (columns, rows, len(chosen.files)), samples, what="holds a series of")
+    return chosen
+
+
 def read_dicom_series(folder: str | Path, series: str | None = None):
     """Read one series of `folder` into an `Image` (1, X, Y, Z) with a RAS affine."""
     import pydicom
@@ -125,9 +133,7 @@ def read_dicom_series(folder: str | Path, series: str | None = None):
     from medseg.io import Image
 
     folder = Path(folder)
-    chosen = choose_series(folder, series)
-    columns, rows, samples = chosen.largest_slice
-    limits.check_voxels(folder, (columns, rows, len(chosen.files)), samples, what="holds a series of")
+    chosen = checked_series(folder, series)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slices = [pydicom.dcmread(p) for p in chosen.files]

@@ -8,6 +8,10 @@ class MedsegError(Exception):
     """
 
 
+class TooLarge(MedsegError):
+    """An input over a size limit (voxels, bytes unpacked or inflated): the service answers it with 413."""
+
+
 def write_error(path, exc: OSError) -> MedsegError:
     """A failed write as one line: which file, why (a full disk says so), and that what was there is unchanged."""
     import errno

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg import limits
-from medseg.errors import MedsegError, write_error
+from medseg.errors import MedsegError, TooLarge, write_error
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -114,10 +114,7 @@ def read_image(path: str | Path, color: str = "keep", series: str | None = None,
         from medseg.dicom import read_dicom_series
 
         return read_dicom_series(path, series)
-    if not is_supported(path):
-        raise MedsegError(
-            f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
-        )
+    _check_supported(path)
     try:
         suffix = suffix_of(path)
         if suffix in NIFTI_SUFFIXES:
@@ -145,6 +142,39 @@ def read_image(path: str | Path, color: str = "keep", series: str | None = None,
     return image
 
 
+def check_header(path: str | Path) -> None:
+    """The checks every reader makes on a file's header before it allocates (`medseg.limits`), alone, without
+    decoding a voxel: what the service runs on an upload before it queues the job."""
+    path = Path(path)
+    if path.is_dir():
+        from medseg.dicom import checked_series
+
+        checked_series(path)
+        return
+    _check_supported(path)
+    try:
+        suffix = suffix_of(path)
+        if suffix in NIFTI_SUFFIXES:
+            _nifti_header(path)
+        elif suffix in ITK_SUFFIXES:
+            _itk_header(path)
+        elif suffix == ".npy":
+            _npy_header(path)
+        else:
+            with _raster_header(path):
+                pass
+    except MedsegError:
+        raise
+    except Exception as exc:
+        raise MedsegError(f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)}); is the file "
+                          "complete?") from exc
+
+
+def _check_supported(path: Path) -> None:
+    if not is_supported(path):
+        raise MedsegError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+
+
 def _first_line(exc: Exception) -> str:
     """A library's message cut to one line (ITK's run over several, with source file names)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -152,7 +182,7 @@ def _first_line(exc: Exception) -> str:
     return useful[-1][:200]
 
 
-def _read_nifti(path: Path) -> Image:
+def _nifti_header(path: Path):
     import nibabel as nib
 
     nii = nib.load(str(path))
@@ -161,6 +191,11 @@ def _read_nifti(path: Path) -> Image:
     limits.check_voxels(path, nii.shape)  # nibabel would allocate the declared size before reading a voxel
     declared = math.prod(nii.shape) * nii.get_data_dtype().itemsize
     limits.check_holds(path, declared + int(nii.dataobj.offset), compressed=suffix_of(path) == ".nii.gz")
+    return nii
+
+
+def _read_nifti(path: Path) -> Image:
+    nii = _nifti_header(path)
     data = np.asanyarray(nii.dataobj)
     if data.ndim == 2:
         data = data[..., None]
@@ -191,15 +226,24 @@ def native_stderr_silenced():
         os.close(saved)
 
 
-def _read_itk(path: Path) -> Image:
-    """NRRD / MetaImage via SimpleITK: volumes become (C, X, Y, Z) with a RAS affine (ITK works in LPS)."""
+def _itk_header(path: Path):
+    """A SimpleITK reader that has read the header alone, checked before ITK allocates the image."""
     import SimpleITK as sitk
 
     with native_stderr_silenced():  # ITK's MetaIO prints its own lines; the failure is reported as one of ours
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
-        reader.ReadImageInformation()  # the header alone, checked before ITK allocates the image
-        limits.check_voxels(path, reader.GetSize(), reader.GetNumberOfComponents())
+        reader.ReadImageInformation()
+    limits.check_voxels(path, reader.GetSize(), reader.GetNumberOfComponents())
+    return reader
+
+
+def _read_itk(path: Path) -> Image:
+    """NRRD / MetaImage via SimpleITK: volumes become (C, X, Y, Z) with a RAS affine (ITK works in LPS)."""
+    import SimpleITK as sitk
+
+    reader = _itk_header(path)
+    with native_stderr_silenced():
         itk = reader.Execute()
     data = sitk.GetArrayFromImage(itk)
     dims, channels = itk.GetDimension(), itk.GetNumberOfComponentsPerPixel()
@@ -224,14 +268,17 @@ def _read_itk(path: Path) -> Image:
                  {"format": "itk", "itk_geometry": geometry})
 
 
+def _npy_header(path: Path) -> None:
+    header = np.load(path, mmap_mode="r", allow_pickle=False)  # shape and type, nothing read yet
+    limits.check_voxels(path, header.shape)
+    limits.check_holds(path, header.nbytes + header.offset, compressed=False)
+
+
 def _read_npy(path: Path, layout: str = "auto") -> Image:
     """(H, W) is a grey 2D image. A 3D array is a volume (X, Y, Z) unless `layout` says it is a 2D image with
     channels last ("hwc") or first ("chw"): a shape alone cannot tell a 3-slice volume from an RGB image, so the
     rule never guesses, and every value is kept either way (no channel is dropped)."""
-    header = np.load(path, mmap_mode="r", allow_pickle=False)  # shape and type, nothing read yet
-    limits.check_voxels(path, header.shape)
-    limits.check_holds(path, header.nbytes + header.offset, compressed=False)
-    del header
+    _npy_header(path)
     data = np.load(path, allow_pickle=False)
     if data.ndim == 2:
         array = data[None]
@@ -248,14 +295,21 @@ def _read_npy(path: Path, layout: str = "auto") -> Image:
                  {"format": "npy", "shape": data.shape, "npy_layout": layout})
 
 
-def _read_raster(path: Path) -> Image:
+@contextlib.contextmanager
+def _raster_header(path: Path):
+    """The opened (not decoded) image, its header checked."""
     from PIL import Image as PILImage
 
-    PILImage.MAX_IMAGE_PIXELS = None  # one limit for every format: medseg's, checked below before decoding
-    with PILImage.open(path) as pil:  # the header only: pixels are decoded by np.asarray below
+    PILImage.MAX_IMAGE_PIXELS = None  # one limit for every format: medseg's, checked here before decoding
+    with PILImage.open(path) as pil:
         limits.check_voxels(path, (pil.height, pil.width), len(pil.getbands()))
         if pil.format == "PNG":  # deflated rows: at most DEFLATE_RATIO times the file
             limits.check_holds(path, pil.height * pil.width // 8, compressed=True)  # one bit a pixel at least
+        yield pil
+
+
+def _read_raster(path: Path) -> Image:
+    with _raster_header(path) as pil:  # the header only: pixels are decoded by np.asarray below
         frames = getattr(pil, "n_frames", 1)
         if frames > 1 and suffix_of(path) in (".tif", ".tiff"):
             raise MedsegError(f"{path}: multi-page TIFF ({frames} pages); save the stack as NIfTI or one file per page")
@@ -388,10 +442,10 @@ def extract_zip(path: Path, target: Path, max_files: int | None = None, max_byte
                 if member.filename.startswith("/") or ".." in Path(member.filename).parts:
                     raise MedsegError(f"{path.name}: refused; it holds a file outside the archive ({member.filename})")
             if len(members) > max_files:
-                raise MedsegError(f"{path.name}: refused; {len(members)} files, more than the {max_files} allowed")
+                raise TooLarge(f"{path.name}: refused; {len(members)} files, more than the {max_files} allowed")
             unpacked = sum(member.file_size for member in members)
             if unpacked > max_bytes:
-                raise MedsegError(f"{path.name}: refused; {unpacked / 2**30:.1f} GiB unpacked, more than the "
+                raise TooLarge(f"{path.name}: refused; {unpacked / 2**30:.1f} GiB unpacked, more than the "
                                   f"{max_bytes / 2**30:.1f} GiB allowed")
             archive.extractall(target)  # zipfile stops a member that inflates past its declared size
     except zipfile.BadZipFile as exc:

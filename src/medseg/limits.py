@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, TooLarge
 
 DEFAULT_MAX_VOXELS = 2**31  # voxels x channels: 1024 x 1024 x 2000 (2.10e9) passes
 DEFLATE_RATIO = 1100  # deflate's largest expansion is 1032:1; beyond this a file does not hold what it declares
@@ -48,7 +48,7 @@ def check_voxels(path: str | Path, shape, channels: int = 1, what: str = "declar
     limit = max_voxels()
     if voxels > limit:
         sides = " x ".join(str(int(n)) for n in shape) + (f" x {channels} channels" if channels > 1 else "")
-        raise MedsegError(f"{Path(path).name}: {what} {sides} = {voxels:,} voxels, over the limit of {limit:,} "
+        raise TooLarge(f"{Path(path).name}: {what} {sides} = {voxels:,} voxels, over the limit of {limit:,} "
                           "(MEDSEG_MAX_VOXELS or --max-voxels raise it for a real scan this large)")
 
 
@@ -58,6 +58,6 @@ def check_holds(path: str | Path, declared_bytes: int, compressed: bool) -> None
     size = Path(path).stat().st_size
     most = size * DEFLATE_RATIO + HEADER_SLACK if compressed else size
     if declared_bytes > most:
-        raise MedsegError(f"{Path(path).name}: its header declares {declared_bytes:,} bytes of voxels, which a "
+        raise TooLarge(f"{Path(path).name}: its header declares {declared_bytes:,} bytes of voxels, which a "
                           f"{size:,}-byte {'compressed ' if compressed else ''}file cannot hold; the file is "
                           "truncated or not what it claims")

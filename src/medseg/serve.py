@@ -17,7 +17,9 @@ Safety (`Limits`): the server listens on 127.0.0.1 unless told otherwise; with a
 reading a job's status need `Authorization: Bearer TOKEN` (401 without it), while a job's results are read with
 its id alone, 128 random bits that only its submitter was told (so the viewer and download links work); uploads
 over the size limit get 413, files whose content is not what their name says 415, and a full queue 429 with
-Retry-After. A finished job keeps only its results (the upload and an unpacked series are deleted at once), and
+Retry-After. Before a job is queued its headers are checked as every reader checks them (`medseg.limits`): an
+image declaring more voxels than the limit, or more than its file can hold, gets 413 (a damaged one 422), and
+nothing of it stays. A finished job keeps only its results (the upload and an unpacked series are deleted at once), and
 its results go after `keep_minutes`; everything goes when the server stops. Nothing about an upload is logged:
 errors name the uploaded file's own name only, never a path or a DICOM attribute.
 """
@@ -34,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, TooLarge
+from medseg.io import check_header
 
 WEB = Path(__file__).resolve().parent / "web"
 NIIVUE = WEB / "node_modules" / "@niivue" / "niivue" / "dist"
@@ -70,6 +73,7 @@ class Job:
     files: list[str] = field(default_factory=list)
     dims: int | None = None
     finished: float | None = None  # time.monotonic() when it ended
+    source: Path | None = None  # the upload, or the series folder unpacked from it
 
     def public(self) -> dict:
         links = {name: f"/api/v1/jobs/{self.id}/{name}" for name in self.files}
@@ -99,9 +103,18 @@ class Segmenter:
             raise Refused(413, f"{name}: {len(data) / 2**20:.0f} MB, over this server's {self.limits.max_upload_mb:g} "
                                "MB limit")
         check_content(name, data)
+        if self.queue.full():
+            raise Refused(429, f"{self.limits.max_queued} jobs are waiting already; try again shortly")
         job = Job(secrets.token_hex(16), self.folder / secrets.token_hex(16), name)
         job.folder.mkdir()
         (job.folder / job.name).write_bytes(data)
+        try:  # the headers checked before the job is queued: a bomb is turned down here, not in the worker
+            job.source = _unpacked(job.folder / job.name)
+            check_header(job.source)
+        except MedsegError as exc:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            raise Refused(413 if isinstance(exc, TooLarge) else 422,
+                          str(exc).replace(str(job.folder) + "/", "")) from None
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -142,9 +155,8 @@ class Segmenter:
         from medseg.infer import predict_image, uncertainty
         from medseg.io import read_image, save_nifti, write_mask
 
-        source = _unpacked(job.folder / job.name)
         job.progress = 0.1
-        image = read_image(source, color=self.models[0].config.color)
+        image = read_image(job.source, color=self.models[0].config.color)
         check_finite(image)
         job.progress, job.dims = 0.2, image.ndim
         labels, probs = predict_image(self.models, image, with_probabilities=True)
