@@ -55,6 +55,22 @@ def call(request, statuses: Counter, lock: threading.Lock) -> bytes | None:
     return body
 
 
+def submit(base: str, image: Path, statuses: Counter, lock: threading.Lock) -> bytes | None:
+    """Upload once accepted: a 429 (the server's limits on uploads at once, per client, and on the queue) is
+    retried after its Retry-After, as a well-behaved client does; every answer is counted."""
+    while True:
+        try:
+            with urllib.request.urlopen(upload_request(base, image), timeout=120) as answer:
+                body, status, wait = answer.read(), answer.status, 0.0
+        except urllib.error.HTTPError as error:
+            body, status, wait = None, error.code, float(error.headers.get("Retry-After") or 1)
+        with lock:
+            statuses[status] += 1
+        if status != 429:
+            return body
+        time.sleep(wait)
+
+
 def upload_request(base: str, image: Path) -> urllib.request.Request:
     boundary = "medsegload"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
@@ -82,7 +98,7 @@ def run_load(run: str, image: Path, uploads: int, concurrency: int) -> dict:
         def client() -> None:
             for index in todo:  # a shared iterator: each upload is taken once
                 started = time.perf_counter()
-                job = json.loads(call(upload_request(base, image), statuses, lock) or b"{}")
+                job = json.loads(submit(base, image, statuses, lock) or b"{}")
                 while job.get("status") in ("queued", "running"):
                     time.sleep(POLL_SECONDS)
                     job = json.loads(call(f"{base}/api/v1/jobs/{job['id']}", statuses, lock) or b"{}")
@@ -108,6 +124,7 @@ def run_load(run: str, image: Path, uploads: int, concurrency: int) -> dict:
     return {"uploads": uploads, "concurrency": concurrency, "requests": sum(statuses.values()),
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "server_errors": sum(v for k, v in statuses.items() if k >= 500),
+            "retried_429": statuses.get(429, 0),
             "seconds": round(seconds, 1), "uploads_per_second": round(uploads / seconds, 2),
             "latency_median_s": round(statistics.median(latencies), 3),
             "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),

@@ -93,6 +93,42 @@ def test_a_changed_package_is_refused(package_2d, tmp_path, capsys):
     assert "does not match its checksum" in capsys.readouterr().err
 
 
+def test_export_overwrite_never_replaces_a_node_project(evaluated_2d, tmp_path):
+    """A folder with a package.json is not a medseg package unless that file says so."""
+    project = tmp_path / "webapp"
+    project.mkdir()
+    (project / "package.json").write_text('{"name": "webapp", "version": "1.0.0"}')
+    (project / "index.js").write_text("console.log('mine')")
+    with pytest.raises(MedsegError, match="not a medseg package"):
+        export_package(evaluated_2d, project, overwrite=True)
+    assert (project / "index.js").read_text() == "console.log('mine')"
+
+
+def test_files_the_manifest_does_not_list_or_paths_outside_it_are_refused(evaluated_2d, tmp_path):
+    folder = export_package(evaluated_2d, tmp_path / "pkg")
+    assert len(load_models(folder)) == 1
+    (folder / "members" / "model" / "network.onnx").write_bytes(b"not listed")  # would be run by onnxruntime
+    with pytest.raises(MedsegError, match="1 file\\(s\\) its manifest does not list \\(members/model/network.onnx"):
+        open_package(folder)
+    (folder / "members" / "model" / "network.onnx").unlink()
+    manifest = json.loads((folder / "package.json").read_text())
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(folder / "members" / "model", outside)
+    manifest["members"] = ["../elsewhere"]  # a member outside the package
+    (folder / "package.json").write_text(json.dumps(manifest))
+    with pytest.raises(MedsegError, match="names '../elsewhere', outside the package"):
+        open_package(folder)
+
+
+def test_a_stray_onnx_file_in_a_run_folder_is_never_run(trained_2d, tmp_path):
+    """Only a package's network.onnx, vouched for by its manifest, replaces the checkpoint's network."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_2d, run)
+    (run / "network.onnx").write_bytes(b"anything at all")
+    models = use_onnxruntime(load_models(run, device="cpu"))
+    assert str(models[0].model.path) != str(run / "network.onnx")
+
+
 def test_a_package_of_another_format_version_is_refused(evaluated_2d, tmp_path):
     folder = export_package(evaluated_2d, tmp_path / "future")
     manifest = json.loads((folder / "package.json").read_text())
@@ -224,3 +260,57 @@ def test_the_runtime_requirements_are_the_dependencies_without_torch_plus_onnxru
     runtime = [line.strip() for line in (root / "requirements-runtime.txt").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert sorted(runtime) == sorted([d for d in declared if not d.startswith("torch")] + ["onnxruntime>=1.18"])
+
+
+def test_the_runtime_lock_pins_every_package_with_hashes_and_satisfies_the_requirements():
+    """requirements-runtime.lock is what `pip install --require-hashes` accepts: every entry `name==version` with
+    at least one sha256, and each requirement of requirements-runtime.txt met by its pinned version."""
+    import re
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    entries = re.split(r"\n(?=[A-Za-z])", "\n".join(line for line in (root / "requirements-runtime.lock").read_text()
+                                                   .splitlines() if line.strip() and not line.startswith("#")))
+    pinned = {}
+    for entry in entries:
+        name, version = re.match(r"([A-Za-z0-9_.-]+)==([^ \\]+)", entry).groups()
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), name
+        pinned[name.lower().replace("_", "-")] = version
+    for line in (root / "requirements-runtime.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            wanted = Requirement(line)
+            assert wanted.specifier.contains(pinned[wanted.name.lower()]), line
+
+
+def test_signed_packages_only_where_a_key_is_trusted(evaluated_2d, phantoms_2d, tmp_path, monkeypatch, capsys):
+    """`export --sign KEY`, then `--trust KEY.pub`: the signed package predicts; an unsigned one, one signed by
+    another key, one whose manifest changed after signing, and a bare run folder are refused in one line."""
+    from medseg.signing import TRUST_ENV
+
+    monkeypatch.setenv(TRUST_ENV, "")  # whatever the CLI sets below is undone after the test
+    assert main(["keygen", str(tmp_path / "site.key")]) == 0
+    assert (tmp_path / "site.key").stat().st_mode & 0o777 == 0o600
+    assert main(["keygen", str(tmp_path / "other.key")]) == 0
+    assert main(["keygen", str(tmp_path / "site.key")]) == 2  # a key is never overwritten
+    signed = tmp_path / "signed.zip"
+    assert main(["export", str(evaluated_2d), "--out", str(signed), "--sign", str(tmp_path / "site.key")]) == 0
+    unsigned = export_package(evaluated_2d, tmp_path / "unsigned.zip")
+    foreign = export_package(evaluated_2d, tmp_path / "foreign", sign_with=tmp_path / "other.key")
+    altered = export_package(evaluated_2d, tmp_path / "altered", sign_with=tmp_path / "site.key")
+    manifest = json.loads((altered / "package.json").read_text())
+    manifest["class_names"][1] = "tumour"  # a checksum-consistent change: the hashes list stays as it was
+    (altered / "package.json").write_text(json.dumps(manifest, indent=2))
+    image = phantoms_2d / "imagesTr" / "phantom_000.png"
+    trust = ["--trust", str(tmp_path / "site.key.pub"), "--quiet", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(["predict", str(signed), str(image), "--out", str(tmp_path / "ok"), *trust]) == 0
+    for package, why in ((unsigned, "not signed"), (foreign, "signature does not match"),
+                         (altered, "signature does not match"), (evaluated_2d, "a run folder, not a signed package")):
+        assert main(["predict", str(package), str(image), "--out", str(tmp_path / "no"), *trust]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], (package, err)
+    assert not (tmp_path / "no").exists() or not list((tmp_path / "no").iterdir())
+    monkeypatch.setenv(TRUST_ENV, "")
+    assert len(load_models(altered)) == 1  # without a trusted key the checksums alone are checked, as before

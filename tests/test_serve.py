@@ -75,11 +75,27 @@ def upload_and_wait(driver, base: str, path: Path, page: str = "/") -> None:
     assert state == "shown", driver.find_element(By.ID, "status").text
 
 
-def downloads(driver) -> dict[str, str]:
+def downloads(driver) -> dict[str, bytes]:
+    """Each download button clicked, and the bytes the page fetched for it (through fetch, with its token)."""
+    import base64
+
     from selenium.webdriver.common.by import By
 
-    return {a.get_attribute("data-format"): a.get_attribute("href")
-            for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")}
+    got = {}
+    for button in driver.find_elements(By.CSS_SELECTOR, "#downloads button"):
+        driver.execute_script("window.medsegLastDownload = null")
+        button.click()
+        encoded = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const wait = () => {
+              if (!window.medsegLastDownload) return setTimeout(wait, 50);
+              const reader = new FileReader();
+              reader.onload = () => done(reader.result.split(",")[1]);
+              reader.readAsDataURL(window.medsegLastDownload);
+            };
+            wait();""")
+        got[button.get_attribute("data-format")] = base64.b64decode(encoded)
+    return got
 
 
 def test_a_2d_image_is_segmented_shown_and_downloaded_as_the_cli_writes_it(isbi_run, browser, tmp_path):
@@ -91,9 +107,9 @@ def test_a_2d_image_is_segmented_shown_and_downloaded_as_the_cli_writes_it(isbi_
         assert shown > 1000  # the mask layer changes that many canvas pixels
         browser.find_element("css selector", "[data-class=cell]").click()  # hide the one class
         assert browser.execute_script("return window.medseg.overlayPixels()") < shown / 10
-        links = downloads(browser)
-        assert set(links) == {"NIfTI", "PNG"}
-        served = np.asarray(PILImage.open(io.BytesIO(urllib.request.urlopen(links["PNG"]).read())))
+        files = downloads(browser)
+        assert set(files) == {"NIfTI", "PNG"}
+        served = np.asarray(PILImage.open(io.BytesIO(files["PNG"])))
     finally:
         server.should_exit = True
     assert main(["predict", str(isbi_run), str(section), "--out", str(tmp_path / "cli"), "--quiet",
@@ -112,10 +128,10 @@ def test_a_zipped_dicom_series_gets_three_planes_and_a_dicom_seg(trained_3d, bro
         upload_and_wait(browser, base, archive)
         assert browser.execute_script("return window.medseg.nv.opts.sliceType") == 3  # three planes
         assert browser.execute_script("return window.medseg.nv.volumes.length") == 3  # image, mask, uncertainty
-        links = downloads(browser)
-        assert set(links) == {"NIfTI", "DICOM SEG"}
-        (tmp_path / "served.nii.gz").write_bytes(urllib.request.urlopen(links["NIfTI"]).read())
-        job = json.loads(urllib.request.urlopen(links["NIfTI"].rsplit("/", 1)[0]).read())
+        files = downloads(browser)
+        assert set(files) == {"NIfTI", "DICOM SEG"}
+        (tmp_path / "served.nii.gz").write_bytes(files["NIfTI"])
+        job = browser.execute_script("return window.medseg.state().job")
         assert job["status"] == "done" and job["dims"] == 3
     finally:
         server.should_exit = True

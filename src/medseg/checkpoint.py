@@ -183,10 +183,14 @@ def load_models(run: str | Path, device: str = "auto") -> list[TrainedModel]:
     every `fold_*` run under a cross-validation folder (for an ensemble)."""
     from medseg.ensemble import is_ensemble, member_paths
     from medseg.package import is_package, package_members
+    from medseg.signing import TRUST_ENV
 
     run = Path(run)
     if is_package(run):
         return [load_run(member, device=device) for member in package_members(run)]
+    if os.environ.get(TRUST_ENV):  # only signed packages: a run folder's files vouch for nothing
+        raise MedsegError(f"{run}: a run folder, not a signed package, and a trusted key is set (--trust or "
+                          f"{TRUST_ENV}); export it with 'medseg export RUN --out model.zip --sign KEY'")
     if is_ensemble(run):
         return [load_run(member, device=device) for member in member_paths(run)]
     if run.is_dir() and not (run / "best.pt").exists():

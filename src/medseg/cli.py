@@ -336,10 +336,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto")
     serve.add_argument("--token", default=os.environ.get("MEDSEG_TOKEN"),
-                       help="require 'Authorization: Bearer TOKEN' to submit and follow jobs (default: the "
-                            "MEDSEG_TOKEN environment variable, which keeps it out of the process list)")
+                       help="require 'Authorization: Bearer TOKEN' for every API call, results included (default: the "
+                            "MEDSEG_TOKEN environment variable, which keeps it out of the process list); needed, "
+                            "of at least 22 characters, to listen beyond 127.0.0.1")
+    serve.add_argument("--allowed-host", action="append", default=[],
+                       help="a name browsers reach this server by (a reverse proxy's, a DNS name); repeatable. "
+                            "Requests for other hosts get 400 (DNS rebinding)")
+    serve.add_argument("--audit-log", default=os.environ.get("MEDSEG_AUDIT_LOG"),
+                       help="append one JSON line per API call and per job (time, client, token hash, job id, "
+                            "action, outcome, sizes, durations; never names, UIDs or pixels) to this file "
+                            "(default: the MEDSEG_AUDIT_LOG environment variable, else none)")
+    serve.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM, chain included)")
+    serve.add_argument("--tls-key", help="the certificate's private key (PEM)")
     serve.add_argument("--max-upload-mb", type=float, default=1024.0, help="larger uploads get 413 (default 1024)")
     serve.add_argument("--max-queued", type=int, default=8, help="jobs waiting at once; more get 429 (default 8)")
+    serve.add_argument("--max-uploads", type=int, default=4, help="uploads arriving at once; more get 429 (default 4)")
+    serve.add_argument("--uploads-per-minute", type=float, default=120.0,
+                       help="per client address, in bursts of up to 20; more get 429 with Retry-After (default 120)")
+    serve.add_argument("--job-memory-mb", type=float, default=8192.0,
+                       help="a job's process may grow this far beyond the loaded model (default 8192); past it the "
+                            "job fails in one line and the server carries on")
+    serve.add_argument("--job-minutes", type=float, default=30.0,
+                       help="a job running longer is stopped and reported failed (default 30)")
+    serve.add_argument("--max-disk-mb", type=float, default=None,
+                       help="uploads in progress on disk at once; more get 507 (default: twice --max-upload-mb)")
     serve.add_argument("--keep-minutes", type=float, default=60.0,
                        help="a finished job's results are deleted after this (default 60)")
 
@@ -349,7 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     pacs.add_argument("--url", required=True, help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
     pacs.add_argument("--study", required=True, help="StudyInstanceUID")
     pacs.add_argument("--series", help="SeriesInstanceUID or description (needed where the study has several)")
-    pacs.add_argument("--out", help="also keep the SEG in this folder")
+    pacs.add_argument("--out", help="keep the SEG in this folder")
+    pacs.add_argument("--store", action="store_true",
+                      help="store the SEG into the study on the server (marked as an unvalidated research model's)")
+    pacs.add_argument("--credentials", help="a file holding user:password or token:TOKEN (else the environment: "
+                                            "MEDSEG_PACS_TOKEN, or MEDSEG_PACS_USER and MEDSEG_PACS_PASSWORD)")
+    pacs.add_argument("--ca-bundle", help="check the server's TLS certificate against these CA certificates (PEM)")
+    pacs.add_argument("--client-cert", help="present this client certificate (PEM) to the server")
+    pacs.add_argument("--client-key", help="the client certificate's private key (PEM)")
     pacs.add_argument("--device", default="auto")
 
     export = sub.add_parser("export", help="write a model package: weights, settings, metrics and a model card")
@@ -358,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", action="store_true", help="also put each network in as ONNX (for --engine "
                                                             "onnxruntime, or any ONNX runtime)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    export.add_argument("--sign", metavar="KEY", help="sign the package's manifest with this Ed25519 private key "
+                                                      "(PEM; 'medseg keygen' makes one)")
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair to sign model packages (PATH and PATH.pub)")
+    keygen.add_argument("path", help="where the private key goes (mode 0600); the public key goes to PATH.pub")
+    for reader in (predict, evaluate, serve, pacs):
+        reader.add_argument("--trust", metavar="PUBKEY", help="use only model packages signed with this Ed25519 "
+                                                              "public key (default: MEDSEG_TRUST_KEY)")
     predict.add_argument("--strict", action="store_true",
                          help="stop at the first input that cannot be segmented (default: write every good one, "
                               "then list the broken ones and exit 2)")
@@ -511,6 +545,11 @@ def run_command(args: argparse.Namespace) -> None:
     from medseg.limits import set_max_voxels
 
     set_max_voxels(getattr(args, "max_voxels", None))
+    if getattr(args, "trust", None):  # read where packages are opened, in this process and the ones it starts
+        from medseg.signing import TRUST_ENV, trusted_key
+
+        trusted_key(args.trust)  # a bad key file is refused before any work
+        os.environ[TRUST_ENV] = str(Path(args.trust).resolve())
     if getattr(args, "threads", None) and args.command != "train" and _has_torch():
         import torch
 
@@ -600,18 +639,30 @@ def run_command(args: argparse.Namespace) -> None:
         from medseg.serve import Limits, serve
 
         serve(args.run, args.host, args.port, args.device,
-              Limits(args.token, args.max_upload_mb, args.max_queued, args.keep_minutes))
+              Limits(args.token, args.max_upload_mb, args.max_queued, args.keep_minutes, args.max_uploads,
+                     args.uploads_per_minute, args.max_disk_mb, args.job_memory_mb, args.job_minutes),
+              tuple(args.allowed_host), args.tls_cert, args.tls_key, args.audit_log)
     elif args.command == "pacs":
         from medseg.pacs import segment_from_pacs
 
-        stored = segment_from_pacs(args.run, args.url, args.study, args.series, args.out, args.device)
-        print(f"segmented series {stored['series']} ({stored['slices']} slices); stored SEG {stored['seg_instance']} "
-              f"in study {stored['study']}" + (f"; local copy: {stored['local']}" if stored["local"] else ""))
+        from medseg.pacs import credentials
+
+        stored = segment_from_pacs(args.run, args.url, args.study, args.series, args.out, args.device, args.store,
+                                   credentials(args.credentials), args.ca_bundle, args.client_cert, args.client_key)
+        where = f"stored SEG {stored['seg_instance']} in study {stored['study']}" if stored["stored"] else \
+            f"SEG {stored['seg_instance']} not stored (no --store)"
+        print(f"segmented series {stored['series']} ({stored['slices']} slices); {where}"
+              + (f"; local copy: {stored['local']}" if stored["local"] else ""))
     elif args.command == "export":
         from medseg.package import export_package
 
-        out = export_package(args.run, args.out, args.onnx, args.overwrite)
-        print(f"package: {out} (model card inside: model_card.md)")
+        out = export_package(args.run, args.out, args.onnx, args.overwrite, args.sign)
+        print(f"package: {out} (model card inside: model_card.md{'; signed' if args.sign else ''})")
+    elif args.command == "keygen":
+        from medseg.signing import keygen
+
+        private, public = keygen(args.path)
+        print(f"private key: {private} (keep it; mode 0600); public key: {public} (give it to --trust)")
     elif args.command == "predict":
         from medseg.predict import SomeInputsFailed, predict_files
 

@@ -19,6 +19,10 @@ from medseg.errors import MedsegError
 CATEGORY = ("91723000", "SCT", "Anatomical Structure")
 PROPERTY = ("85756007", "SCT", "Tissue")
 FAMILY = ("123110", "DCM", "Artificial Intelligence")
+# Every SEG says what made it, where a radiologist sees it: an unvalidated research model, not a clinical device
+RESEARCH_LABEL = "MEDSEG_RESEARCH"  # ContentLabel (CS, 16 characters at most)
+RESEARCH_NOTE = "Unvalidated research model (medseg); not for clinical use"  # ContentDescription (LO, 64)
+RESEARCH_SERIES = "medseg research segmentation - not for clinical use"  # SeriesDescription (LO, 64)
 TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
@@ -72,8 +76,9 @@ def write_dicom_seg(mask: np.ndarray, reference, class_names: list[str], path: P
             source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=_series_number(sources),
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medseg", manufacturer_model_name="medseg",
-            software_versions=__version__, device_serial_number="none", content_label="MEDSEG",
-            content_description=f"medseg segmentation: {', '.join(class_names[1:])}"[:64], omit_empty_frames=False)
+            software_versions=__version__, device_serial_number="none", content_label=RESEARCH_LABEL,
+            content_description=RESEARCH_NOTE, omit_empty_frames=False)
+    seg.SeriesDescription = RESEARCH_SERIES  # what a PACS viewer lists beside the clinical series
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path

@@ -142,9 +142,12 @@ def load_onnx_models(run: str | Path, threads: int | None = None) -> list | None
 def use_onnxruntime(models: list, threads: int | None = None) -> list:
     """Swap each member's network for its ONNX twin: the package's `network.onnx` where there is one, else one
     exported now (beside the checkpoint in a temporary folder; this needs PyTorch)."""
+    from medseg.package import is_package
+
     for trained in models:
         path = trained.run / "network.onnx"
-        if not path.exists():
+        # only a package's own network.onnx, which its manifest vouched for: in a run folder one could be anything
+        if not (path.exists() and trained.run.parent.name == "members" and is_package(trained.run.parent.parent)):
             folder = Path(tempfile.mkdtemp(prefix="medseg-onnx-"))
             atexit.register(shutil.rmtree, folder, True)
             path = export_onnx(trained, folder / "network.onnx")

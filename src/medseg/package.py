@@ -37,17 +37,27 @@ PATH_FIELDS = ("data", "out", "init_from", "tensorboard", "mlflow")
 
 
 def is_package(path: str | Path) -> bool:
+    """Whether PATH is a medseg package: its package.json says format medseg-package (a Node.js project's
+    package.json does not, and `export --overwrite` never replaces one)."""
     path = Path(path)
-    if path.is_dir():
-        return (path / MANIFEST).is_file()
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return MANIFEST in archive.namelist()
-    return False
+    try:
+        if path.is_dir():
+            text = (path / MANIFEST).read_text() if (path / MANIFEST).is_file() else ""
+        elif path.is_file() and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                text = archive.read(MANIFEST).decode() if MANIFEST in archive.namelist() else ""
+        else:
+            return False
+        manifest = json.loads(text) if text else {}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def export_package(run: str | Path, out: str | Path, onnx: bool = False, overwrite: bool = False) -> Path:
-    """Write the package of RUN (a run, an ensemble or a cross-validation folder) to OUT (.zip, or a folder)."""
+def export_package(run: str | Path, out: str | Path, onnx: bool = False, overwrite: bool = False,
+                   sign_with: str | Path | None = None) -> Path:
+    """Write the package of RUN (a run, an ensemble or a cross-validation folder) to OUT (.zip, or a folder),
+    its manifest signed with the Ed25519 private key `sign_with` where given (`medseg.signing`)."""
     from medseg import __version__
     from medseg.checkpoint import load_models, read_checkpoint, save_checkpoint
     from medseg.io import write_text_atomic
@@ -94,6 +104,11 @@ def export_package(run: str | Path, out: str | Path, onnx: bool = False, overwri
         manifest["files"] = {str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*"))
                              if p.is_file()}
         write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2))
+        if sign_with:
+            from medseg.signing import SIGNATURE, sign
+
+            record = sign((staging / MANIFEST).read_bytes(), sign_with)
+            write_text_atomic(staging / SIGNATURE, json.dumps(record, indent=2))
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -110,13 +125,34 @@ def open_package(path: str | Path) -> Path:
         folder = Path(tempfile.mkdtemp(prefix="medseg-package-"))
         atexit.register(shutil.rmtree, folder, True)
         extract_zip(path, folder)
+    from medseg.signing import SIGNATURE, trusted_key, verify
+
+    key = trusted_key()
+    if key is not None:  # before anything else is read: the signature vouches for the manifest, which vouches for all
+        verify(folder, path, key)
     manifest = read_manifest(folder, path)
+    for name in [*manifest["files"], *manifest["members"]]:
+        if not _inside(folder, name):
+            raise MedsegError(f"{path}: {MANIFEST} names {name!r}, outside the package; refused")
     for name, digest in manifest["files"].items():
         file = folder / name
         if not file.is_file() or _sha256(file) != digest:
             raise MedsegError(f"{path}: {name} {'is missing' if not file.is_file() else 'does not match its checksum'}"
                               "; the package was changed or damaged after export, export it again")
+    listed = set(manifest["files"]) | {MANIFEST, SIGNATURE}
+    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                      if (p.is_file() or p.is_symlink()) and str(p.relative_to(folder)) not in listed)
+    if unlisted:  # never loaded: a file the manifest does not vouch for could be anything
+        raise MedsegError(f"{path}: holds {len(unlisted)} file(s) its manifest does not list ({', '.join(unlisted[:3])})"
+                          "; the package was changed after export, export it again")
     return folder
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether a manifest's relative NAME stays inside FOLDER (no absolute path, no '..', no link out)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    return (folder / name).resolve().is_relative_to(folder.resolve())
 
 
 def read_manifest(folder: Path, shown: Path | None = None) -> dict:

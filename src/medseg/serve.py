@@ -6,38 +6,45 @@ for scripts.
     GET  /api/v1/jobs/{id}/FILE     image.nii.gz (what the viewer shows), mask.nii.gz, mask.png (2D),
                                     mask.seg.dcm (DICOM input), uncertainty.nii.gz
     GET  /api/v1/model              class names and colours
-    GET  /docs                      the OpenAPI description (FastAPI's)
+    GET  /openapi.json              the OpenAPI description
 
-Jobs run one at a time in a background thread (the network has the cores to itself) through medseg's one
-inference path, exactly as `medseg predict` runs them. The viewer is NiiVue (BSD-2-Clause), installed from npm with
+Jobs run one at a time (the network has the cores to itself) in a child process capped in memory and time
+(`medseg.jobs`), through medseg's one inference path, exactly as `medseg predict` runs them. The viewer is NiiVue (BSD-2-Clause), installed from npm with
 a lockfile (`npm ci --prefix src/medseg/web`, which the set-up scripts run) and served from node_modules, never
 copied here.
 
-Safety (`Limits`): the server listens on 127.0.0.1 unless told otherwise; with a token, submitting work and
-reading a job's status need `Authorization: Bearer TOKEN` (401 without it), while a job's results are read with
-its id alone, 128 random bits that only its submitter was told (so the viewer and download links work); uploads
-over the size limit get 413, files whose content is not what their name says 415, and a full queue 429 with
-Retry-After. Before a job is queued its headers are checked as every reader checks them (`medseg.limits`): an
-image declaring more voxels than the limit, or more than its file can hold, gets 413 (a damaged one 422), and
-nothing of it stays. A finished job keeps only its results (the upload and an unpacked series are deleted at once), and
-its results go after `keep_minutes`; everything goes when the server stops. Nothing about an upload is logged:
-errors name the uploaded file's own name only, never a path or a DICOM attribute.
+Safety (`Limits`, `check_exposure`): the server listens on 127.0.0.1 unless told otherwise, and elsewhere only
+with a token of at least 128 bits (an empty token is refused anywhere). With a token, every API call, results
+included, needs `Authorization: Bearer TOKEN` (RFC 6750; 401 without it); the page keeps the token in memory only
+and downloads through `fetch` with the header, so job ids never enter an address a browser keeps. Requests naming
+another Host get 400 (DNS rebinding); every answer carries `Cache-Control: no-store`, a strict Content-Security-
+Policy (no inline script or style, no framing), `nosniff` and `no-referrer`; there is no `/docs` page (FastAPI's
+loads Swagger UI from a CDN), only `/openapi.json`. Uploads over the size limit get 413, files whose content is
+not what their name says 415, and a full queue 429 with Retry-After. Before a job is queued its headers are
+checked as every reader checks them (`medseg.limits`): an image declaring more voxels than the limit, or more
+than its file can hold, gets 413 (a damaged one 422), and nothing of it stays. A finished job keeps only its
+results (the upload and an unpacked series are deleted at once), and its results go after `keep_minutes`;
+everything goes when the server stops. Nothing about an upload is logged: errors name the uploaded file's own
+name only, never a path or a DICOM attribute.
 """
 
 import contextlib
 import queue
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
+from medseg import workdirs
+from medseg.audit import AuditLog, action_of
+from medseg.gate import Gate
+from medseg.guard import SECURITY_HEADERS, bearer, check_exposure, host_names, host_of, token_id
 from medseg.errors import MedsegError, TooLarge
 from medseg.io import check_header
+from medseg.jobs import JobRunner
 
 WEB = Path(__file__).resolve().parent / "web"
 NIIVUE = WEB / "node_modules" / "@niivue" / "niivue" / "dist"
@@ -52,6 +59,11 @@ class Limits:
     max_upload_mb: float = 1024.0  # 413 above
     max_queued: int = 8  # jobs waiting at once; 429 above
     keep_minutes: float = 60.0  # a finished job's results are deleted after this
+    max_uploads: int = 4  # uploads arriving at once; 429 above (each may be max_upload_mb on disk)
+    uploads_per_minute: float = 120.0  # per client address, in bursts of up to 20; 429 with Retry-After above
+    max_disk_mb: float | None = None  # uploads in progress on disk at once; 507 above (default: twice max_upload_mb)
+    job_memory_mb: float = 8192.0  # a job's process may grow this far beyond the loaded models (RLIMIT_AS)
+    job_minutes: float = 30.0  # a job running longer is stopped and reported failed
 
 
 class Refused(MedsegError):
@@ -84,15 +96,19 @@ class Job:
 class Segmenter:
     """The loaded models and a queue of jobs worked off by one thread."""
 
-    def __init__(self, run: str | Path, device: str = "auto", limits: Limits | None = None):
+    def __init__(self, run: str | Path, device: str = "auto", limits: Limits | None = None,
+                 audit: AuditLog | None = None):
         from medseg.checkpoint import load_models
 
         self.models = load_models(run, device=device)
         self.limits = limits or Limits()
-        self.folder = Path(tempfile.mkdtemp(prefix="medseg-serve-"))
+        self.audit = audit or AuditLog(None)
+        self.runner = JobRunner(run, device, self.limits.job_memory_mb, self.limits.job_minutes)
+        self.folder = workdirs.make("serve")  # and what a killed server left is swept first
         self.jobs: dict[str, Job] = {}
         self.queue: queue.Queue[Job] = queue.Queue(self.limits.max_queued)
-        threading.Thread(target=self._work, daemon=True).start()
+        self.worker = threading.Thread(target=self._work, daemon=True)
+        self.worker.start()
 
     def submit(self, name: str, data: bytes) -> Job:
         name = Path(name).name
@@ -130,7 +146,7 @@ class Segmenter:
             except queue.Empty:
                 self._expire()
                 continue
-            job.status = "running"
+            job.status, started = "running", time.monotonic()
             try:
                 self._segment(job)
                 job.status, job.progress = "done", 1.0
@@ -140,7 +156,10 @@ class Segmenter:
                 job.status, job.error = "failed", f"internal error ({type(exc).__name__})"
             finally:
                 job.finished = time.monotonic()
-                _keep_only_results(job)
+                with contextlib.suppress(Exception):  # a failed clean-up must not end the worker (_expire retries)
+                    _keep_only_results(job)
+                self.audit.record(job=job.id, action="job", outcome=job.status,
+                                  seconds=round(job.finished - started, 3))
             self._expire()
 
     def _expire(self) -> None:
@@ -151,39 +170,12 @@ class Segmenter:
             self.jobs.pop(job.id, None)
 
     def _segment(self, job: Job) -> None:
-        from medseg.data import check_finite
-        from medseg.infer import predict_image, uncertainty
-        from medseg.io import read_image, save_nifti, write_mask
-
-        job.progress = 0.1
-        image = read_image(job.source, color=self.models[0].config.color)
-        check_finite(image)
-        job.progress, job.dims = 0.2, image.ndim
-        labels, probs = predict_image(self.models, image, with_probabilities=True)
-        job.progress = 0.8
-        entropy = uncertainty(probs, bool(self.models[0].config.regions))
-        names = self.models[0].class_names
-        out = job.folder / "results"
-        affine = image.affine
-        if image.ndim == 3:
-            write_mask(labels, image, out / "mask.nii.gz", len(names))
-            save_nifti(image.array[0], affine, out / "image.nii.gz")
-        else:
-            write_mask(labels, image, out / "mask.png", len(names))
-            # the viewer reads NIfTI: a 2D image becomes one slice, columns along x and rows along y (top row up)
-            affine = np.diag([1.0, -1.0, 1.0, 1.0])
-            save_nifti(_display_plane(image.array), affine, out / "image.nii.gz")
-            save_nifti(labels.T[:, :, None], affine, out / "mask.nii.gz")
-            entropy = entropy.T[:, :, None]
-        save_nifti(entropy.astype(np.float32), affine, out / "uncertainty.nii.gz")
-        if image.meta.get("format") == "dicom":
-            from medseg.dicom_seg import run_segment_codes, write_dicom_seg
-
-            write_dicom_seg(labels, image, names, out / "mask.seg.dcm",
-                            codes=run_segment_codes(self.models[0].run))
-        job.files = sorted(p.name for p in out.iterdir())
+        """Run the job in the job process (`medseg.jobs`): bounded in memory and time, replaced if it dies."""
+        result = self.runner.segment(job.source, job.folder / "results", lambda f: setattr(job, "progress", f))
+        job.files, job.dims = result["files"], result["dims"]
 
     def close(self) -> None:
+        self.runner.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -241,14 +233,10 @@ def _unpacked(path: Path) -> Path:
     return folders[0]
 
 
-def _display_plane(array: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> (W, H, 1) grey for the viewer (colour images shown as their luminance)."""
-    grey = array.mean(0) if array.shape[0] > 1 else array[0]
-    return grey.T[:, :, None].astype(np.float32)
-
-
-def create_app(run: str | Path, device: str = "auto", limits: Limits | None = None):
-    """The FastAPI application for RUN (a run, ensemble or package), within `limits`."""
+def create_app(run: str | Path, device: str = "auto", limits: Limits | None = None,
+               hosts: set[str] | None = None, audit: str | Path | None = None):
+    """The FastAPI application for RUN (a run, ensemble or package), within `limits`, answering requests whose
+    Host is one of `hosts` (default: the loopback names), recording each call in the `audit` log (JSON lines)."""
     try:
         from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -259,13 +247,16 @@ def create_app(run: str | Path, device: str = "auto", limits: Limits | None = No
     if not (NIIVUE / "index.js").exists():
         raise MedsegError(f"{NIIVUE}: the viewer library (NiiVue, from npm) is not installed; run 'npm ci --prefix "
                           f"{WEB}' (scripts/env.sh does when npm is present)")
-    segmenter = Segmenter(run, device, limits)
+    check_exposure("127.0.0.1", (limits or Limits()).token)  # an empty token is refused wherever it listens
+    log = AuditLog(audit)
+    segmenter = Segmenter(run, device, limits, log)
     limits = segmenter.limits
+    hosts = hosts or host_names("127.0.0.1")
 
     def authorised(authorization: str | None = Header(None)) -> None:
         if limits.token is None:
             return
-        given = (authorization or "").removeprefix("Bearer ").strip()
+        given = bearer(authorization) or ""
         if not secrets.compare_digest(given.encode(), limits.token.encode()):
             raise HTTPException(status_code=401, detail="this server needs its token: Authorization: Bearer TOKEN "
                                 "(in the browser, open the page as /#token=TOKEN)",
@@ -276,20 +267,33 @@ def create_app(run: str | Path, device: str = "auto", limits: Limits | None = No
         yield
         segmenter.close()  # uploads and results go with the server
 
+    # no /docs: FastAPI's pages load Swagger UI from a CDN into this origin; the description is /openapi.json
     app = FastAPI(title="medseg", description="Segment images with a trained medseg model", version="1",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.segmenter = segmenter
     app.mount("/static/niivue", StaticFiles(directory=NIIVUE), name="niivue")
 
     @app.middleware("http")
-    async def upload_size(request: Request, call_next):
-        """An upload declared larger than the limit is refused before it is read."""
-        declared = request.headers.get("content-length")
-        if request.method == "POST" and declared and declared.isdigit() \
-                and int(declared) > limits.max_upload_mb * 2**20 + 2**16:  # room for the form's own lines
-            return JSONResponse({"detail": f"upload of {int(declared) / 2**20:.0f} MB, over this server's "
-                                           f"{limits.max_upload_mb:g} MB limit"}, status_code=413)
-        return await call_next(request)
+    async def guard(request: Request, call_next):
+        """Requests for another host are turned away (DNS rebinding), and every answer carries SECURITY_HEADERS
+        (uploads were let through by `medseg.gate.Gate` first)."""
+        declared, started = request.headers.get("content-length"), time.monotonic()
+        if host_of(request.headers.get("host", "")) not in hosts:
+            answer = JSONResponse({"detail": "unknown host: open this server by its own name or address "
+                                             "(--allowed-host adds one)"}, status_code=400)
+        else:
+            answer = await call_next(request)
+        answer.headers.update(SECURITY_HEADERS)
+        action, job_id = action_of(request.url.path)
+        if action != "page":
+            sent = answer.headers.get("content-length")
+            log.record(client=request.client.host if request.client else None,
+                       token_id=token_id(request.headers.get("authorization")),
+                       job=job_id or getattr(request.state, "job_id", None), action=action,
+                       outcome=answer.status_code, bytes_in=int(declared) if declared and declared.isdigit() else None,
+                       bytes_out=int(sent) if sent and sent.isdigit() else None,
+                       seconds=round(time.monotonic() - started, 3))
+        return answer
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -299,6 +303,17 @@ def create_app(run: str | Path, device: str = "auto", limits: Limits | None = No
     def script() -> FileResponse:
         return FileResponse(WEB / "app.js", media_type="text/javascript")
 
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> JSONResponse:
+        """For a load balancer or container health check: 200 while the worker runs, 503 once it has stopped."""
+        alive = segmenter.worker.is_alive()
+        return JSONResponse({"worker": "alive" if alive else "stopped", "queued": segmenter.queue.qsize()},
+                            status_code=200 if alive else 503)
+
+    @app.get("/app.css", include_in_schema=False)
+    def style() -> FileResponse:
+        return FileResponse(WEB / "app.css", media_type="text/css")
+
     @app.get("/api/v1/model", dependencies=[Depends(authorised)])
     def model() -> dict:
         from medseg.package import class_colours
@@ -307,20 +322,21 @@ def create_app(run: str | Path, device: str = "auto", limits: Limits | None = No
         return {"class_names": names, "colours": class_colours(names), "members": len(segmenter.models)}
 
     @app.post("/api/v1/segment", status_code=202, dependencies=[Depends(authorised)])
-    async def segment(file: UploadFile = File(...)) -> dict:
+    async def segment(request: Request, file: UploadFile = File(...)) -> dict:
         data = await file.read(int(limits.max_upload_mb * 2**20) + 1)  # one byte over says it is too large
         try:
             job = segmenter.submit(file.filename or "upload", data)
         except Refused as exc:
             headers = {"Retry-After": "5"} if exc.status == 429 else None
             raise HTTPException(status_code=exc.status, detail=str(exc), headers=headers) from exc
+        request.state.job_id = job.id  # for the audit log
         return job.public()
 
     @app.get("/api/v1/jobs/{job_id}", dependencies=[Depends(authorised)])
     def job_status(job_id: str) -> dict:
         return _job(job_id).public()
 
-    @app.get("/api/v1/jobs/{job_id}/{name}")
+    @app.get("/api/v1/jobs/{job_id}/{name}", dependencies=[Depends(authorised)])
     def result(job_id: str, name: str) -> FileResponse:
         job = _job(job_id)
         if name not in RESULTS or name not in job.files:
@@ -333,15 +349,26 @@ def create_app(run: str | Path, device: str = "auto", limits: Limits | None = No
             raise HTTPException(status_code=404, detail="no such job (or its results have expired)")
         return segmenter.jobs[job_id]
 
-    return app
+    body_limit = int(limits.max_upload_mb * 2**20) + 2**16  # room for the form's own lines
+    return Gate(app, limits.token, body_limit, segmenter.queue.full, segmenter.folder, log, limits.max_uploads,
+                int(limits.max_disk_mb * 2**20) if limits.max_disk_mb else None, limits.uploads_per_minute)
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          limits: Limits | None = None) -> None:
-    import uvicorn
-
-    app = create_app(run, device, limits)
-    page = f"http://{host}:{port}/" + ("#token=TOKEN" if limits and limits.token else "")
-    print(f"medseg serve: {page} (API description at /docs); Ctrl-C stops it", flush=True)
+          limits: Limits | None = None, allowed_hosts: tuple[str, ...] = (), tls_cert: str | None = None,
+          tls_key: str | None = None, audit: str | Path | None = None) -> None:
+    check_exposure(host, (limits or Limits()).token)
+    if bool(tls_cert) != bool(tls_key):
+        raise MedsegError("--tls-cert and --tls-key go together: the certificate (chain) and its private key")
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MedsegError("medseg serve needs fastapi, uvicorn and python-multipart: pip install 'medseg[serve]'") \
+            from exc
+    app = create_app(run, device, limits, host_names(host, allowed_hosts), audit)
+    scheme = "https" if tls_cert else "http"
+    page = f"{scheme}://{host}:{port}/" + ("#token=TOKEN" if limits and limits.token else "")
+    print(f"medseg serve: {page} (API description at /openapi.json); Ctrl-C stops it", flush=True)
     # no access log: request lines carry job ids, which are the keys to results
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, ssl_certfile=tls_cert,
+                ssl_keyfile=tls_key)

@@ -4,10 +4,10 @@ import { Niivue } from "/static/niivue/index.js";
 const $ = (id) => document.getElementById(id);
 const nv = new Niivue({ backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, crosshairWidth: 1 });
 let model = null, job = null, hidden = new Set(), colours = {};
-// A server started with a token wants it on every API call: the page takes it from its address (/#token=...)
-// once and keeps it for this tab only. Results are read by their job's id alone, so the viewer can load them.
-const token = new URLSearchParams(location.hash.slice(1)).get("token") || sessionStorage.getItem("medsegToken");
-if (token) { sessionStorage.setItem("medsegToken", token); history.replaceState(null, "", location.pathname); }
+// A server started with a token wants it on every API call, results included: the page takes it from its
+// address (/#token=...) once, takes it off the address bar and keeps it in memory only (never in storage).
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+if (token) history.replaceState(null, "", location.pathname);
 const auth = token ? { Authorization: `Bearer ${token}` } : {};
 
 async function start() {
@@ -72,10 +72,10 @@ function labelColormap() {
 
 async function show(job) {
   const r = job.results;
-  await nv.loadVolumes([
-    { url: r["image.nii.gz"], colormap: "gray" },
-    { url: r["mask.nii.gz"], opacity: +$("opacity").value },
-    { url: r["uncertainty.nii.gz"], colormap: "hot", opacity: 0, cal_min: 0, cal_max: 1 },
+  await nv.loadVolumes([  // NiiVue fetches them with the token's header
+    { url: r["image.nii.gz"], headers: auth, colormap: "gray" },
+    { url: r["mask.nii.gz"], headers: auth, opacity: +$("opacity").value },
+    { url: r["uncertainty.nii.gz"], headers: auth, colormap: "hot", opacity: 0, cal_min: 0, cal_max: 1 },
   ]);
   nv.volumes[1].setColormapLabel(labelColormap());
   nv.updateGLVolume();
@@ -92,21 +92,19 @@ async function show(job) {
 
 function buildClasses() {
   const box = $("classes");
-  box.innerHTML = "";
+  // class names come from a model package, which anyone may have written: set as text, never as HTML
+  box.replaceChildren();
   for (const name of model.class_names.slice(1)) {
-    const row = document.createElement("label");
+    const row = document.createElement("label"), shown = document.createElement("input");
+    const colour = document.createElement("input");
     row.className = "class";
-    row.innerHTML = `<input type="checkbox" checked data-class="${name}"> <input type="color" value="${colours[name]}" data-colour="${name}"> ${name}`;
+    shown.type = "checkbox"; shown.checked = true; shown.dataset.class = name;
+    colour.type = "color"; colour.value = colours[name] || "#ff0000"; colour.dataset.colour = name;
+    shown.addEventListener("change", () => { shown.checked ? hidden.delete(name) : hidden.add(name); recolour(); });
+    colour.addEventListener("input", () => { colours[name] = colour.value; recolour(); });
+    row.append(shown, " ", colour, " ", document.createTextNode(name));
     box.appendChild(row);
   }
-  box.querySelectorAll("[data-class]").forEach((el) => el.addEventListener("change", () => {
-    el.checked ? hidden.delete(el.dataset.class) : hidden.add(el.dataset.class);
-    recolour();
-  }));
-  box.querySelectorAll("[data-colour]").forEach((el) => el.addEventListener("input", () => {
-    colours[el.dataset.colour] = el.value;
-    recolour();
-  }));
 }
 
 function recolour() {
@@ -114,10 +112,28 @@ function recolour() {
   nv.updateGLVolume();
 }
 
+// Downloads go through fetch with the token's header: the job's address is never a link the browser keeps
 function buildDownloads(r) {
   const names = { "mask.nii.gz": "NIfTI", "mask.png": "PNG", "mask.seg.dcm": "DICOM SEG" };
-  $("downloads").innerHTML = Object.entries(names).filter(([f]) => r[f])
-    .map(([f, label]) => `<a href="${r[f]}" download data-format="${label}">${label}</a>`).join(" · ");
+  const box = $("downloads");
+  box.replaceChildren();
+  for (const [file, label] of Object.entries(names).filter(([f]) => r[f])) {
+    const button = document.createElement("button");
+    button.type = "button"; button.textContent = label; button.dataset.format = label;
+    button.addEventListener("click", () => download(r[file], file));
+    box.append(button, " ");
+  }
+}
+
+async function download(url, file) {
+  const answer = await fetch(url, { headers: auth, cache: "no-store" });
+  if (!answer.ok) return fail(`download failed (${answer.status})`);
+  const blob = await answer.blob(), link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `${job.name.split(".")[0]}_${file}`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  window.medsegLastDownload = blob;  // what the tests read back
 }
 
 function moveSlice() {
