@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from medseg.audit import AuditLog
-from medseg.guard import SECURITY_HEADERS, bearer, token_id
+from medseg.guard import SECURITY_HEADERS, authorised, token_id
 
 UPLOAD_PATH = "/api/v1/segment"
 
@@ -92,8 +92,7 @@ class Gate:
                 self.on_disk -= size
 
     def _refusal(self, headers: dict, client: str) -> tuple[int, str, dict] | None:
-        if self.token is not None and not secrets.compare_digest((bearer(headers.get("authorization")) or "").encode(),
-                                                                  self.token.encode()):
+        if not authorised(headers.get("authorization"), self.token):
             return 401, ("this server needs its token: Authorization: Bearer TOKEN (in the browser, open the page "
                          "as /#token=TOKEN)"), {"WWW-Authenticate": "Bearer"}
         declared = headers.get("content-length", "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 
 from medseg.errors import MedsegError
 
@@ -64,6 +65,14 @@ def host_of(header: str) -> str:
     if header.startswith("["):
         return header[1:].split("]", 1)[0].lower()
     return header.rsplit(":", 1)[0].lower() if header.count(":") == 1 else header.lower()
+
+
+def authorised(authorization: str | None, token: str | None) -> bool:
+    """Whether a request's Authorization header carries the server's token (always, where none is set); compared
+    in constant time. The one check behind both the gate (before an upload's body) and every route."""
+    if token is None:
+        return True
+    return secrets.compare_digest((bearer(authorization) or "").encode(), token.encode())
 
 
 def token_id(authorization: str | None) -> str | None:

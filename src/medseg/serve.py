@@ -41,7 +41,8 @@ from pathlib import Path
 from medseg import workdirs
 from medseg.audit import AuditLog, action_of
 from medseg.gate import Gate
-from medseg.guard import SECURITY_HEADERS, bearer, check_exposure, host_names, host_of, token_id
+from medseg.guard import SECURITY_HEADERS, check_exposure, host_names, host_of, token_id
+from medseg.guard import authorised as token_ok
 from medseg.errors import MedsegError, TooLarge
 from medseg.io import check_header
 from medseg.jobs import JobRunner
@@ -254,10 +255,7 @@ def create_app(run: str | Path, device: str = "auto", limits: Limits | None = No
     hosts = hosts or host_names("127.0.0.1")
 
     def authorised(authorization: str | None = Header(None)) -> None:
-        if limits.token is None:
-            return
-        given = bearer(authorization) or ""
-        if not secrets.compare_digest(given.encode(), limits.token.encode()):
+        if not token_ok(authorization, limits.token):
             raise HTTPException(status_code=401, detail="this server needs its token: Authorization: Bearer TOKEN "
                                 "(in the browser, open the page as /#token=TOKEN)",
                                 headers={"WWW-Authenticate": "Bearer"})
