@@ -24,6 +24,12 @@ def run_network(network, x):
         return network(x)
 
 
+def take(x: np.ndarray, indices, axis: int) -> np.ndarray:
+    """`x` at `indices` along `axis`, copied. Indexing, not np.take: np.take first copies a non-contiguous array
+    whole (a volume read in Fortran order, a reoriented view, a memory map), 0.1 s for each 2.5D BraTS slice."""
+    return x[(slice(None),) * (axis % x.ndim) + (np.asarray(indices),)]
+
+
 def flip(x, axes: tuple[int, ...]):
     return np.flip(x, axes) if _numpy(x) else x.flip(axes)
 

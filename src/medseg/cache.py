@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg import arrays
 from medseg.console import notice, progress, show_bars
 from medseg.data import LoadedCase, check_alike, class_points, load_case
 from medseg.headers import decoded_bytes
@@ -97,7 +98,7 @@ class DiskCase:
             image, label = self._stored()  # view read 30x slower: 31 ms a slice)
             return np.moveaxis(image[:, indices], 1, 1 + axis), np.moveaxis(label[indices], 0, axis)
         image, label = self._mapped()
-        return np.take(image, indices, 1 + axis), np.take(label, indices, axis)
+        return arrays.take(image, indices, 1 + axis), arrays.take(label, indices, axis)
 
     def class_points(self) -> dict[int, np.ndarray]:
         """Each foreground class's points (`medseg.data.class_points`), read when asked for: one array of every

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medseg import arrays
 from medseg.console import progress, show_bars
 from medseg.config import TrainConfig
 from medseg.datasets import Case, labels_to_classes
@@ -37,7 +38,7 @@ class LoadedCase:
 
     def take(self, axis: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image and label at `indices` along spatial `axis` (slices and their neighbours), copied."""
-        return np.take(self.image.array, indices, 1 + axis), np.take(self.label, indices, axis)
+        return arrays.take(self.image.array, indices, 1 + axis), arrays.take(self.label, indices, axis)
 
     def class_points(self) -> dict[int, np.ndarray]:
         if self.points is None:
