@@ -105,3 +105,20 @@ def test_shared_brats_trains_on_regions(tmp_path):
     evaluation = evaluate_run(run, progress=False, figures=1)
     assert list(evaluation["per_class"]) == list(BRATS_REGIONS) and evaluation["cases"] == 1
     assert all(0 <= m["dice"]["mean"] <= 1 for m in evaluation["per_class"].values())
+
+
+def test_a_region_run_scored_on_samples_still_reports_its_full_validation_dice(phantoms_3d, tmp_path, monkeypatch):
+    """BraTS on a 6-minute budget scores its epochs on samples; the end's full pass must give the run its figure
+    (it gave None, and `medseg train` ended in a TypeError once training was done)."""
+    from medseg import budget
+    from medseg.evaluate import evaluate_run
+    from medseg.train import train
+
+    monkeypatch.setattr(budget, "FULL_VALIDATION_SHARE", 0.0)  # any full pass counts as too dear here
+    monkeypatch.setattr(budget, "SAMPLED_GAIN", 0.0)
+    run = train(tiny_config(phantoms_3d, tmp_path / "run", regions={"any": [1, 2], "ring": [2]}, fit="pad",
+                            epochs=1000, steps_per_epoch=None, time_budget=0.2))
+    assert json.loads((run / "config.json").read_text())["calibration"]["validation"] == "sampled"
+    summary = json.loads((run / "train_summary.json").read_text())
+    full = evaluate_run(run, out=tmp_path / "ev", cases="val", figures=0, progress=False)
+    assert summary["full_validation_dice"] == pytest.approx(full["mean_dice_without_postprocessing"], abs=1e-6)

@@ -283,9 +283,11 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
     from medseg.postprocess import choose_classes, smallest_components
 
     trained = load_run(run, device=str(device), unfinished=True)
-    if trained.config.regions:
+    if trained.config.regions:  # nothing to choose; the validation score is still the run's full figure
+        rows = [row for case in val_cases for row in score_case([trained], as_loaded(case), postprocess=False).rows()]
         decision = {"rule": "keep largest connected component", "classes": [], "min_sizes": {},
-                    "validation": "not tried: region-based runs keep their predictions as they are"}
+                    "validation": "not tried: region-based runs keep their predictions as they are",
+                    "validation_dice": mean_dice(rows)}
     else:
         classes = list(range(1, len(trained.class_names)))
         labels = (read_label(case, trained.config)[1] for case in train_masks or [])
