@@ -141,11 +141,17 @@ def test_uploads_over_the_limit_get_413_and_files_that_lie_about_their_type_415(
         assert upload(base, "image.nii.gz", png.read_bytes())[0] == 415  # a PNG named as NIfTI
         assert upload(base, "scan.png", b"%PDF-1.7 not an image")[0] == 415
         assert upload(base, "series.zip", png.read_bytes())[0] == 415
+        for name in ("scan.jpg", "scan.jpeg", "scan.tif", "scan.tiff", "scan.bmp", "image.nii"):
+            assert upload(base, name, png.read_bytes())[0] == 415, name  # a PNG under another format's name
         assert upload(base, "notes.txt", b"hello")[0] == 400
         import nibabel as nib
 
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
-        assert upload(base, "v.nii.gz", (tmp_path / "v.nii.gz").read_bytes())[0] == 202
+        volume = np.zeros((8, 8, 8), np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii")
+        nib.save(nib.Nifti2Image(volume, np.eye(4)), tmp_path / "v2.nii.gz")
+        for name in ("v.nii.gz", "v.nii", "v2.nii.gz"):  # NIfTI-1, uncompressed and NIfTI-2 are what they say
+            assert upload(base, name, (tmp_path / name).read_bytes())[0] == 202, name
     finally:
         server.should_exit = True
 
@@ -212,7 +218,9 @@ def test_zip_slip_and_zip_bombs_are_refused_at_upload_and_write_nothing_outside(
         finally:
             io.ZIP_MAX_BYTES = limit
         assert status == 413 and "GiB unpacked" in answer["detail"]
-        assert not list(tmp_path.parent.glob("escaped.dcm"))
+        folder = server.config.app.state.segmenter.folder  # where uploads are unpacked, and the folders above it
+        assert not list(folder.rglob("escaped.dcm"))
+        assert not [p for p in list(folder.parents)[:4] if (p / "escaped.dcm").exists()]
     finally:
         server.should_exit = True
 
