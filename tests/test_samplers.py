@@ -90,4 +90,4 @@ def test_a_2_5d_slice_is_cut_without_copying_a_fortran_ordered_volume(axis):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert image.shape == (4, 6, 64, 64)
-    assert peak < volume.nbytes / 4, f"{peak / 2**20:.1f} MiB allocated to cut 4 slices of a {volume.nbytes / 2**20:.0f} MiB volume"
+    assert peak < volume.nbytes / 4, f"{peak / 2**20:.1f} MiB to cut 4 slices of a {volume.nbytes / 2**20:.0f} MiB volume"
