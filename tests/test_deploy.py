@@ -61,3 +61,30 @@ def test_an_sbom_of_the_environment_names_every_dependency_with_its_version(tmp_
     for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
         name = Requirement(line).name.lower()
         assert components.get(name), f"{name} missing from the SBOM"
+
+
+CONTAINERFILE = ROOT / "deploy" / "Containerfile"
+
+
+def test_the_container_recipe_runs_unprivileged_on_a_read_only_root_with_a_health_check():
+    """The recipe's properties, as text: CI cannot build or start a container (docs/deploy.md, "Not there yet")."""
+    import json
+
+    from medseg.cli import build_parser
+
+    text = CONTAINERFILE.read_text()
+    instructions = re.sub(r"\\\n\s*", " ", "\n".join(l for l in text.splitlines() if not l.startswith("#")))
+    users = re.findall(r"^USER (\S+)", instructions, re.M)
+    assert users and users[-1].split(":")[0] not in ("0", "root")  # the last USER is who runs the server
+    health = re.search(r"^HEALTHCHECK .*CMD (\[.*\])$", instructions, re.M)
+    assert health and "/healthz" in health.group(1)
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", instructions, re.M).group(1))
+    assert entry[:3] == ["medseg", "serve", "/model"]
+    args = build_parser().parse_args(entry[1:])  # the arguments the server is started with are its own
+    assert args.host == "0.0.0.0" and "--token" not in entry  # the token from MEDSEG_TOKEN, or the bind is refused
+    assert "torch==2.13.0" in instructions and "download.pytorch.org/whl/cpu" in instructions  # never CUDA's
+    run = re.sub(r"\\\n#\s*", " ", text).split("podman run", 1)[1].splitlines()[0]  # the documented command
+    tmpdir = re.search(r"^ENV .*TMPDIR=(\S+)", instructions, re.M).group(1)
+    for option in ("--read-only", f"--tmpfs {tmpdir}:", "mode=0700,U", "--cap-drop=ALL",
+                   "no-new-privileges", "--env-file", ":/model:ro", "-p 127.0.0.1:"):
+        assert option in run, option
