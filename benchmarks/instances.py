@@ -2,11 +2,12 @@
 
     python benchmarks/instances.py RUN          # RUN: a run on instance masks (--binary-masks), e.g. DSB 2018
 
-`medseg evaluate` recovers nuclei from the predicted foreground by connected components; touching nuclei then
-merge into one object and miss at every IoU threshold. A watershed on the distance transform (markers at its
-local maxima at least MIN_DISTANCE pixels apart) splits them, and may split single nuclei too. Both are scored
-with the DSB 2018 metric (mean average precision over IoU 0.5-0.95) on the run's validation cases, where the
-choice is made, and reported on its test cases, which choose nothing. Figures go to
+Connected components of the predicted foreground merge touching nuclei into one object, which then misses at
+every IoU threshold. A watershed on the distance transform (`medseg.lesions.watershed_instances`, markers at
+local maxima at least d pixels apart) splits them, and may split single nuclei too. Each way training chooses
+among (`medseg.lesions.instance_methods`) is scored with the DSB 2018 metric (mean average precision over IoU
+0.5-0.95) on the run's validation cases, where training makes the choice, and on its test cases, which choose
+nothing. Figures go to
 docs/benchmarks/instances.json and are quoted in docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -18,44 +19,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from medseg.checkpoint import load_models
 from medseg.data import load_case
 from medseg.evaluate import evaluation_cases
 from medseg.io import read_image
-from medseg.lesions import instance_ap, instances_from_mask
+from medseg.lesions import instance_ap, instance_methods, instances_of
 from medseg.scoring import score_case
 
 ROOT = Path(__file__).resolve().parents[1]
-MIN_DISTANCES = (3, 5, 8)  # pixels between watershed markers: DSB nuclei are about 10-40 pixels across
-
-
-def watershed_instances(mask: np.ndarray, min_distance: int) -> np.ndarray:
-    """Touching objects of a binary mask split along the valleys of its distance transform."""
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
-
-    distance = ndimage.distance_transform_edt(mask)
-    components = instances_from_mask(mask)
-    peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
-    markers = np.zeros(mask.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return watershed(-distance, markers, mask=mask)
 
 
 def score(run: Path, which: str) -> dict:
     """Mean instance AP per method over the run's `which` cases (images with objects in truth or prediction)."""
     models = load_models(run)
-    methods = {"components": instances_from_mask,
-               **{f"watershed_{d}": (lambda m, d=d: watershed_instances(m, d)) for d in MIN_DISTANCES}}
+    methods = instance_methods()  # what training chooses among, on the validation cases
     aps = {name: [] for name in methods}
     for item in evaluation_cases(models, which=which)[0]:
         loaded = load_case(item.case, models[0].config, resample=False)
         foreground = score_case(item.models or models, loaded).pred > 0
         truth = read_image(item.case.mask, npy_layout=models[0].config.npy_layout).array[0]
         for name, method in methods.items():
-            ap = instance_ap(method(foreground), truth)["ap"]
+            ap = instance_ap(instances_of(foreground, method), truth)["ap"]
             if not np.isnan(ap):
                 aps[name].append(ap)
     return {name: {"mean_ap": round(float(np.mean(v)), 4), "images": len(v)} for name, v in aps.items()}

@@ -1,10 +1,12 @@
 """Lesion-wise detection, instance average precision and clDice, each checked against a case computed by hand."""
+import json
 import math
 
 import numpy as np
 import pytest
 
-from medseg.lesions import cldice, diameter_mm, instance_ap, lesion_matches, lesion_summary, size_bin
+from medseg.lesions import (cldice, diameter_mm, instance_ap, instance_methods, instances_from, lesion_matches,
+                            lesion_summary, size_bin)
 
 
 def test_lesion_matching_by_hand():
@@ -177,3 +179,42 @@ def test_instance_scores_for_instance_masks(tmp_path):
     summary = evaluate_run(run, figures=0, progress=False)
     assert summary["instances"]["cases"] == 2 and 0 <= summary["instances"]["map"] <= 1
     assert set(summary["instances"]["at"]) == {str(t) for t in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)}
+    decision = json.loads((run / "postprocessing.json").read_text())["instances"]  # chosen on validation
+    assert set(decision["validation_map"]) == set(instance_methods()) and decision["images"] == 1
+    assert summary["instances"]["instances_from"] == instances_from(decision)
+    written = json.loads((run / "postprocessing.json").read_text())  # evaluate follows what the run chose
+    written["instances"] = {**instance_methods()["watershed, markers 6 px apart"], "validation_map": {}}
+    (run / "postprocessing.json").write_text(json.dumps(written))
+    again = evaluate_run(run, out=tmp_path / "again", figures=0, progress=False)
+    assert again["instances"]["instances_from"].startswith("watershed") and "6 pixels apart" in \
+        again["instances"]["instances_from"]
+
+
+def touching_pair(shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two discs of radius 10 whose edges overlap by 4 pixels (one connected component), and their instances."""
+    yy, xx = np.mgrid[:64, :64]
+    a = (yy - 32) ** 2 + (xx - 20 - shift) ** 2 <= 100
+    b = ((yy - 32) ** 2 + (xx - 36 - shift) ** 2 <= 100) & ~a
+    return a | b, a * 1 + b * 2
+
+
+def test_touching_objects_are_split_by_a_watershed_only_where_validation_says_so():
+    from medseg.lesions import InstanceChoice, instances_from_mask, instances_of, watershed_instances
+
+    mask, truth = touching_pair()
+    assert instance_ap(instances_from_mask(mask), truth)["ap"] < 0.1  # merged: half the size of neither disc
+    split = watershed_instances(mask, 8)
+    assert len(np.unique(split)) == 3 and instance_ap(split, truth)["ap"] > 0.8
+    choice = InstanceChoice()
+    for shift in (0, 4, 8):
+        choice.add(*touching_pair(shift))
+    decision = choice.decision()
+    assert decision["method"] == "watershed" and decision["images"] == 3
+    assert decision["validation_map"]["components"] < 0.1
+    np.testing.assert_array_equal(instances_of(mask, decision), watershed_instances(mask, decision["min_distance"]))
+    apart = InstanceChoice()  # objects that never touch: components are exact, and a tie keeps them
+    separate = np.zeros((64, 64), np.uint16)
+    separate[5:15, 5:15], separate[40:50, 40:50] = 1, 2
+    apart.add(separate > 0, separate)
+    assert apart.decision()["method"] == "components"
+    assert instances_of(separate > 0, None).max() == 2  # a run without a choice: connected components

@@ -207,7 +207,10 @@ def _object_tally(models: list, every_lesion: bool, every_tube: bool) -> ObjectT
     path = first.run / "dataset.json"
     marked = json.loads(path.read_text()) if path.exists() else {}
     units = first.config.regions or {name: [k] for k, name in enumerate(first.class_names) if k}
-    return ObjectTally(marked, units, every_lesion, every_tube, instances=bool(first.config.binary_masks))
+    decision = first.run / "postprocessing.json"  # how the run recovers instances, chosen on its validation cases
+    method = json.loads(decision.read_text()).get("instances") if decision.exists() else None
+    return ObjectTally(marked, units, every_lesion, every_tube, instances=bool(first.config.binary_masks),
+                       instance_method=method)
 
 
 def _evaluate_cases(models: list, planned: list[Planned], source: str, out: Path, figures: int, progress: bool,

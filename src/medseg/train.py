@@ -33,7 +33,7 @@ from medseg.data import LoadedCase, first_orientation, load_cases, read_label
 from medseg.datasets import (Dataset, case_hash, check_label_values, content_hash, detect_grey_levels, find_cases,
                              manifest_hash, split_dataset)
 from medseg.errors import MedsegError
-from medseg.io import write_text_atomic
+from medseg.io import read_image, write_text_atomic
 from medseg.losses import deep_supervision_loss, make_loss, region_targets
 from medseg.metrics import confusion, metrics_from_counts, nanmean
 from medseg.infer import TrainedModel
@@ -216,7 +216,8 @@ def _train(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> Path:
         cfg.save(run / "config.json")
     final = time.monotonic()
     decision = choose_postprocessing(run, val_cases, device,
-                                     [c for c in dataset.cases if c.case_id in set(split["train"])])
+                                     [c for c in dataset.cases if c.case_id in set(split["train"])],
+                                     [c for c in dataset.cases if c.case_id in set(split["val"])])
     # what was chosen, in short (empty: the plain argmax): classes keeping their largest component, min sizes
     summary["postprocessing"] = {k: decision[k] for k in ("classes", "min_sizes") if decision.get(k)}
     if loop.sampled is not None:  # the epochs' figure was a pseudo-Dice; this is the full one, as evaluate's
@@ -274,12 +275,15 @@ def train_folds(cfg: TrainConfig, overwrite: bool = False) -> list[Path]:
 
 
 def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.device,
-                          train_masks: list | None = None) -> dict:
+                          train_masks: list | None = None, val_masks: list | None = None) -> dict:
     """Decide, with the best checkpoint on the validation cases, which classes keep only their largest component
     and which lose components smaller than half the smallest one in `train_masks` (the training cases, read on
     their own grid, where predictions are made); the predictions come from `medseg.scoring`, as evaluation's do,
-    one case at a time (a case cached on disk is read only for its turn)."""
+    one case at a time (a case cached on disk is read only for its turn). On instance masks (--binary-masks),
+    also how instances are recovered from the predicted mask (`medseg.lesions.InstanceChoice`), against the
+    validation cases' own instance maps (`val_masks`: their cases)."""
     from medseg.checkpoint import load_run
+    from medseg.lesions import InstanceChoice
     from medseg.postprocess import choose_classes, smallest_components
 
     trained = load_run(run, device=str(device), unfinished=True)
@@ -293,12 +297,21 @@ def choose_postprocessing(run: Path, val_cases: list[LoadedCase], device: torch.
         labels = (read_label(case, trained.config)[1] for case in train_masks or [])
         min_sizes = smallest_components(labels, classes)
 
+        masks = {c.case_id: c.mask for c in val_masks or []} if trained.config.binary_masks else {}
+        instances = InstanceChoice() if masks else None
+
         def predictions():
             for case in val_cases:
                 loaded = as_loaded(case)
-                yield score_case([trained], loaded, postprocess=False).pred, loaded.label, loaded.roi
+                pred = score_case([trained], loaded, postprocess=False).pred
+                if instances and loaded.case_id in masks:
+                    instances.add(pred > 0, read_image(masks[loaded.case_id], npy_layout=trained.config.npy_layout)
+                                  .array[0])
+                yield pred, loaded.label, loaded.roi
 
         decision = choose_classes(predictions(), trained.class_names, min_sizes)
+        if instances:
+            decision["instances"] = instances.decision()
         # the plain predictions' mean over classes of each class's mean Dice: `scoring.mean_dice`, as evaluate's
         decision["validation_dice"] = nanmean([v["dice_none"] for v in decision["validation"].values()])
     write_text_atomic(run / "postprocessing.json", json.dumps(decision, indent=2))
@@ -314,7 +327,7 @@ def redecide_postprocessing(run: str | Path, device: str = "auto") -> dict:
     chosen = [c for c in dataset.cases if c.case_id in set(split["val"])]
     val_cases = load_cases(chosen, cfg, "validation cases", resample=False)
     training = [c for c in dataset.cases if c.case_id in set(split["train"])]
-    choose_postprocessing(Path(run), val_cases, resolve_device(device), training)
+    choose_postprocessing(Path(run), val_cases, resolve_device(device), training, chosen)
     return json.loads((Path(run) / "postprocessing.json").read_text())
 
 
